@@ -1,0 +1,55 @@
+"""Inventories: which one a task targets, and the llamavm settings its group_vars carry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llamavm import REPO_ROOT
+from llamavm.errors import LlamavmError
+
+#: The embedded default target: the local systemd test bed.
+DEFAULT_INVENTORY = "local"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    catalog: str | None  # llamavm_catalog from group_vars, relative to the repo root
+    platform: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.path.resolve() == (REPO_ROOT / "inventories" / DEFAULT_INVENTORY).resolve()
+
+
+def resolve(name: str | None = None) -> Inventory:
+    """An inventory by short name (a folder under inventories/) or by path."""
+    name = name or DEFAULT_INVENTORY
+    candidates = [Path(name), REPO_ROOT / "inventories" / name]
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        known = ", ".join(
+            sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
+        )
+        raise LlamavmError(f"inventory {name!r} not found — pass a path or one of: {known}")
+    settings: dict[str, object] = {}
+    group_vars = path / "group_vars" / "all" if path.is_dir() else None
+    if group_vars and group_vars.is_dir():
+        for file in sorted(group_vars.glob("*.yml")):
+            try:
+                data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise LlamavmError(f"{file}: invalid YAML ({exc}) — fix the syntax") from None
+            if isinstance(data, dict):
+                settings.update({k: v for k, v in data.items() if str(k).startswith("llamavm_")})
+    catalog = settings.get("llamavm_catalog")
+    if catalog is not None and not isinstance(catalog, str):
+        raise LlamavmError(f"{path}: llamavm_catalog must be a path string, not {catalog!r}")
+    if isinstance(catalog, str) and not Path(catalog).is_absolute():
+        catalog = str(REPO_ROOT / catalog)
+    return Inventory(
+        path=path, catalog=catalog, platform=str(settings.get("llamavm_platform", "vm"))
+    )
