@@ -1,0 +1,89 @@
+"""Fixtures for tests on the local test bed (marker `testbed`; root only).
+
+`testbed` brings the test bed up once per session; `provisioned_testbed` also applies the base
+role. Add fixtures for later roles with `apply_roles([...])`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamavm import REPO_ROOT, testbed
+
+VENV_BIN = Path(sys.executable).parent
+INVENTORY = REPO_ROOT / "inventories" / "local"
+
+
+def _skip_unless_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the test bed needs root")
+    if shutil.which("systemd-nspawn") is None and shutil.which("apt-get") is None:
+        pytest.skip("no systemd-nspawn and no apt-get to install it")
+
+
+def ansible_env() -> dict[str, str]:
+    """Environment for ansible-playbook runs against the test bed."""
+    return {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg"),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+
+
+def apply_roles(roles: list[str]) -> subprocess.CompletedProcess[str]:
+    """Apply ROLES to the test bed with a throwaway playbook; fail the test with the output."""
+    play = "\n".join(
+        [
+            "---",
+            "- name: Apply roles for the integration tests",
+            "  hosts: llamavm_hosts",
+            "  become: true",
+            "  force_handlers: true",
+            "  roles:",
+            *(f"    - role: {role}" for role in roles),
+            "",
+        ]
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", prefix="llamavm-it-") as fh:
+        fh.write(play)
+        fh.flush()
+        proc = subprocess.run(
+            [str(VENV_BIN / "ansible-playbook"), "-i", str(INVENTORY), fh.name],
+            cwd=REPO_ROOT,
+            env=ansible_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        pytest.fail(f"ansible-playbook {roles} failed:\n{proc.stdout[-4000:]}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def testbed_info() -> Iterator[testbed.TestbedInfo]:
+    """The test bed, up (built and booted on first use; left running for the next session).
+
+    Set LLAMAVM_TESTBED_DOWN=1 to tear it down at the end of the session.
+    """
+    _skip_unless_possible()
+    info = testbed.up()
+    yield info
+    if os.environ.get("LLAMAVM_TESTBED_DOWN") == "1":
+        testbed.down()
+
+
+@pytest.fixture(scope="session")
+def provisioned_testbed(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
+    """The test bed with the base role applied."""
+    apply_roles(["base"])
+    return testbed_info

@@ -1,0 +1,250 @@
+"""The local test bed: reachability over its LAN, SSH hardening by the base role, isolation,
+the read-only model share, and a complete tear-down."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamavm import testbed
+
+pytestmark = pytest.mark.testbed
+
+LOOPBACK_PORT = 47081
+WILDCARD_PORT = 47080
+CONTROL_SSHD_PORT = 2222
+
+
+def host_sh(info: testbed.TestbedInfo, script: str, check: bool = True) -> str:
+    """Run SCRIPT on the host as the admin user, from the controller; its stdout."""
+    proc = subprocess.run(
+        [*info.ssh_command, "-o", "BatchMode=yes", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"on the host: {script!r} exited {proc.returncode}: {proc.stderr}")
+    return proc.stdout
+
+
+def client_curl(url: str) -> subprocess.CompletedProcess[str]:
+    """curl URL from the LAN client's namespace (no proxies, short timeouts)."""
+    return testbed.client_run(
+        ["curl", "--noproxy", "*", "-sS", "--max-time", "5", "-o", "/dev/null", "-w",
+         "%{http_code}", url],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def askpass() -> Iterator[Path]:
+    """An SSH_ASKPASS program that answers with the throwaway user's real password."""
+    cfg = testbed.load_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        prog = Path(tmp) / "askpass"
+        prog.write_text(f"#!/bin/sh\necho '{cfg.password}'\n")
+        prog.chmod(stat.S_IRWXU)
+        yield prog
+
+
+def password_ssh(
+    info: testbed.TestbedInfo, askpass: Path, port: int
+) -> subprocess.CompletedProcess:
+    """Try a password login as the throwaway user from the LAN client."""
+    cfg = testbed.load_config()
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+           "DISPLAY": ":0"}  # fmt: skip
+    return testbed.client_run(
+        [
+            "setsid", "-w", "ssh",
+            "-p", str(port),
+            "-o", f"UserKnownHostsFile={info.known_hosts}",
+            "-o", "StrictHostKeyChecking=no",
+            "-o", "PubkeyAuthentication=no",
+            "-o", "PreferredAuthentications=password,keyboard-interactive",
+            "-o", "NumberOfPasswordPrompts=1",
+            "-o", "ConnectTimeout=5",
+            f"{cfg.password_user}@{info.host_address}",
+            "echo", "password-login-ok",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+
+
+def test_status_reports_running(testbed_info: testbed.TestbedInfo) -> None:
+    st = testbed.status()
+    assert st["state"] == "running"
+    assert st["pid"] == testbed_info.pid
+    assert st["addresses"]["host"] == testbed_info.host_address
+    assert st["uptime_s"] is not None and st["uptime_s"] >= 0
+
+
+def test_up_is_idempotent(testbed_info: testbed.TestbedInfo) -> None:
+    again = testbed.up()
+    assert again.pid == testbed_info.pid
+    assert not again.cold_build
+
+
+def test_host_runs_systemd_without_failed_units(testbed_info: testbed.TestbedInfo) -> None:
+    state = host_sh(testbed_info, "systemctl is-system-running || true").strip()
+    failed = host_sh(testbed_info, "systemctl --failed --no-legend --plain")
+    assert state == "running", failed
+    assert host_sh(testbed_info, "hostname").strip() == "llamavm-testbed"
+
+
+def test_key_login_from_lan_client(provisioned_testbed: testbed.TestbedInfo) -> None:
+    proc = testbed.client_run(
+        [*provisioned_testbed.ssh_command, "-o", "BatchMode=yes", "id -un; hostname"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [provisioned_testbed.ssh_user, "llamavm-testbed"]
+
+
+def test_password_login_refused(provisioned_testbed: testbed.TestbedInfo, askpass: Path) -> None:
+    # Control: the same password works against an sshd that allows passwords, so the refusal
+    # below is the hardening at work, not a wrong password or a broken askpass.
+    host_sh(
+        provisioned_testbed,
+        f"sudo systemd-run --unit=llamavm-it-pwsshd /usr/sbin/sshd -D -p {CONTROL_SSHD_PORT} "
+        "-o PasswordAuthentication=yes -o KbdInteractiveAuthentication=yes "
+        "-o AuthenticationMethods=any && sleep 1",
+    )
+    try:
+        control = password_ssh(provisioned_testbed, askpass, CONTROL_SSHD_PORT)
+        assert control.returncode == 0, control.stderr
+        assert "password-login-ok" in control.stdout
+    finally:
+        host_sh(provisioned_testbed, "sudo systemctl stop llamavm-it-pwsshd", check=False)
+
+    refused = password_ssh(provisioned_testbed, askpass, 22)
+    assert refused.returncode == 255
+    assert "password-login-ok" not in refused.stdout
+    assert "Permission denied (publickey)" in refused.stderr
+
+
+def test_sshd_effective_config_is_hardened(provisioned_testbed: testbed.TestbedInfo) -> None:
+    effective = dict(
+        line.split(" ", 1) for line in host_sh(provisioned_testbed, "sudo sshd -T").splitlines()
+    )
+    assert effective["passwordauthentication"] == "no"
+    assert effective["kbdinteractiveauthentication"] == "no"
+    assert effective["permitrootlogin"] in ("no", "without-password", "prohibit-password")
+
+
+def test_journal_is_persistent_and_timesync_handled(
+    provisioned_testbed: testbed.TestbedInfo,
+) -> None:
+    assert host_sh(provisioned_testbed, "test -d /var/log/journal && echo yes").strip() == "yes"
+    assert host_sh(provisioned_testbed, "systemctl is-enabled systemd-timesyncd").strip() == (
+        "enabled"
+    )
+    # In a container timesyncd is skipped by ConditionVirtualization=!container, by design.
+    cond = host_sh(
+        provisioned_testbed, "systemctl show -p ConditionResult --value systemd-timesyncd"
+    ).strip()
+    assert cond == "no"
+
+
+@pytest.fixture
+def listeners(testbed_info: testbed.TestbedInfo) -> Iterator[None]:
+    """Two HTTP servers on the host: one on 127.0.0.1 only, one on 0.0.0.0."""
+    host_sh(
+        testbed_info,
+        "cd /tmp && "
+        f"sudo systemd-run --unit=llamavm-it-lo python3 -m http.server --bind 127.0.0.1 "
+        f"{LOOPBACK_PORT} && "
+        f"sudo systemd-run --unit=llamavm-it-any python3 -m http.server --bind 0.0.0.0 "
+        f"{WILDCARD_PORT}",
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        out = host_sh(testbed_info, "ss -Hltn", check=False)
+        if f":{LOOPBACK_PORT}" in out and f":{WILDCARD_PORT}" in out:
+            break
+        time.sleep(0.2)
+    yield
+    host_sh(testbed_info, "sudo systemctl stop llamavm-it-lo llamavm-it-any", check=False)
+
+
+@pytest.mark.usefixtures("listeners")
+def test_isolation_loopback_port_unreachable_wildcard_reachable(
+    testbed_info: testbed.TestbedInfo,
+) -> None:
+    host = testbed_info.host_address
+    reachable = client_curl(f"http://{host}:{WILDCARD_PORT}/")
+    assert reachable.stdout == "200", reachable.stderr
+    blocked = client_curl(f"http://{host}:{LOOPBACK_PORT}/")
+    assert blocked.returncode != 0 and blocked.stdout == "000"
+    # ...while the loopback one does answer on the host itself.
+    code = host_sh(
+        testbed_info,
+        f"curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{LOOPBACK_PORT}/",
+    )
+    assert code == "200"
+
+
+@pytest.mark.usefixtures("listeners")
+def test_isolation_nothing_listens_on_the_outer_machine(testbed_info: testbed.TestbedInfo) -> None:
+    # The host's 0.0.0.0 listener lives in its own namespace, not on this machine's interfaces.
+    outer = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+    assert f":{WILDCARD_PORT} " not in outer
+    # And the host has no route off the LAN.
+    routes = host_sh(testbed_info, "ip -4 route show default")
+    assert routes.strip() == ""
+
+
+def test_models_share_is_read_only(testbed_info: testbed.TestbedInfo) -> None:
+    cfg = testbed.load_config()
+    opts = host_sh(testbed_info, f"findmnt -no OPTIONS {cfg.models_mount}").strip()
+    assert opts.split(",")[0] == "ro"
+    touch = host_sh(testbed_info, f"sudo touch {cfg.models_mount}/x 2>&1 || true")
+    assert "Read-only file system" in touch
+
+
+def test_hardened_unit_starts_in_container(testbed_info: testbed.TestbedInfo) -> None:
+    """What later llama-server units need: sandboxing directives work under nspawn."""
+    host_sh(
+        testbed_info,
+        "sudo systemd-run --unit=llamavm-it-hardened -p PrivateTmp=yes -p ProtectSystem=strict "
+        "-p NoNewPrivileges=yes -p DevicePolicy=closed -p DeviceAllow=/dev/null "
+        "-p PrivateDevices=yes -p ProtectHome=yes sleep 60 && sleep 1",
+    )
+    try:
+        assert host_sh(testbed_info, "systemctl is-active llamavm-it-hardened").strip() == "active"
+    finally:
+        host_sh(testbed_info, "sudo systemctl stop llamavm-it-hardened", check=False)
+
+
+def test_teardown_leaves_nothing_and_warm_start_keeps_state(
+    provisioned_testbed: testbed.TestbedInfo,
+) -> None:
+    """Runs last in this file: down() leaves nothing behind; up() again reuses the machine."""
+    testbed.down()
+    left = testbed.leftovers()
+    assert left == {"namespaces": [], "links": [], "processes": [], "mounts": []}
+    assert testbed.status()["state"] == "stopped"
+    testbed.down()  # idempotent
+
+    info = testbed.up()
+    assert not info.cold_build
+    # Provisioned state survived (warm start reuses the machine rootfs).
+    assert "PasswordAuthentication no" in host_sh(
+        info, "cat /etc/ssh/sshd_config.d/00-llamavm-base.conf"
+    )
