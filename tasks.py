@@ -13,11 +13,12 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from llamavm import REPO_ROOT, models_view
+from llamavm import REPO_ROOT, models_view, remote, status_view
 from llamavm import catalog as catalog_mod
 from llamavm import doctor as doctor_mod
 from llamavm import inventory as inventory_mod
-from llamavm.cli import errors_to_exit, not_yet, say
+from llamavm import provision as provision_mod
+from llamavm.cli import errors_to_exit, say
 
 INVENTORY_HELP = "inventory: a folder under inventories/ or a path (default: local, the test bed)"
 CATALOG_HELP = (
@@ -60,8 +61,19 @@ def doctor(c, inventory=None, catalog=None, json=False):
 @errors_to_exit
 def provision(c, inventory=None, catalog=None, limit=None, check=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
-    _catalog(inventory, catalog)
-    raise not_yet("provisioning", 3)
+    recap = provision_mod.provision(inventory, catalog, limit=limit, check=check, say=say)
+    if recap.changed == 0:
+        say("llamavm: converged — no changes (every host was already as configured)")
+    else:
+        say(f"llamavm: converged — {recap.changed} changes")
+    for line in provision_mod.reach_lines(inventory, catalog):
+        say(f"llamavm: {line}")
+
+
+def _targets(inventory, catalog, host):
+    inv = inventory_mod.resolve(inventory)
+    cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+    return cat, remote.hosts(inv.path, host)
 
 
 @task(
@@ -75,37 +87,111 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False):
 )
 @errors_to_exit
 def switch(c, model, inventory=None, catalog=None, host=None, json=False):
-    """Swap the served model: health-gated, rolls back to the previous model on failure."""
-    _catalog(inventory, catalog).resolve(model)
-    raise not_yet("switching models", 5)
-
-
-@task(help={"inventory": INVENTORY_HELP, "host": "only this host", "dry": "say what would stop"})
-@errors_to_exit
-def stop(c, inventory=None, host=None, dry=False):
-    """Stop the active model on the target hosts."""
-    raise not_yet("stopping models", 5)
-
-
-@task(help={"inventory": INVENTORY_HELP, "host": "only this host", "json": "print JSON"})
-@errors_to_exit
-def status(c, inventory=None, host=None, json=False):
-    """Show per host: active model, URL, health, uptime, load time, GPU memory."""
-    raise not_yet("status of model services", 5)
+    """Swap the served model: checked first, health-gated, rolls back on failure."""
+    cat, targets = _targets(inventory, catalog, host)
+    wanted = cat.resolve(model)
+    results, worst = {}, 0
+    for target in targets:
+        if not json:
+            say(f"llamavm: {target.name}: switching to {wanted.name}")
+        rc, answer = remote.switch_tool(target, ["switch", wanted.name], stream=not json)
+        results[target.name] = answer
+        worst = max(worst, rc)
+        if json:
+            continue
+        if rc == 0:
+            state = (
+                "already serving"
+                if not answer.get("changed")
+                else (
+                    f"serving (load {answer.get('load_seconds', 0):.2f}s, "
+                    f"switch {answer.get('switch_seconds', 0):.2f}s)"
+                )
+            )
+            say(
+                f"llamavm: {target.name}: {wanted.name} {state} at "
+                f"http://{target.address}:{wanted.port}/"
+            )
+    if json:
+        say(jsonlib.dumps(results, indent=2))
+    if worst:
+        first = next(a for a in results.values() if not a.get("ok", True))
+        raise Exit(f"llamavm: switch failed: {first.get('error', 'see above')}", code=worst)
 
 
 @task(
     help={
         "inventory": INVENTORY_HELP,
         "host": "only this host",
+        "dry": "say what would stop",
+        "json": "print JSON",
+    }
+)
+@errors_to_exit
+def stop(c, inventory=None, host=None, dry=False, json=False):
+    """Stop the active model on the target hosts."""
+    _, targets = _targets(inventory, None, host)
+    results = {}
+    for target in targets:
+        if dry:
+            _, answer = remote.switch_tool(target, ["status"], stream=False)
+            running = ", ".join(answer.get("running", [])) or "nothing"
+            say(f"llamavm: {target.name}: would stop {running}")
+            continue
+        rc, answer = remote.switch_tool(target, ["stop"], stream=not json)
+        results[target.name] = answer
+        if not json:
+            stopped = ", ".join(answer.get("stopped", [])) or "nothing"
+            say(f"llamavm: {target.name}: stopped {stopped}")
+        if rc:
+            raise Exit(f"llamavm: {target.name}: stop failed: {answer.get('error')}", code=rc)
+    if json and not dry:
+        say(jsonlib.dumps(results, indent=2))
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "catalog": CATALOG_HELP,
+        "host": "only this host",
+        "json": "print JSON",
+    }
+)
+@errors_to_exit
+def status(c, inventory=None, catalog=None, host=None, json=False):
+    """Show per host: active model, URL, health, uptime, load time, GPU memory."""
+    _, targets = _targets(inventory, catalog, host)
+    results = {}
+    for target in targets:
+        _, answer = remote.switch_tool(target, ["status"], stream=False)
+        answer["address"] = target.address
+        results[target.name] = answer
+    say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "host": "only this host (default: the first)",
         "lines": "how many past lines to show first",
-        "follow": "keep following the journal (default: true)",
+        "follow": "keep following the journal (default: true; --no-follow prints and exits)",
     }
 )
 @errors_to_exit
 def logs(c, inventory=None, host=None, lines=100, follow=True):
     """Follow the active model's journal on a host."""
-    raise not_yet("model logs", 5)
+    _, targets = _targets(inventory, None, host)
+    target = targets[0]
+    _, answer = remote.switch_tool(target, ["status"], stream=False)
+    units = [m["unit"] for m in answer.get("models", []) if m["name"] in answer.get("running", [])]
+    if not units:
+        units = ["llamavm-model-*"]
+    cmd = ["journalctl", "--no-pager", "-n", str(lines)]
+    for unit in units:
+        cmd += ["-u", unit]
+    if follow:
+        cmd.append("-f")
+    raise Exit(code=subprocess.run(target.ssh_command(["sudo", "-n", *cmd], tty=follow)).returncode)
 
 
 @task
@@ -147,6 +233,44 @@ def test(c, unit=False, pytest_args=""):
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)
 
 
-ns = Collection(models, doctor, provision, switch, stop, status, logs, lint, test)
+@task(name="up")
+@errors_to_exit
+def testbed_up(c):
+    """Build (if needed) and boot the local test bed; wait for SSH."""
+    from llamavm import testbed
+
+    info = testbed.up()
+    say(f"llamavm: test bed up: {info.host_address} (ssh: {' '.join(info.ssh_command)})")
+
+
+@task(name="down", help={"purge": "also delete the machine's root filesystem (the cache stays)"})
+@errors_to_exit
+def testbed_down(c, purge=False):
+    """Stop the local test bed and remove its LAN namespaces."""
+    from llamavm import testbed
+
+    testbed.down(purge=purge)
+    say("llamavm: test bed down")
+
+
+@task(name="status")
+@errors_to_exit
+def testbed_status(c):
+    """Show the local test bed's state as JSON."""
+    from llamavm import testbed
+
+    say(jsonlib.dumps(testbed.status(), indent=2))
+
+
+@task(name="ssh", help={"command": "run this command instead of an interactive shell"})
+@errors_to_exit
+def testbed_ssh(c, command=""):
+    """SSH into the local test bed as its admin user."""
+    from llamavm import testbed
+
+    raise Exit(code=testbed.ssh(command.split() if command else []))
+
+
+testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
+ns = Collection(models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns)
 ns.configure({"run": {"echo": False}})
-_ = jsonlib  # JSON output is produced by the llamavm modules

@@ -48,6 +48,8 @@ MANAGED_FLAGS = {
     "--cache-type-v": "cache_type",
     "--api-key-file": "settings.api_key",
     "--metrics": "(always on)",
+    "--fit": "(always off: the catalog pins context and layers)",
+    "-fit": "(always off: the catalog pins context and layers)",
     "--alias": "name",
     "-a": "name",
 }
@@ -106,7 +108,7 @@ class Model:
     @property
     def unit(self) -> str:
         """The systemd unit that serves this model."""
-        return f"llamavm-model@{self.name}.service"
+        return f"llamavm-model-{self.name}.service"
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class Catalog:
         """The validated catalog as plain data (for --json and for Ansible extra vars)."""
         data = asdict(self)
         data["path"] = str(self.path)
+        data["settings"]["default_model"] = self.default.name  # aliases resolved
         for model, entry in zip(self.models, data["models"], strict=True):
             entry["unit"] = model.unit
         return data

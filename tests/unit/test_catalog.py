@@ -46,7 +46,7 @@ def test_valid_catalog_loads(tmp_path: Path) -> None:
     assert cat.resolve("b").name == "beta"
     assert cat.default.name == "alpha"
     assert cat.models[0].ctx_size == 4096  # defaults fill in
-    assert cat.models[0].unit == "llamavm-model@alpha.service"
+    assert cat.models[0].unit == "llamavm-model-alpha.service"
 
 
 def test_shipped_catalogs_are_valid() -> None:

@@ -1,0 +1,162 @@
+"""`invoke provision`: validate, prepare what hosts need, run the provision playbook, report.
+
+Nothing on a host is touched until the catalog has been validated: a bad catalog stops here
+with a one-line error, and the model that serves keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamavm import REPO_ROOT, source, tinymodel, vram
+from llamavm import catalog as catalog_mod
+from llamavm import inventory as inventory_mod
+from llamavm.errors import LlamavmError
+
+PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "provision.yml"
+ANSIBLE_CFG = REPO_ROOT / "ansible" / "ansible.cfg"
+_RECAP_RE = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
+)
+
+
+@dataclass
+class Recap:
+    """PLAY RECAP counts per host."""
+
+    hosts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def feed(self, line: str) -> None:
+        match = _RECAP_RE.match(line.strip())
+        if match:
+            counts = {k: int(v) for k, v in match.groupdict().items() if k != "host"}
+            self.hosts[match["host"]] = counts
+
+    @property
+    def changed(self) -> int:
+        return sum(h["changed"] for h in self.hosts.values())
+
+
+def ansible_env() -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def catalog_vars(catalog: catalog_mod.Catalog) -> dict[str, Any]:
+    """The validated catalog, with each model's VRAM estimate, as the roles receive it."""
+    data = catalog.as_dict()
+    for model, entry in zip(catalog.models, data["models"], strict=True):
+        entry["vram"] = vram.estimate(catalog, model).as_dict()
+    return data
+
+
+def run_playbook(
+    playbook: Path,
+    inventory: Path,
+    extra_vars: dict[str, Any],
+    *,
+    limit: str | None = None,
+    check: bool = False,
+    echo: Callable[[str], None] = lambda line: print(line, end="", flush=True),
+) -> tuple[int, Recap]:
+    """ansible-playbook with the extra vars in a 0600 file (never on the command line)."""
+    recap = Recap()
+    with tempfile.NamedTemporaryFile("w", prefix="llamavm-vars-", suffix=".json") as handle:
+        os.chmod(handle.name, 0o600)
+        json.dump(extra_vars, handle)
+        handle.flush()
+        cmd = [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "-e",
+            f"@{handle.name}",
+            str(playbook),
+        ]
+        if limit:
+            cmd += ["--limit", limit]
+        if check:
+            cmd += ["--check", "--diff"]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT / "ansible",
+            env=ansible_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            echo(line)
+            recap.feed(line)
+        return proc.wait(), recap
+
+
+def provision(
+    inventory: str | None,
+    catalog_path: str | None,
+    *,
+    limit: str | None = None,
+    check: bool = False,
+    say: Callable[[str], None] = print,
+) -> Recap:
+    inv = inventory_mod.resolve(inventory)
+    catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
+    extra: dict[str, Any] = {}
+    if inv.is_local:
+        from llamavm import testbed
+
+        say("llamavm: bringing up the embedded default target (local test bed)")
+        info = testbed.up()
+        say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
+    say("llamavm: preparing the llama.cpp source (cached after the first run)")
+    archive = source.prepare()
+    extra[source.EXTRA_VAR] = str(archive)
+    extra[source.EXTRA_VAR_VERSION] = source.load_config().label
+    if inv.is_local and catalog.settings.controller_share_path:
+        share = Path(catalog.settings.controller_share_path)
+        written = tinymodel.ensure_all(share)
+        say(f"llamavm: {len(written)} tiny test models in {share}")
+    extra["llamavm_catalog_data"] = catalog_vars(catalog)
+    rc, recap = run_playbook(PLAYBOOK, inv.path, extra, limit=limit, check=check)
+    if rc != 0:
+        raise LlamavmError(f"ansible-playbook failed (exit {rc}) — see the task output above")
+    return recap
+
+
+def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
+    """How to reach what was provisioned."""
+    inv = inventory_mod.resolve(inventory)
+    catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
+    default = catalog.default
+    lines = []
+    if inv.is_local:
+        from llamavm import testbed
+
+        host = testbed.status()["addresses"]["host"]
+        lines += [
+            f"web UI and API of {default.name}: http://{host}:{default.port}/ "
+            "(on the test bed's LAN; from this machine too)",
+            f"  curl http://{host}:{default.port}/v1/models",
+            "  invoke status | invoke switch --model NAME | invoke testbed.ssh",
+        ]
+    else:
+        lines.append(
+            f"web UI and API of {default.name}: http://<host>:{default.port}/ on each host"
+        )
+    return lines

@@ -1,0 +1,48 @@
+"""`invoke status`: the per-host answers of `llamavm-switch status`, as a table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    header = ("HOST", "MODEL", "URL", "HEALTH", "UPTIME", "LAST LOAD", "GPU MEMORY")
+    rows = [header]
+    problems = []
+    for host, answer in results.items():
+        if not answer.get("ok", True):
+            problems.append(f"{host}: {answer.get('error')}")
+            continue
+        gpus = answer.get("gpu") or []
+        gpu = ", ".join(f"{g['used_mib']}/{g['total_mib']} MiB" for g in gpus) if gpus else "no GPU"
+        running = answer.get("running", [])
+        if len(running) > 1:
+            problems.append(f"{host}: several models running: {', '.join(running)}")
+        active = next((m for m in answer.get("models", []) if m["name"] in running), None)
+        if active is None:
+            rows.append((host, "(none)", "-", "-", "-", "-", gpu))
+            continue
+        health = active.get("health")
+        loads = active.get("loads") or []
+        rows.append(
+            (
+                host,
+                active["name"],
+                f"http://{answer.get('address', host)}:{active['port']}/",
+                "ok" if health == 200 else f"HTTP {health}" if health else "down",
+                _ago(active.get("uptime_s")),
+                f"{loads[-1]:.2f}s" if loads else "-",
+                gpu,
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    return "\n".join(lines + problems)
