@@ -1,0 +1,65 @@
+"""config/testbed.yaml and the test bed's pure logic (no root, no hosts)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamavm import lan, testbed
+from llamavm.errors import LlamavmError
+
+
+def test_shipped_config_loads_and_has_what_roles_need() -> None:
+    cfg = testbed.load_config()
+    for pkg in ("openssh-server", "python3-apt", "systemd-timesyncd", "build-essential", "cmake"):
+        assert pkg in cfg.packages
+    assert cfg.lan.host in {str(a) for a in cfg.lan.subnet.hosts()}
+
+
+def test_rootfs_key_ignores_order_and_tracks_the_package_set() -> None:
+    cfg = testbed.load_config()
+    shuffled = dataclasses.replace(cfg, packages=tuple(reversed(cfg.packages)))
+    assert shuffled.rootfs_key == cfg.rootfs_key
+    more = dataclasses.replace(cfg, packages=(*cfg.packages, "htop"))
+    assert more.rootfs_key != cfg.rootfs_key
+    assert cfg.rootfs_key.startswith(f"{cfg.suite}-")
+
+
+def test_explicit_mirror_wins() -> None:
+    cfg = dataclasses.replace(testbed.load_config(), mirror="http://mirror.example/debian")
+    assert testbed.resolve_mirror(cfg) == "http://mirror.example/debian"
+
+
+def _network(**changes: object) -> dict:
+    raw = yaml.safe_load(testbed.CONFIG_PATH.read_text())["network"]
+    raw.update(changes)
+    return raw
+
+
+def test_address_outside_subnet_is_refused() -> None:
+    with pytest.raises(LlamavmError, match="not in"):
+        lan.LanConfig.from_dict(_network(host="10.99.0.10"))
+
+
+def test_long_interface_name_is_refused() -> None:
+    with pytest.raises(LlamavmError, match="too long"):
+        lan.LanConfig.from_dict(_network(bridge="a-very-long-bridge-name"))
+
+
+def test_broken_config_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "testbed.yaml"
+    bad.write_text("suite: bookworm\n")
+    with pytest.raises(LlamavmError, match="invalid test-bed configuration"):
+        testbed.load_config(bad)
+
+
+def test_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMAVM_CACHE", "/c")
+    monkeypatch.setenv("LLAMAVM_STATE", "/s")
+    paths = testbed.Paths.from_env()
+    assert paths.rootfs("k") == Path("/c/rootfs/k")
+    assert paths.models == Path("/c/models")
+    assert paths.key == Path("/s/testbed/id_ed25519")
