@@ -35,16 +35,23 @@ class TinySpec:
     n_ctx_train: int = 4096
 
 
-def find_vocab(cache: Path | None = None) -> Path:
-    """The SPM vocab GGUF inside the cached llama.cpp source (llamavm.source prepares it)."""
+def find_vocab(cache: Path | None = None, fetch: bool = True) -> Path:
+    """The SPM vocab GGUF inside the cached llama.cpp source; fetches the source if needed."""
     root = cache or Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm"))
-    for candidate in sorted(root.glob(f"src/*/vendor/llama.cpp/models/{VOCAB_NAME}")):
-        return candidate
-    for candidate in sorted(root.glob(f"src/**/models/{VOCAB_NAME}")):
-        return candidate
+    for pattern in (f"src/*/vendor/llama.cpp/models/{VOCAB_NAME}", f"src/**/models/{VOCAB_NAME}"):
+        for candidate in sorted(root.glob(pattern)):
+            return candidate
+    if fetch:
+        from llamavm import source
+
+        cfg = source.load_config()
+        tree = source.extract_sdist(cfg, source.fetch_sdist(cfg, root), root)
+        candidate = tree / "models" / VOCAB_NAME
+        if candidate.is_file():
+            return candidate
     raise LlamavmError(
         f"no {VOCAB_NAME} under {root}/src — run 'python -m llamavm.source prepare' "
-        "(or 'invoke provision', which does it) to fetch the llama.cpp source first"
+        "to fetch the llama.cpp source first"
     )
 
 
