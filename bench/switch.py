@@ -1,0 +1,155 @@
+"""Switch time vs the bare llama-server start-to-healthy time, and vs llama.cpp router mode.
+
+Run on a provisioned test bed (`invoke provision` first), as root:
+
+    .venv/bin/python bench/switch.py [--runs 7]
+
+Everything is measured on the host in one SSH call, in the same run: the baseline (bare
+llama-server, started by hand, until /health says 200), `llamavm-switch switch` between the two
+catalog models (stop old, checks, start new, health gate, /props and one-token verification),
+and llama.cpp's own router mode (`--models-max 1`) answering a one-token request for the other
+model (swap + 1 token). Prints medians, the overhead in ms, and ratios against the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+
+from llamavm import testbed
+
+HOST_SCRIPT = r"""
+import json, os, statistics, subprocess, sys, time, urllib.request
+
+RUNS = int(sys.argv[1])
+catalog = json.load(open("/etc/llamavm/catalog.json"))
+share = catalog["settings"]["share_path"]
+a, b = catalog["models"][0], catalog["models"][1]
+server = "/opt/llama.cpp/current/bin/llama-server"
+
+
+def healthy(port, timeout=60, body=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/health")
+            with urllib.request.urlopen(req, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise SystemExit(f"port {port} never became healthy")
+
+
+def post(port, body):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+
+
+def bare(model, port=8090):
+    args = [server, "--model", f"{share}/{model['gguf']}", "--host", "127.0.0.1",
+            "--port", str(port), "--ctx-size", str(model["ctx_size"]),
+            "--parallel", str(model["parallel"]), "--fit", "off"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["runuser", "-u", "llama", "--", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    healthy(port)
+    dt = time.monotonic() - t0
+    proc.terminate(); proc.wait()
+    return dt
+
+
+def switch(model):
+    t0 = time.monotonic()
+    out = subprocess.run(["llamavm-switch", "switch", model["name"], "--json"],
+                         capture_output=True, text=True, check=True)
+    return time.monotonic() - t0, json.loads(out.stdout)
+
+
+def router(port=8095):
+    import tempfile
+    d = tempfile.mkdtemp()
+    for m in (a, b):
+        os.symlink(f"{share}/{m['gguf']}", f"{d}/{m['name']}.gguf")
+    proc = subprocess.Popen([server, "--models-dir", d, "--models-max", "1", "--host",
+                             "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    healthy(port)
+    times = []
+    hi = [{"role": "user", "content": "hi"}]
+    post(port, {"model": a["name"], "messages": hi, "max_tokens": 1})
+    for i in range(RUNS):
+        m = b if i % 2 == 0 else a
+        t0 = time.monotonic()
+        post(port, {"model": m["name"], "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1})
+        times.append(time.monotonic() - t0)
+    proc.terminate(); proc.wait()
+    return times
+
+
+switch(a)
+bare_times = [bare(b if i % 2 == 0 else a) for i in range(RUNS)]
+switch_wall, switch_load = [], []
+for i in range(RUNS):
+    dt, answer = switch(b if i % 2 == 0 else a)
+    switch_wall.append(dt)
+    switch_load.append(answer["load_seconds"])
+try:
+    router_times = router()
+except Exception as exc:  # router mode missing from this build
+    router_times = []
+    print(f"router mode failed: {exc}", file=sys.stderr)
+switch(a)
+print(json.dumps({"bare": bare_times, "switch": switch_wall, "switch_load": switch_load,
+                  "router": router_times}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    remote = shlex.join(["sudo", "-n", "python3", "-", str(args.runs)])
+    run = subprocess.run(
+        [*testbed.ssh_base_command(cfg, paths), remote],
+        input=HOST_SCRIPT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if run.returncode != 0:
+        print(run.stderr, file=sys.stderr)
+        return 1
+    data = json.loads(run.stdout.strip().splitlines()[-1])
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2] if ordered else float("nan")
+
+    bare, switch, router = median(data["bare"]), median(data["switch"]), median(data["router"])
+    print(f"runs: {args.runs} each, medians, same host, same run")
+    print(f"bare llama-server start -> /health 200   {bare * 1000:8.0f} ms   1.00x")
+    print(
+        f"llamavm-switch (stop, check, start, gate) {switch * 1000:8.0f} ms   {switch / bare:.2f}x"
+        f"   overhead {(switch - bare) * 1000:+.0f} ms (target < 300 ms)"
+    )
+    if data["router"]:
+        print(
+            f"router mode --models-max 1 (swap+1 tok) {router * 1000:8.0f} ms   "
+            f"{router / bare:.2f}x"
+        )
+    print(f"raw: {json.dumps(data)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
