@@ -362,8 +362,9 @@ def prepare(
         raise LlamavmError(f"{tree} is not a llama.cpp tree (no CMakeLists.txt)")
     use_ui = cfg.ui_build if with_ui is None else with_ui
     ui_dist = build_ui(cfg, tree, cache) if use_ui else None
-    # Name after everything that changes the bytes: version, UI on/off, format, tree identity.
-    tree_id = hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:8]
+    # Name after everything that changes the bytes: version, UI build, format, tree, excludes.
+    ident = f"{tree.resolve()}|{TARBALL_FORMAT}|{','.join(cfg.ship_exclude)}"
+    tree_id = hashlib.sha256(ident.encode()).hexdigest()[:8]
     ui_tag = f"ui-{ui_dist.parent.name.rsplit('-', 1)[-1]}" if ui_dist else "noui"
     out = cache / "dist" / f"llama.cpp-{cfg.label}-{ui_tag}-f{TARBALL_FORMAT}-{tree_id}.tar.gz"
     # A given tree may have changed in place: rewrite (same content gives the same bytes).
