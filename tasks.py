@@ -218,19 +218,28 @@ def lint(c):
     help={
         "unit": "only the fast unit tests (no test bed, no root)",
         "pytest_args": "extra arguments for pytest, e.g. '-k catalog -x'",
+        "molecule": "also run `molecule test` (default: true when the test bed can run)",
     }
 )
 @errors_to_exit
-def test(c, unit=False, pytest_args=""):
-    """Run the linters and the test suite (unit, then integration on the test bed)."""
+def test(c, unit=False, pytest_args="", molecule=True):
+    """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
     lint(c)
-    paths = ["tests/unit"] if unit else ["tests"]
+    paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
     cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
     rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
     if rc != 0:
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)
+    if unit or not molecule or os.geteuid() != 0:
+        return
+    say("$ molecule test")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("ANSIBLE_CONFIG", None)
+    rc = subprocess.run(["molecule", "test"], cwd=REPO_ROOT, env=env).returncode
+    if rc != 0:
+        raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
 
 
 @task(name="up")
