@@ -116,8 +116,6 @@ def target(archive: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
     common = {
         "llama_cpp_source_archive": str(archive),
         "llama_cpp_source_version": source.load_config().label,
-        # Test hosts and this machine have no sudo; root su's to root and to the build user.
-        "ansible_become_method": "ansible.builtin.su",
     }
     if TARGET == "testbed":
         info = request.getfixturevalue("testbed_info")
@@ -143,6 +141,8 @@ def target(archive: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
             "llama_cpp_hosts": "localhost",
             "llama_cpp_builder_hosts": "localhost",
             "ansible_python_interpreter": sys.executable,
+            # This machine has no sudo: root "becomes" root with su.
+            "ansible_become_method": "ansible.builtin.su",
         },
     )
     shutil.rmtree(scratch, ignore_errors=True)
