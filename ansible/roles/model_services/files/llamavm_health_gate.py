@@ -9,27 +9,35 @@ ExecStartPost=): a server that dies while loading must not hold the start job fo
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
-import urllib.error
-import urllib.request
+
+
+def healthy(host: str, port: int, path: str) -> bool:
+    """GET path answers 200 (a raw HTTP/1.0 request: urllib's imports cost 50 ms)."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            status_line = conn.recv(64).split(b"\r\n", 1)[0]
+            return status_line.split(b" ")[1:2] == [b"200"]
+    except OSError:
+        return False
 
 
 def main() -> int:
     url, timeout = sys.argv[1], float(sys.argv[2])
+    hostport, _, path = url.split("://", 1)[1].partition("/")
+    host, _, port = hostport.rpartition(":")
     pid = os.environ.get("MAINPID", "")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid and not os.path.exists(f"/proc/{pid}"):
             print(f"llamavm-health-gate: main process {pid} exited while loading", file=sys.stderr)
             return 1
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return 0
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
+        if healthy(host, int(port), "/" + path):
+            return 0
+        time.sleep(0.01)
     print(f"llamavm-health-gate: {url} not healthy after {timeout:.0f}s", file=sys.stderr)
     return 1
 
