@@ -159,4 +159,10 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
         lines.append(
             f"web UI and API of {default.name}: http://<host>:{default.port}/ on each host"
         )
+    api = catalog.settings.api_key
+    if api.policy == "required":
+        lines.append(
+            f"the API wants a key: 'sudo cat {api.file}' on a host, then send "
+            "'Authorization: Bearer KEY' (the web UI asks for it in its settings)"
+        )
     return lines
