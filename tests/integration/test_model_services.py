@@ -318,6 +318,37 @@ def test_removing_models_from_the_catalog_removes_their_units(bad_catalog, model
     assert sorted(installed) == sorted(m.unit for m in models.models)
 
 
+def test_api_key_policy_locks_the_api_but_not_health(provisioned, models, host, tmp_path) -> None:
+    data = yaml.safe_load(TESTBED_CATALOG.read_text())
+    data["settings"]["api_key"] = {"policy": "required", "file": "/etc/llamavm/api-key"}
+    path = tmp_path / "models.key.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        result = invoke("provision", "--catalog", str(path))
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+        assert "Authorization: Bearer KEY" in result.stdout
+        # The unit restarted with the key (its unit changed); switching verifies with the key.
+        result = invoke("switch", "--model", models.default.name, "--catalog", str(path))
+        assert result.returncode == 0, result.stderr
+        mode = host_run("stat -c '%a %U' /etc/llamavm/api-key").stdout.split()
+        assert mode == ["600", "root"]
+        key = host_run("cat /etc/llamavm/api-key").stdout.strip()
+        assert len(key) >= 32
+        unit = models.default.unit
+        assert key not in host_run(f"systemctl cat {unit}").stdout
+        assert key not in host_run("ps -eo args").stdout  # never on a command line
+        assert http_code(_url(host, models.default, "/health")) == 200
+        assert http_code(_url(host, models.default, "/v1/models")) == 401
+        wrong = "Authorization: Bearer not-the-key"
+        assert http_code(_url(host, models.default, "/v1/models"), "-H", wrong) == 401
+        right = f"Authorization: Bearer {key}"
+        assert http_code(_url(host, models.default, "/v1/models"), "-H", right) == 200
+    finally:
+        result = invoke("provision")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    assert http_code(_url(host, models.default, "/v1/models")) == 200
+
+
 def test_kill_9_is_restarted(serving_one, models, host) -> None:
     unit = models.default.unit
     pid = host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
