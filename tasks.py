@@ -203,12 +203,13 @@ def lint(c):
         [f"{bindir}/ruff", "check", "."],
         [f"{bindir}/ruff", "format", "--check", "."],
         [f"{bindir}/yamllint", "--strict", "."],
-        [f"{bindir}/ansible-lint", "--profile", "production", "ansible", "inventories"],
+        [f"{bindir}/ansible-lint", "--profile", "production", "ansible", "inventories", "molecule"],
     ]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg")}
     failed = []
     for step in steps:
         say(f"$ {' '.join(os.path.basename(step[0]) if i == 0 else a for i, a in enumerate(step))}")
-        if subprocess.run(step, cwd=REPO_ROOT).returncode != 0:
+        if subprocess.run(step, cwd=REPO_ROOT, env=env).returncode != 0:
             failed.append(os.path.basename(step[0]))
     if failed:
         raise Exit(f"llamavm: lint failed: {', '.join(failed)}", code=1)
