@@ -62,7 +62,9 @@ def doctor(c, inventory=None, catalog=None, json=False):
 def provision(c, inventory=None, catalog=None, limit=None, check=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
     recap = provision_mod.provision(inventory, catalog, limit=limit, check=check, say=say)
-    if recap.changed == 0:
+    if check:
+        say(f"llamavm: dry run — {recap.changed or 'no'} changes would be made")
+    elif recap.changed == 0:
         say("llamavm: converged — no changes (every host was already as configured)")
     else:
         say(f"llamavm: converged — {recap.changed} changes")
