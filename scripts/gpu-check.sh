@@ -13,12 +13,12 @@
 #   3. canary: `llama-server --version` and `--list-devices` must show CUDA0; ldd resolves all;
 #   4. serves the tiny model fully offloaded (-ngl 99), samples nvidia-smi every 200 ms while
 #      it loads and answers /health, /, and a chat completion; checks the server used CUDA0.
-# Results go to $OUT (or ./gpu-check-out): summary.json, logs, nvidia-smi.csv.
+# Results go to $OUT (or .cache/gpu-check-out): summary.json, logs, nvidia-smi.csv.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=${LLAMAVM_GPU_CHECK_DATA:-${HERE}/.cache/gpu-check}
-OUT=${OUT:-${HERE}/gpu-check-out}
+OUT=${OUT:-${HERE}/.cache/gpu-check-out}
 PORT=${LLAMAVM_GPU_CHECK_PORT:-18095}
 
 log() { printf '[gpu-check %s] %s\n' "$(date +%T)" "$*" >&2; }
