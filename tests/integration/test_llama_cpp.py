@@ -2,10 +2,10 @@
 
 Two targets:
 
-* ``LLAMAVM_LLAMA_CPP_TARGET=local`` (default): the role runs with ``-c local`` against this
-  machine into a scratch prefix (the build needs no systemd). Root only.
-* ``LLAMAVM_LLAMA_CPP_TARGET=testbed``: the role runs against the nspawn test bed
-  (inventories/local, marker ``testbed``).
+* ``LLAMAVM_LLAMA_CPP_TARGET=testbed`` (default): the role runs against the nspawn test bed
+  (inventories/local, marker ``testbed``), where the model services later use the same build.
+* ``LLAMAVM_LLAMA_CPP_TARGET=local``: the role runs with ``-c local`` against this machine
+  into a scratch prefix (the build needs no systemd). Root only.
 
 The first converge compiles llama-server (about 5 min with -j2 cold, far less with the
 build user's ccache warm); the tests after it reuse that build and run in order.
@@ -31,7 +31,7 @@ import pytest
 from llamavm import REPO_ROOT, source
 
 VENV_BIN = Path(sys.executable).parent
-TARGET = os.environ.get("LLAMAVM_LLAMA_CPP_TARGET", "local")
+TARGET = os.environ.get("LLAMAVM_LLAMA_CPP_TARGET", "testbed")
 # Kept between sessions so the build user's ccache stays warm (local target).
 LOCAL_BUILD_ROOT = Path(os.environ.get("LLAMAVM_IT_BUILD_ROOT", "/var/tmp/llamavm-it/build"))
 # A flag that changes the build key but no compile command: the second build is all ccache hits.
@@ -56,7 +56,12 @@ class Target:
     base_vars: dict[str, object] = field(default_factory=dict)
 
     def sh(self, cmd: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-        argv = [*self.ssh, cmd] if self.ssh else ["bash", "-c", cmd]
+        # Over SSH the admin user runs the command as root, as the local target does.
+        argv = (
+            [*self.ssh, shlex.join(["sudo", "-n", "bash", "-c", cmd])]
+            if self.ssh
+            else ["bash", "-c", cmd]
+        )
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
     def readlink(self, name: str) -> str:
@@ -150,11 +155,16 @@ def target(archive: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
 
 @pytest.fixture(scope="module")
 def first_build(target: Target) -> str:
-    """The first converge; returns the build id current points at."""
+    """The first converge; returns the build id current points at.
+
+    On a test bed that already has this build (an earlier run, or `invoke provision`) the
+    converge finds it and compiles nothing; either way `current` must point at it.
+    """
     t0 = time.monotonic()
     out = must_pass(target.playbook("llama_cpp.yml"), "first converge")
     print(f"first converge: {time.monotonic() - t0:.0f} s")
-    assert "Configure and compile as the build user" in out
+    compiled = "Configure and compile as the build user" in out
+    print(f"first converge compiled: {compiled}")
     build = target.readlink("current")
     assert build.startswith(source.load_config().label + "-cpu-"), build
     return build
@@ -285,6 +295,12 @@ def test_broken_source_fails_with_the_compiler_error_and_keeps_current(
     broken.write_text(broken.read_text() + "\nthis is not C++ llamavm_broken_marker;\n")
     bad = source.prepare(tree=tree)
     before = target.readlink("current")
+    # On the test bed a model may be serving: the failed build must not touch it.
+    serving = (
+        "systemctl show -p MainPID --value $(systemctl list-units --state=active "
+        "--no-legend --plain 'llamavm-model-*' | cut -d' ' -f1 | head -1) 2>/dev/null"
+    )
+    pid_before = target.sh(serving).stdout.strip()
     try:
         proc = target.playbook("llama_cpp.yml", {"llama_cpp_source_archive": str(bad)})
     finally:
@@ -294,6 +310,7 @@ def test_broken_source_fails_with_the_compiler_error_and_keeps_current(
     assert "llamavm_broken_marker" in proc.stdout
     assert target.readlink("current") == before
     assert target.sh(f"ls -d {target.prefix}/.stage-* 2>/dev/null").stdout == ""
+    assert target.sh(serving).stdout.strip() == pid_before
 
 
 def test_git_source_builds_from_a_pinned_ref(target: Target, first_build: str) -> None:

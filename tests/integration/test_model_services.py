@@ -366,6 +366,24 @@ def test_kill_9_is_restarted(serving_one, models, host) -> None:
     assert len(running_servers()) == 1
 
 
+def test_provision_restarts_a_model_left_on_an_older_build(serving_one, models) -> None:
+    previous = host_run("readlink /opt/llama.cpp/previous").stdout.strip()
+    current = host_run("readlink /opt/llama.cpp/current").stdout.strip()
+    if not previous or previous == current:
+        pytest.skip("needs two llama.cpp builds on the host (the llama_cpp tests leave them)")
+    unit = models.default.unit
+    # Serve from the older build, as if the model outlived a llama.cpp upgrade.
+    host_run(f"ln -sfn {previous} /opt/llama.cpp/current && systemctl restart {unit}")
+    old_pid = host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+    assert previous in host_run(f"readlink /proc/{old_pid}/exe").stdout
+    result = invoke("provision")  # converges current back, then restarts the stale server
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    assert host_run("readlink /opt/llama.cpp/current").stdout.strip() == current
+    new_pid = host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+    assert new_pid != old_pid
+    assert current in host_run(f"readlink /proc/{new_pid}/exe").stdout
+
+
 def test_second_provision_changes_nothing(provisioned) -> None:
     result = invoke("provision")
     assert result.returncode == 0, result.stderr

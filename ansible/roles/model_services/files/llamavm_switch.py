@@ -591,13 +591,31 @@ def status(catalog: Catalog) -> dict[str, Any]:
             with contextlib.suppress(OSError):
                 health = http(catalog.address(model) + "/health", timeout=2)[0]
             entered = int(props.get("ActiveEnterTimestampMonotonic", "0") or 0)
+            pid = int(props.get("MainPID", "0") or 0)
             entry.update(
-                pid=int(props.get("MainPID", "0") or 0),
+                pid=pid,
                 health=health,
                 uptime_s=round(time.monotonic() - entered / 1e6, 1) if entered else None,
+                binary_current=runs_current_build(catalog, pid),
             )
         result["models"].append(entry)
     return result
+
+
+def runs_current_build(catalog: Catalog, pid: int) -> bool | None:
+    """Does process `pid` run the llama-server that `current` points at now?
+
+    False after a new llama.cpp build was activated while the model kept serving (provision
+    then restarts it); None when it can't be told.
+    """
+    server = catalog.settings.get("llama_server")
+    if not server or not pid:
+        return None
+    try:
+        running = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return running == os.path.realpath(server)
 
 
 def locked(func: Any, *args: Any) -> Any:
