@@ -620,6 +620,42 @@ def _state_processes(cfg: TestbedConfig, paths: Paths) -> list[int]:
     return found
 
 
+def _netns_processes(ns_name: str) -> list[int]:
+    """PIDs of every process inside network namespace `ns_name` (by namespace inode)."""
+    try:
+        inode = os.stat(f"/run/netns/{ns_name}").st_ino
+    except OSError:
+        return []
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.stat(proc / "ns" / "net").st_ino == inode:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_stale(cfg: TestbedConfig, keep: int | None = None) -> list[int]:
+    """SIGKILL what is left in the host's namespace of a container whose nspawn died.
+
+    Killing systemd-nspawn alone (say, a session ended by SIGKILL) orphans the container's
+    init and services, which keep its addresses and ports: a new container beside them would
+    share the namespace with a ghost. `keep` spares the running nspawn's own processes.
+    """
+    spare = {keep, *(_children(keep) if keep else [])}
+    stale = [pid for pid in _netns_processes(cfg.lan.ns_host) if pid not in spare]
+    for pid in stale:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in stale):
+        time.sleep(0.05)
+    return stale
+
+
 def _state_mounts(cfg: TestbedConfig, paths: Paths) -> list[str]:
     """Mount points in our namespace that belong to the test bed."""
     prefixes = (str(paths.state), *(f"/run/netns/{ns}" for ns in cfg.lan.namespaces()))
@@ -653,6 +689,17 @@ def up() -> TestbedInfo:
     lan.up(cfg.lan)
     pid = _read_pid(paths)
     if pid is None:
+        stale = _kill_stale(cfg)
+        # SSH multiplexers (Ansible's ControlPersist) still talk to the dead container.
+        for mux in _state_processes(cfg, paths):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(mux, signal.SIGTERM)
+        if stale:
+            print(
+                f"llamavm testbed: killed {len(stale)} leftover processes of a container "
+                "whose systemd-nspawn had died",
+                file=sys.stderr,
+            )
         ensure_machine(cfg, paths, rootfs)
         pid = _start_nspawn(cfg, paths)
     _wait_for_ssh(cfg, paths, pid)
@@ -681,6 +728,7 @@ def down(purge: bool = False) -> None:
     require_root()
     cfg, paths = load_config(), Paths.from_env()
     _stop_nspawn(cfg, paths)
+    _kill_stale(cfg)
     for pid in _state_processes(cfg, paths):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

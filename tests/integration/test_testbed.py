@@ -4,6 +4,7 @@ the read-only model share, and a complete tear-down."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import tempfile
@@ -248,3 +249,31 @@ def test_teardown_leaves_nothing_and_warm_start_keeps_state(
     assert "PasswordAuthentication no" in host_sh(
         info, "cat /etc/ssh/sshd_config.d/00-llamavm-base.conf"
     )
+
+
+def test_up_recovers_when_nspawn_was_killed(testbed_info: testbed.TestbedInfo) -> None:
+    """SIGKILL of systemd-nspawn orphans the container; `up` must not boot a twin beside it."""
+    cfg = testbed.load_config()
+
+    def container_inits() -> list[int]:
+        inside = set(testbed._netns_processes(cfg.lan.ns_host))
+        roots = []
+        for pid in inside:
+            try:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid not in inside:
+                roots.append(pid)
+        return roots
+
+    pid = testbed.status()["pid"]
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while testbed.status()["pid"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert container_inits(), "the orphaned container should still be running"
+    testbed.up()
+    assert len(container_inits()) == 1, "exactly one container in the host's namespace"
+    assert testbed.ssh(["true"]) == 0
