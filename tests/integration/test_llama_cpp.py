@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,14 @@ TARGET = os.environ.get("LLAMAVM_LLAMA_CPP_TARGET", "testbed")
 # Kept between sessions so the build user's ccache stays warm (local target).
 LOCAL_BUILD_ROOT = Path(os.environ.get("LLAMAVM_IT_BUILD_ROOT", "/var/tmp/llamavm-it/build"))
 # A flag that changes the build key but no compile command: the second build is all ccache hits.
-FLAG_CHANGE = {"llama_cpp_cmake_extra_flags": {"LLAMA_FATAL_WARNINGS": "OFF"}}
+# The run's own value keeps the test meaningful on a test bed that outlives a run: the key is
+# new every run, so there is always a second build to make (all ccache hits).
+FLAG_CHANGE = {
+    "llama_cpp_cmake_extra_flags": {
+        "LLAMA_FATAL_WARNINGS": "OFF",
+        "LLAMAVM_TEST_RUN": uuid.uuid4().hex[:8],
+    }
+}
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="builds as a separate user: needs root"),
