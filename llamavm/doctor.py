@@ -117,8 +117,9 @@ def check_testbed() -> Check:
         state = testbed.status()
     except LlamavmError as exc:
         return Check(WARN, "testbed", str(exc), "invoke provision brings it up")
-    if state.get("running"):
-        return Check(OK, "testbed", f"running at {state.get('host_address', '?')}")
+    if state.get("state") == "running":
+        host = state.get("addresses", {}).get("host", "?")
+        return Check(OK, "testbed", f"running at {host} (pid {state.get('pid')})")
     return Check(
         WARN, "testbed", "not running", "invoke provision (or invoke testbed.up) starts it"
     )
