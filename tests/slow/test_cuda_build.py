@@ -53,7 +53,7 @@ def cuda_toolkit() -> str:
     """Debian's nvidia-cuda-toolkit, installed from non-free via an apt sources drop-in."""
     if not Path(NVCC).exists():
         NONFREE_DROPIN.write_text(
-            "# Added by llamavm tests/slow/test_cuda_build.py: contrib and non-free for nvidia-cuda-toolkit.\n"
+            "# Added by llamavm tests/slow/test_cuda_build.py: contrib, non-free (CUDA toolkit).\n"
             "Types: deb\n"
             f"URIs: {_debian_mirror()}\n"
             "Suites: bookworm bookworm-updates\n"
