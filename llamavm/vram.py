@@ -231,16 +231,12 @@ def estimate(catalog: Catalog, model: Model, info: GGUFInfo | None = None) -> Es
         )
     if info is None:
         local = catalog.local_gguf(model)
-        if local is None:
-            return Estimate(
-                model=model.name,
-                verdict="unknown",
-                available_mib=available,
-                source="unreachable",
-                reason="the controller cannot see the model share "
-                "(set settings.controller_share_path, or vram_mib for the model)",
-            )
         try:
+            if local is None:
+                raise GGUFError(
+                    "the controller cannot see the model share "
+                    "(set settings.controller_share_path, or vram_mib for the model)"
+                )
             info = read_gguf(local)
         except GGUFError as exc:
             return Estimate(
