@@ -171,6 +171,34 @@ def fetch_sdist(cfg: SourceConfig, cache: Path) -> Path:
     return archive
 
 
+def safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract `tar` into `dest`, refusing members that could land or point outside it.
+
+    Same on every Python the README names: Debian 12's stock 3.11.2 has no ``filter=``
+    argument (PEP 706 arrived in 3.11.4), so the checks are ours; where the ``data`` filter
+    exists it is applied as well.
+    """
+    root = dest.resolve()
+    members = []
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if member.name.startswith("/") or not target.is_relative_to(root):
+            raise tarfile.TarError(f"member {member.name!r} would land outside {dest}")
+        if member.issym() or member.islnk():
+            base = target.parent if member.issym() else root
+            link = (base / member.linkname).resolve()
+            if member.linkname.startswith("/") or not link.is_relative_to(root):
+                raise tarfile.TarError(f"link {member.name!r} points outside {dest}")
+        elif not (member.isfile() or member.isdir()):
+            raise tarfile.TarError(f"member {member.name!r} is a device or FIFO")
+        member.mode &= 0o755
+        members.append(member)
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, members=members, filter="data")
+    else:
+        tar.extractall(dest, members=members)
+
+
 def extract_sdist(cfg: SourceConfig, archive: Path, cache: Path) -> Path:
     """Return the llama.cpp tree of the extracted sdist, extracting it once."""
     top = cache / "src" / _sdist_stem(cfg)
@@ -180,7 +208,7 @@ def extract_sdist(cfg: SourceConfig, archive: Path, cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache / "src", prefix=".extract-") as tmp:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                safe_extract(tar, Path(tmp))
         except (tarfile.TarError, OSError) as exc:
             raise LlamavmError(f"cannot extract {archive}: {exc}; delete it and retry") from exc
         if top.exists():

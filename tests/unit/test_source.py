@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 import time
@@ -116,3 +117,47 @@ def test_cache_root_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert source.cache_root() == Path("/x/y")
     monkeypatch.delenv("LLAMAVM_CACHE")
     assert source.cache_root() == Path("/var/cache/llamavm")
+
+
+def _tar_with(tmp_path: Path, *members: tarfile.TarInfo) -> Path:
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for member in members:
+            tar.addfile(member, io.BytesIO(b"x" * member.size) if member.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        ("../escape.txt", tarfile.REGTYPE, ""),
+        ("/abs.txt", tarfile.REGTYPE, ""),
+        ("top/link", tarfile.SYMTYPE, "../../etc/passwd"),
+        ("top/abslink", tarfile.SYMTYPE, "/etc/passwd"),
+        ("top/hard", tarfile.LNKTYPE, "/etc/passwd"),
+        ("top/dev", tarfile.CHRTYPE, ""),
+    ],
+    ids=["dotdot", "absolute", "symlink-out", "symlink-abs", "hardlink-abs", "device"],
+)
+def test_safe_extract_refuses_members_outside(tmp_path: Path, member: tuple) -> None:
+    name, kind, link = member
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 1 if kind == tarfile.REGTYPE else 0
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with tarfile.open(_tar_with(tmp_path, info)) as tar, pytest.raises(tarfile.TarError):
+        source.safe_extract(tar, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_safe_extract_keeps_a_normal_tree(tmp_path: Path) -> None:
+    tree, dist = _tree(tmp_path), _dist(tmp_path)
+    out = source.write_tarball(tree, dist, tmp_path / "t.tar.gz", ["docs"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with tarfile.open(out) as tar:
+        source.safe_extract(tar, dest)
+    assert (dest / "llama.cpp" / "CMakeLists.txt").read_text() == "project(x)\n"
+    assert (dest / "llama.cpp" / "link").is_symlink()
+    assert os.access(dest / "llama.cpp" / "build.sh", os.X_OK)
