@@ -13,12 +13,13 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from llamavm import REPO_ROOT, models_view, remote, status_view
+from llamavm import REPO_ROOT, models_view, remote, status_view, switch_view
 from llamavm import catalog as catalog_mod
 from llamavm import doctor as doctor_mod
 from llamavm import inventory as inventory_mod
 from llamavm import provision as provision_mod
 from llamavm.cli import errors_to_exit, say
+from llamavm.errors import LlamavmError
 
 INVENTORY_HELP = "inventory: a folder under inventories/ or a path (default: local, the test bed)"
 CATALOG_HELP = (
@@ -85,40 +86,37 @@ def _targets(inventory, catalog, host):
         "catalog": CATALOG_HELP,
         "host": "the host to switch (default: every host of the inventory)",
         "json": "print the result as JSON",
+        "dry": "run the pre-switch checks only and say what would change; stop nothing",
     }
 )
 @errors_to_exit
-def switch(c, model, inventory=None, catalog=None, host=None, json=False):
+def switch(c, model, inventory=None, catalog=None, host=None, json=False, dry=False):
     """Swap the served model: checked first, health-gated, rolls back on failure."""
     cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
-    results, worst = {}, 0
+    results, codes = {}, {}
     for target in targets:
+        if dry:
+            answer = remote.query(target, ["check", wanted.name])
+            code = int(answer.get("code", 0))
+        else:
+            if not json:
+                say(f"llamavm: {target.name}: switching to {wanted.name}")
+            code, answer = remote.transaction(target, "switch", [wanted.name], stream=not json)
+        results[target.name], codes[target.name] = answer, code
         if not json:
-            say(f"llamavm: {target.name}: switching to {wanted.name}")
-        rc, answer = remote.switch_tool(target, ["switch", wanted.name], stream=not json)
-        results[target.name] = answer
-        worst = max(worst, rc)
-        if json:
-            continue
-        if rc == 0:
-            state = (
-                "already serving"
-                if not answer.get("changed")
-                else (
-                    f"serving (load {answer.get('load_seconds', 0):.2f}s, "
-                    f"switch {answer.get('switch_seconds', 0):.2f}s)"
-                )
-            )
-            say(
-                f"llamavm: {target.name}: {wanted.name} {state} at "
-                f"http://{target.address}:{wanted.port}/"
-            )
+            say(switch_view.line(target, wanted, code, answer, dry=dry))
     if json:
         say(jsonlib.dumps(results, indent=2))
-    if worst:
-        first = next(a for a in results.values() if not a.get("ok", True))
-        raise Exit(f"llamavm: switch failed: {first.get('error', 'see above')}", code=worst)
+    failed = {name: results[name] for name, code in codes.items() if code}
+    if failed:
+        name, answer = next(iter(failed.items()))
+        raise LlamavmError(
+            f"{name}: switch {'check ' if dry else ''}failed: "
+            f"{answer.get('error') or 'no reason given'}",
+            code=max(codes.values()),
+            detail=answer.get("journal") or "",
+        )
 
 
 @task(
@@ -136,17 +134,19 @@ def stop(c, inventory=None, host=None, dry=False, json=False):
     results = {}
     for target in targets:
         if dry:
-            _, answer = remote.switch_tool(target, ["status"], stream=False)
+            answer = remote.query(target, ["status"])
             running = ", ".join(answer.get("running", [])) or "nothing"
             say(f"llamavm: {target.name}: would stop {running}")
             continue
-        rc, answer = remote.switch_tool(target, ["stop"], stream=not json)
+        code, answer = remote.transaction(target, "stop", [], stream=not json)
         results[target.name] = answer
+        if code:
+            raise LlamavmError(
+                f"{target.name}: stop failed: {answer.get('error') or 'no reason given'}", code=code
+            )
         if not json:
             stopped = ", ".join(answer.get("stopped", [])) or "nothing"
             say(f"llamavm: {target.name}: stopped {stopped}")
-        if rc:
-            raise Exit(f"llamavm: {target.name}: stop failed: {answer.get('error')}", code=rc)
     if json and not dry:
         say(jsonlib.dumps(results, indent=2))
 
@@ -165,10 +165,15 @@ def status(c, inventory=None, catalog=None, host=None, json=False):
     _, targets = _targets(inventory, catalog, host)
     results = {}
     for target in targets:
-        _, answer = remote.switch_tool(target, ["status"], stream=False)
+        try:
+            answer = remote.query(target, ["status"])
+        except LlamavmError as exc:
+            answer = {"ok": False, "error": str(exc)}
         answer["address"] = target.address
         results[target.name] = answer
     say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
+    if any(not a.get("ok", True) for a in results.values()):
+        raise Exit(code=1)
 
 
 @task(
@@ -184,7 +189,7 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
     """Follow the active model's journal on a host."""
     _, targets = _targets(inventory, None, host)
     target = targets[0]
-    _, answer = remote.switch_tool(target, ["status"], stream=False)
+    answer = remote.query(target, ["status"])
     units = [m["unit"] for m in answer.get("models", []) if m["name"] in answer.get("running", [])]
     if not units:
         units = ["llamavm-model-*"]

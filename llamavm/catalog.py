@@ -1,60 +1,37 @@
 """The model catalog: load config/models.yaml, validate every rule, hand out typed models.
 
+Validation happens in layers, each before the next is trusted: a bounded YAML loader (no alias
+bombs, no deep nesting, no endless numbers), a walk that refuses control characters in every
+string (they would inject directives into systemd units), the JSON Schema in
+config/models.schema.json (types, ranges, patterns, defaults — editors use it too), then the
+rules a schema can't say (the share, unique names and ports, the flag allow-list).
+
 Every problem is reported as one line naming the file, the model and the key, what is wrong
 and what to do, raised as CatalogError (exit code 2 at the CLI edge).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
-import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import jsonschema
 import yaml
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, flags, yamlsafe
 from llamavm.errors import LlamavmError
 
 #: Environment variable that overrides the catalog path (the --catalog flag wins over it).
 CATALOG_ENV = "LLAMAVM_CATALOG"
 DEFAULT_CATALOG = REPO_ROOT / "config" / "models.yaml"
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-API_KEY_POLICIES = ("none", "required")
-
-#: llama-server flags that llamavm sets itself from catalog keys; they may not be repeated in
-#: extra_args (a second value would silently win or clash), with the key to use instead.
-MANAGED_FLAGS = {
-    "-m": "gguf",
-    "--model": "gguf",
-    "--host": "settings.bind_address",
-    "--port": "port",
-    "-c": "ctx_size",
-    "--ctx-size": "ctx_size",
-    "-ngl": "n_gpu_layers",
-    "--gpu-layers": "n_gpu_layers",
-    "--n-gpu-layers": "n_gpu_layers",
-    "--n-cpu-moe": "n_cpu_moe",
-    "-ncmoe": "n_cpu_moe",
-    "-np": "parallel",
-    "--parallel": "parallel",
-    "-ctk": "cache_type",
-    "--cache-type-k": "cache_type",
-    "-ctv": "cache_type",
-    "--cache-type-v": "cache_type",
-    "--api-key-file": "settings.api_key",
-    "--metrics": "(always on)",
-    "--fit": "(always off: the catalog pins context and layers)",
-    "-fit": "(always off: the catalog pins context and layers)",
-    "--alias": "name",
-    "-a": "name",
-}
-#: Flags that would put a secret on a command line, readable by every user in `ps`.
-SECRET_FLAGS = ("--api-key", "--hf-token", "-hft")
+SCHEMA_PATH = REPO_ROOT / "config" / "models.schema.json"
+UNIT_PREFIX = "llamavm-model-"
 
 
 class CatalogError(LlamavmError):
@@ -108,7 +85,7 @@ class Model:
     @property
     def unit(self) -> str:
         """The systemd unit that serves this model."""
-        return f"llamavm-model-{self.name}.service"
+        return f"{UNIT_PREFIX}{self.name}.service"
 
 
 @dataclass(frozen=True)
@@ -147,109 +124,37 @@ class Catalog:
         return data
 
 
-# --- field specs -----------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------------
 
-# key -> (type(s), required, default)
-_SETTINGS_KEYS: dict[str, tuple[type | tuple[type, ...], bool, Any]] = {
-    "share_path": (str, True, None),
-    "controller_share_path": ((str, type(None)), False, None),
-    "bind_address": (str, False, "0.0.0.0"),
-    "default_model": (str, True, None),
-    "reserved_ports": (dict, False, {"ssh": 22}),
-    "vram": (dict, True, None),
-    "api_key": (dict, False, {"policy": "required", "file": "/etc/llamavm/api-key"}),
-}
-_VRAM_KEYS: dict[str, tuple[type | tuple[type, ...], bool, Any]] = {
-    "budget_mib": (int, True, None),
-    "reserve_mib": (int, False, 1024),
-    "compute_mib": (int, False, 1024),
-}
-_API_KEY_KEYS: dict[str, tuple[type | tuple[type, ...], bool, Any]] = {
-    "policy": (str, True, None),
-    "file": (str, False, "/etc/llamavm/api-key"),
-}
-_MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], bool, Any]] = {
-    "name": (str, True, None),
-    "description": (str, False, ""),
-    "aliases": (list, False, []),
-    "gguf": (str, True, None),
-    "port": (int, True, None),
-    "ctx_size": (int, False, 4096),
-    "n_gpu_layers": (int, False, 999),
-    "n_cpu_moe": (int, False, 0),
-    "parallel": (int, False, 1),
-    "cache_type": (str, False, "f16"),
-    "extra_args": (list, False, []),
-    "size_bytes": ((int, type(None)), False, None),
-    "sha256": ((str, type(None)), False, None),
-    "health_timeout_s": (int, False, 300),
-    "vram_mib": ((int, type(None)), False, None),
-}
-
+#: Unicode categories refused in every string: controls (newline, tab, ESC, DEL, C1), line and
+#: paragraph separators, and invisible format characters (bidi overrides, zero-width spaces).
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
 _TYPE_WORDS = {
-    str: "a string",
-    int: "an integer",
-    list: "a list",
-    dict: "a mapping",
-    type(None): "null",
+    "string": "a string",
+    "integer": "an integer",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+    "boolean": "a boolean",
+    "number": "a number",
 }
 
 
-def _type_word(types: type | tuple[type, ...]) -> str:
-    if not isinstance(types, tuple):
-        types = (types,)
-    return " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
+def _is_int(checker: Any, value: Any) -> bool:
+    # YAML booleans are ints and 8001.0 is "integral" to JSON Schema: neither is a port.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _Checker:
-    """Collects the context (file, model) so each message names where the problem is."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, where: str, problem: str, fix: str) -> CatalogError:
-        return CatalogError(f"{self.path}: {where}: {problem} — {fix}")
-
-    def section(
-        self,
-        data: Any,
-        spec: dict[str, tuple[type | tuple[type, ...], bool, Any]],
-        where: str,
-    ) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise self.fail(where, f"is {_describe(data)}, not a mapping", "write it as key: value")
-        unknown = sorted(set(map(str, data)) - set(spec))
-        if unknown:
-            raise self.fail(
-                f"{where}.{unknown[0]}",
-                "unknown key",
-                f"remove it or fix its spelling (allowed keys: {', '.join(spec)})",
-            )
-        out: dict[str, Any] = {}
-        for key, (types, required, default) in spec.items():
-            if key not in data:
-                if required:
-                    raise self.fail(f"{where}.{key}", "is missing", "this key is required")
-                out[key] = default
-                continue
-            value = data[key]
-            if not _is_instance(value, types):
-                raise self.fail(
-                    f"{where}.{key}",
-                    f"{value!r} is {_describe(value)}",
-                    f"it must be {_type_word(types)}",
-                )
-            out[key] = value
-        return out
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
+)
 
 
-def _is_instance(value: Any, types: type | tuple[type, ...]) -> bool:
-    if not isinstance(types, tuple):
-        types = (types,)
-    # YAML booleans are ints in Python; never accept them where a number is wanted.
-    if isinstance(value, bool):
-        return bool in types
-    return isinstance(value, types)
+@functools.cache
+def schema() -> dict[str, Any]:
+    """config/models.schema.json."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def _describe(value: Any) -> str:
@@ -257,7 +162,247 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    return _TYPE_WORDS.get(type(value), type(value).__name__)
+    if isinstance(value, float):
+        if value != value:
+            return "not a number"
+        return (
+            "an infinite number" if value in (float("inf"), float("-inf")) else "a decimal number"
+        )
+    return {str: "a string", int: "an integer", list: "a list", dict: "a mapping"}.get(
+        type(value), f"a {type(value).__name__} value"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Names where a problem is (file, model, key) in every message."""
+
+    def __init__(self, path: Path, data: Any) -> None:
+        self.path = path
+        self.data = data
+
+    def where(self, parts: list[Any]) -> str:
+        out, node = "", self.data
+        for part in parts:
+            if isinstance(part, int):
+                out += f"[{part}]"
+                if out.startswith("models[") and out.count("[") == 1:
+                    name = node[part].get("name") if isinstance(node[part], dict) else None
+                    if isinstance(name, str):
+                        out += f" ({_short(name)[1:-1]})"
+            else:
+                out += f".{part}" if out else str(part)
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+        return out or "(top level)"
+
+    def fail(self, where: str | list[Any], problem: str, fix: str) -> CatalogError:
+        place = where if isinstance(where, str) else self.where(where)
+        return CatalogError(f"{self.path}: {place}: {problem} — {fix}")
+
+
+def _refuse_control_characters(check: _Checker, node: Any, parts: list[Any]) -> None:
+    if isinstance(node, str):
+        for char in node:
+            if unicodedata.category(char) in _REFUSED_CATEGORIES:
+                raise check.fail(
+                    parts,
+                    f"{_short(node)} contains the control character U+{ord(char):04X}",
+                    "remove it: values must be one line of printable text",
+                )
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_control_characters(check, key, [*parts, f"<key {_short(key)}>"])
+            _refuse_control_characters(check, value, [*parts, key])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_control_characters(check, value, [*parts, i])
+
+
+def _document_order(data: Any, parts: list[Any]) -> tuple[int, ...]:
+    """Position of a path in the file (keys in written order, list items by index)."""
+    out, node = [], data
+    for part in parts:
+        if isinstance(node, dict):
+            keys = list(node)
+            out.append(keys.index(part) if part in keys else len(keys))
+        else:
+            out.append(part if isinstance(part, int) else 0)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return tuple(out)
+
+
+def _schema_message(check: _Checker, error: jsonschema.ValidationError) -> CatalogError:
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    parts = list(error.absolute_path)
+    value = error.instance
+    fix = sub.get("x-fix", "see config/models.schema.json")
+    kind = error.validator
+    if kind == "required":
+        missing = next(k for k in error.validator_value if k not in value)
+        return check.fail([*parts, missing], "is missing", "this key is required")
+    if kind == "additionalProperties":
+        allowed = list(sub.get("properties", {}))
+        extra = next(k for k in value if k not in allowed)
+        return check.fail(
+            [*parts, extra],
+            "unknown key",
+            f"remove it or fix its spelling (allowed keys: {', '.join(allowed)})",
+        )
+    if kind == "type":
+        types = error.validator_value
+        words = " or ".join(_TYPE_WORDS[t] for t in (types if isinstance(types, list) else [types]))
+        return check.fail(parts, f"{_short(value)} is {_describe(value)}", f"it must be {words}")
+    if kind == "minimum":
+        return check.fail(parts, f"{value} is below {error.validator_value}", fix)
+    if kind == "maximum":
+        return check.fail(parts, f"{value} is above {error.validator_value}", fix)
+    if kind == "minItems" and not value:
+        return check.fail(parts, "the list is empty", fix)
+    if kind in ("maxItems", "maxProperties"):
+        return check.fail(parts, f"has more than {error.validator_value} entries", fix)
+    if kind in ("maxLength", "minLength"):
+        word = "longer" if kind == "maxLength" else "shorter"
+        return check.fail(parts, f"is {word} than {error.validator_value} characters", fix)
+    if kind == "propertyNames":
+        return check.fail(parts, f"key {_short(value)} is not a valid name", fix)
+    if kind == "enum":
+        problem = sub.get("x-problem", "is not allowed")
+        return check.fail(parts, f"{_short(value)} {problem}", fix)
+    problem = sub.get("x-problem", "is not valid")
+    return check.fail(parts, f"{_short(value)} {problem}", fix)
+
+
+def _with_defaults(node: dict[str, Any], node_schema: dict[str, Any]) -> dict[str, Any]:
+    """`node` with the schema's defaults filled in for absent keys (one level)."""
+    out = dict(node)
+    for key, sub in node_schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+    return out
+
+
+def _validate(check: _Checker, data: Any) -> None:
+    if data is None:
+        raise check.fail("(top level)", "the file is empty", "add 'settings:' and 'models:'")
+    if not isinstance(data, dict):
+        raise check.fail(
+            "(top level)", f"is {_describe(data)}, not a mapping", "write it as key: value"
+        )
+    _refuse_control_characters(check, data, [])
+    validator = _Validator(schema(), format_checker=jsonschema.FormatChecker(["ipv4", "ipv6"]))
+    errors = list(validator.iter_errors(data))
+    if errors:
+        first = min(
+            errors,
+            key=lambda e: (_document_order(data, list(e.absolute_path)), len(e.absolute_path)),
+        )
+        raise _schema_message(check, first)
+
+
+def _check_gguf_path(check: _Checker, where: list[Any], value: str) -> None:
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or value.startswith("~"):
+        raise check.fail(
+            where,
+            f"{_short(value)} is not relative to the model share",
+            "give the path inside settings.share_path, e.g. qwen/model.gguf",
+        )
+    if ".." in pure.parts:
+        raise check.fail(
+            where, f"{_short(value)} escapes the model share with '..'", "remove the '..' parts"
+        )
+
+
+def _rules(check: _Checker, data: dict[str, Any]) -> None:
+    """What the schema can't say: share-relative paths, cross-field and cross-model rules."""
+    settings = data["settings"]
+    vram = _with_defaults(settings["vram"], schema()["$defs"]["settings"]["properties"]["vram"])
+    if vram["reserve_mib"] >= vram["budget_mib"]:
+        raise check.fail(
+            ["settings", "vram", "reserve_mib"],
+            f"{vram['reserve_mib']} leaves nothing of budget_mib {vram['budget_mib']}",
+            "make the reserve smaller than the budget",
+        )
+    reserved = settings.get("reserved_ports", {"ssh": 22})
+    owners: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    for i, model in enumerate(data["models"]):
+        _check_gguf_path(check, ["models", i, "gguf"], model["gguf"])
+        for what, port in reserved.items():
+            if model["port"] == port:
+                raise check.fail(
+                    ["models", i, "port"],
+                    f"{port} is reserved for {what} (settings.reserved_ports)",
+                    "pick another port",
+                )
+        ctx, parallel = model.get("ctx_size", 4096), model.get("parallel", 1)
+        if ctx % parallel:
+            raise check.fail(
+                ["models", i, "ctx_size"],
+                f"{ctx} does not divide into {parallel} parallel slots",
+                "make ctx_size a multiple of parallel (each slot gets ctx_size / parallel)",
+            )
+        try:
+            flags.check(model.get("extra_args", []))
+        except flags.FlagError as exc:
+            raise check.fail(["models", i, "extra_args", exc.index], exc.problem, exc.fix) from None
+        words = [("name", model["name"]), *(("aliases", a) for a in model.get("aliases", []))]
+        for key, word in words:
+            if word in owners:
+                raise check.fail(
+                    ["models", i, key],
+                    f"{word!r} is already used by model {owners[word]}",
+                    "names and aliases must be unique across the catalog",
+                )
+            owners[word] = model["name"]
+        if model["port"] in ports:
+            raise check.fail(
+                ["models", i, "port"],
+                f"{model['port']} is already used by model {ports[model['port']]}",
+                "give every model its own port",
+            )
+        ports[model["port"]] = model["name"]
+    if settings["default_model"] not in owners:
+        raise check.fail(
+            ["settings", "default_model"],
+            f"{settings['default_model']!r} is not in the catalog",
+            f"use one of: {', '.join(m['name'] for m in data['models'])}",
+        )
+
+
+def _build(path: Path, data: dict[str, Any]) -> Catalog:
+    defs = schema()["$defs"]
+    raw = _with_defaults(data["settings"], defs["settings"])
+    vram = _with_defaults(raw["vram"], defs["settings"]["properties"]["vram"])
+    api = _with_defaults(raw["api_key"], defs["settings"]["properties"]["api_key"])
+    settings = Settings(
+        share_path=raw["share_path"],
+        controller_share_path=raw["controller_share_path"],
+        bind_address=raw["bind_address"],
+        default_model=raw["default_model"],
+        reserved_ports=dict(raw["reserved_ports"]),
+        vram=VramSettings(**vram),
+        api_key=ApiKeySettings(**api),
+    )
+    models = []
+    for entry in data["models"]:
+        fields = _with_defaults(entry, defs["model"])
+        fields["aliases"] = tuple(fields["aliases"])
+        fields["extra_args"] = tuple(fields["extra_args"])
+        if fields["sha256"]:
+            fields["sha256"] = fields["sha256"].lower()
+        models.append(Model(**fields))
+    return Catalog(path=path, settings=settings, models=tuple(models))
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -290,211 +435,21 @@ def load(path: str | os.PathLike[str]) -> Catalog:
 
 def parse(text: str, path: Path) -> Catalog:
     """Validate catalog text; `path` is only used in messages."""
-    check = _Checker(path)
     try:
-        data = yaml.safe_load(text)
+        data = yamlsafe.load(text)
+    except yamlsafe.YamlLimitError as exc:
+        raise CatalogError(f"{path}: refused: {exc} — write a plain catalog") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise CatalogError(f"{path}: invalid YAML at {where}: {problem} — fix the syntax") from None
-    if data is None:
-        raise check.fail("(top level)", "the file is empty", "add 'settings:' and 'models:'")
-    top = check.section(
-        data,
-        {"settings": (dict, True, None), "models": (list, True, None)},
-        "(top level)",
-    )
-    settings = _settings(check, top["settings"])
-    models = tuple(_model(check, entry, i, settings) for i, entry in enumerate(top["models"]))
-    if not models:
-        raise check.fail("models", "the list is empty", "add at least one model")
-    _cross_checks(check, settings, models)
-    return Catalog(path=path, settings=settings, models=models)
-
-
-def _settings(check: _Checker, data: Any) -> Settings:
-    raw = check.section(data, _SETTINGS_KEYS, "settings")
-    vram = check.section(raw["vram"], _VRAM_KEYS, "settings.vram")
-    for key in ("budget_mib", "reserve_mib", "compute_mib"):
-        if vram[key] < 0 or (key == "budget_mib" and vram[key] == 0):
-            raise check.fail(f"settings.vram.{key}", f"{vram[key]} is not positive", "use MiB > 0")
-    if vram["reserve_mib"] >= vram["budget_mib"]:
-        raise check.fail(
-            "settings.vram.reserve_mib",
-            f"{vram['reserve_mib']} leaves nothing of budget_mib {vram['budget_mib']}",
-            "make the reserve smaller than the budget",
-        )
-    api = check.section(raw["api_key"], _API_KEY_KEYS, "settings.api_key")
-    if api["policy"] not in API_KEY_POLICIES:
-        raise check.fail(
-            "settings.api_key.policy",
-            f"{api['policy']!r} is not a policy",
-            f"use one of: {', '.join(API_KEY_POLICIES)}",
-        )
-    if not api["file"].startswith("/"):
-        raise check.fail(
-            "settings.api_key.file", f"{api['file']!r} is relative", "use an absolute path"
-        )
-    for key in ("share_path",):
-        if not raw[key].startswith("/"):
-            raise check.fail(f"settings.{key}", f"{raw[key]!r} is relative", "use an absolute path")
-    reserved: dict[str, int] = {}
-    for what, port in raw["reserved_ports"].items():
-        if not _is_instance(port, int) or not 1 <= port <= 65535:
-            raise check.fail(
-                f"settings.reserved_ports.{what}",
-                f"{port!r} is not a port number",
-                "use an integer in 1-65535",
-            )
-        reserved[str(what)] = port
-    return Settings(
-        share_path=raw["share_path"],
-        controller_share_path=raw["controller_share_path"],
-        bind_address=raw["bind_address"],
-        default_model=raw["default_model"],
-        reserved_ports=reserved,
-        vram=VramSettings(**vram),
-        api_key=ApiKeySettings(**api),
-    )
-
-
-def _model(check: _Checker, data: Any, index: int, settings: Settings) -> Model:
-    label = f"models[{index}]"
-    if isinstance(data, dict) and isinstance(data.get("name"), str):
-        label = f"models[{index}] ({data['name']})"
-    raw = check.section(data, _MODEL_KEYS, label)
-    name = raw["name"]
-    if not NAME_RE.match(name):
-        raise check.fail(
-            f"{label}.name",
-            f"{name!r} is not a valid name",
-            "use lower-case letters, digits, '.', '_' or '-' (it becomes a systemd unit name)",
-        )
-    for i, alias in enumerate(raw["aliases"]):
-        if not isinstance(alias, str) or not NAME_RE.match(alias):
-            raise check.fail(
-                f"{label}.aliases[{i}]",
-                f"{alias!r} is not a valid alias",
-                "use lower-case letters, digits, '.', '_' or '-'",
-            )
-    _check_share_path(check, f"{label}.gguf", raw["gguf"])
-    port = raw["port"]
-    if not 1024 <= port <= 65535:
-        raise check.fail(
-            f"{label}.port",
-            f"{port} is outside 1024-65535",
-            "pick an unprivileged port that no other model or service uses",
-        )
-    for what, reserved in settings.reserved_ports.items():
-        if port == reserved:
-            raise check.fail(
-                f"{label}.port",
-                f"{port} is reserved for {what} (settings.reserved_ports)",
-                "pick another port",
-            )
-    for key, minimum in (
-        ("ctx_size", 1),
-        ("parallel", 1),
-        ("n_gpu_layers", 0),
-        ("n_cpu_moe", 0),
-        ("health_timeout_s", 1),
-    ):
-        if raw[key] < minimum:
-            raise check.fail(
-                f"{label}.{key}", f"{raw[key]} is below {minimum}", f"use {minimum} or more"
-            )
-    if raw["ctx_size"] % raw["parallel"]:
-        raise check.fail(
-            f"{label}.ctx_size",
-            f"{raw['ctx_size']} does not divide into {raw['parallel']} parallel slots",
-            "make ctx_size a multiple of parallel (each slot gets ctx_size / parallel)",
-        )
-    if raw["cache_type"] not in CACHE_TYPES:
-        raise check.fail(
-            f"{label}.cache_type",
-            f"{raw['cache_type']!r} is not a KV cache type",
-            f"use one of: {', '.join(CACHE_TYPES)}",
-        )
-    for key in ("size_bytes", "vram_mib"):
-        if raw[key] is not None and raw[key] <= 0:
-            raise check.fail(
-                f"{label}.{key}", f"{raw[key]} is not positive", "use a number > 0 or remove it"
-            )
-    if raw["sha256"] is not None:
-        raw["sha256"] = raw["sha256"].lower()
-        if not SHA256_RE.match(raw["sha256"]):
-            raise check.fail(
-                f"{label}.sha256",
-                f"{raw['sha256']!r} is not a SHA-256 digest",
-                "use the 64 hex digits that 'sha256sum FILE' prints, or remove it",
-            )
-    _check_extra_args(check, f"{label}.extra_args", raw["extra_args"])
-    raw["aliases"] = tuple(raw["aliases"])
-    raw["extra_args"] = tuple(raw["extra_args"])
-    return Model(**raw)
-
-
-def _check_share_path(check: _Checker, where: str, value: str) -> None:
-    pure = PurePosixPath(value)
-    if not value or pure.is_absolute() or value.startswith("~"):
-        raise check.fail(
-            where,
-            f"{value!r} is not relative to the model share",
-            "give the path inside settings.share_path, e.g. qwen/model.gguf",
-        )
-    if ".." in pure.parts:
-        raise check.fail(
-            where, f"{value!r} escapes the model share with '..'", "remove the '..' parts"
-        )
-    if not value.endswith(".gguf"):
-        raise check.fail(where, f"{value!r} is not a .gguf file", "point at the GGUF file itself")
-
-
-def _check_extra_args(check: _Checker, where: str, args: list[Any]) -> None:
-    for i, arg in enumerate(args):
-        if not isinstance(arg, str):
-            raise check.fail(
-                f"{where}[{i}]", f"{arg!r} is {_describe(arg)}", "quote it as a string"
-            )
-        flag = arg.split("=", 1)[0]
-        if flag in SECRET_FLAGS:
-            raise check.fail(
-                f"{where}[{i}]",
-                f"{flag} would put a secret on the command line",
-                "set settings.api_key.policy: required (the key goes in a 0600 file)",
-            )
-        if flag in MANAGED_FLAGS:
-            raise check.fail(
-                f"{where}[{i}]",
-                f"{flag} is set by llamavm",
-                f"use the catalog key {MANAGED_FLAGS[flag]} instead",
-            )
-
-
-def _cross_checks(check: _Checker, settings: Settings, models: tuple[Model, ...]) -> None:
-    owners: dict[str, str] = {}
-    ports: dict[int, str] = {}
-    for i, model in enumerate(models):
-        label = f"models[{i}] ({model.name})"
-        for key, word in [("name", model.name), *(("aliases", a) for a in model.aliases)]:
-            if word in owners:
-                raise check.fail(
-                    f"{label}.{key}",
-                    f"{word!r} is already used by model {owners[word]}",
-                    "names and aliases must be unique across the catalog",
-                )
-            owners[word] = model.name
-        if model.port in ports:
-            raise check.fail(
-                f"{label}.port",
-                f"{model.port} is already used by model {ports[model.port]}",
-                "give every model its own port",
-            )
-        ports[model.port] = model.name
-    if settings.default_model not in owners:
-        raise check.fail(
-            "settings.default_model",
-            f"{settings.default_model!r} is not in the catalog",
-            f"use one of: {', '.join(m.name for m in models)}",
-        )
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # Anything the bounds above did not foresee still ends in one line, never a traceback.
+        raise CatalogError(
+            f"{path}: refused: {type(exc).__name__} — write a plain catalog"
+        ) from None
+    check = _Checker(path, data)
+    _validate(check, data)
+    _rules(check, data)
+    return _build(path, data)

@@ -25,7 +25,11 @@ def errors_to_exit(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except LlamavmError as exc:
-            message = " ".join(str(exc).split("\n")[0].split())
+            lines = str(exc).split("\n")
+            detail = "\n".join([*lines[1:], getattr(exc, "detail", "") or ""]).strip()
+            if detail:  # context first, so the last line stays the one-line error
+                print("\n".join(f"  | {line}" for line in detail.splitlines()), file=sys.stderr)
+            message = " ".join(lines[0].split())
             raise Exit(f"llamavm: {message}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("llamavm: interrupted", code=130) from None

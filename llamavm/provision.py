@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, source, tinymodel, vram
+from llamavm import REPO_ROOT, contract, hostpkg, source, tinymodel, vram
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
 from llamavm.errors import LlamavmError
@@ -57,12 +57,10 @@ def ansible_env() -> dict[str, str]:
     }
 
 
-def catalog_vars(catalog: catalog_mod.Catalog) -> dict[str, Any]:
-    """The validated catalog, with each model's VRAM estimate, as the roles receive it."""
-    data = catalog.as_dict()
-    for model, entry in zip(catalog.models, data["models"], strict=True):
-        entry["vram"] = vram.estimate(catalog, model).as_dict()
-    return data
+def host_contract(catalog: catalog_mod.Catalog) -> dict[str, Any]:
+    """The host contract of `catalog`'s hosts, with each model's VRAM estimate."""
+    estimates = {m.name: vram.estimate(catalog, m).as_dict() for m in catalog.models}
+    return contract.build(catalog, estimates)
 
 
 def run_playbook(
@@ -117,6 +115,7 @@ def provision(
 ) -> Recap:
     inv = inventory_mod.resolve(inventory)
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
+    contract.load_host_config()  # a broken config/host.yaml stops here, before any host
     extra: dict[str, Any] = {}
     if inv.is_local:
         from llamavm import testbed
@@ -132,7 +131,8 @@ def provision(
         share = Path(catalog.settings.controller_share_path)
         written = tinymodel.ensure_all(share)
         say(f"llamavm: {len(written)} tiny test models in {share}")
-    extra["llamavm_catalog_data"] = catalog_vars(catalog)
+    extra["llamavm_contract"] = host_contract(catalog)
+    extra["llamavm_host_package"] = str(hostpkg.build())
     rc, recap = run_playbook(PLAYBOOK, inv.path, extra, limit=limit, check=check)
     if rc != 0:
         raise LlamavmError(f"ansible-playbook failed (exit {rc}) — see the task output above")

@@ -7,17 +7,22 @@ Ansible uses to reach a host — address, user, port, key, extra SSH options —
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, contract
 from llamavm.errors import LlamavmError
+from llamavm.host import EXIT_RUNNING, EXIT_UNKNOWN
 
 GROUP = "llamavm_hosts"
+#: After the session that ran a transaction broke: how long to keep trying to reach the host.
+RECONNECT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Host:
 
     def ssh_command(self, remote: list[str], tty: bool = False) -> list[str]:
         cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        # A dead peer (no RST) is noticed within 15 s, not at the TCP timeout.
+        cmd += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
         if tty:
             cmd.append("-t")
         if self.key:
@@ -92,30 +99,119 @@ def _host(name: str, hv: dict[str, Any]) -> Host:
     )
 
 
-def run(host: Host, remote: list[str], *, stream: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `remote` as root on `host`; its stderr (progress) streams to ours."""
-    proc = subprocess.run(
-        host.ssh_command(["sudo", "-n", *remote]),
-        stdout=subprocess.PIPE,
-        stderr=None if stream else subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    if proc.returncode == 255:
-        raise LlamavmError(
-            f"{host.name}: SSH to {host.address} failed — check the host is up "
-            "(invoke doctor) and the inventory's connection settings"
+def run(
+    host: Host, remote: list[str], *, stream: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `remote` as root on `host`; its stderr (progress) streams to ours. No exceptions:
+    an SSH failure is returncode 255 (or negative when the ssh process was killed)."""
+    try:
+        return subprocess.run(
+            host.ssh_command(["sudo", "-n", *remote]),
+            stdout=subprocess.PIPE,
+            stderr=None if stream else subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=timeout,
         )
-    return proc
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(remote, 255, "", f"timed out after {timeout}s")
 
 
-def switch_tool(host: Host, args: list[str], *, stream: bool = True) -> tuple[int, dict[str, Any]]:
-    """Run `llamavm-switch ARGS --json` on `host`: (exit code, its JSON answer)."""
-    proc = run(host, ["llamavm-switch", *args, "--json"], stream=stream)
+def _answer(stdout: str | None) -> dict[str, Any] | None:
+    """The JSON object on the last line of `stdout`, if there is one."""
+    lines = (stdout or "").strip().splitlines()
+    if not lines:
+        return None
+    try:
+        answer = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _ssh_failed(host: Host, proc: subprocess.CompletedProcess[str]) -> LlamavmError:
+    detail = (proc.stderr or "").strip().splitlines()
+    return LlamavmError(
+        f"{host.name}: SSH to {host.address} failed ({detail[-1] if detail else 'no answer'}) — "
+        "check the host is up (invoke doctor) and the inventory's connection settings"
+    )
+
+
+def query(host: Host, args: list[str]) -> dict[str, Any]:
+    """A read-only llamavm-switch command (status, check): its JSON answer."""
+    proc = run(host, [switch_path(), *args, "--json"], stream=False, timeout=120)
+    answer = _answer(proc.stdout)
+    if answer is not None:
+        return answer
+    if proc.returncode == 255:
+        raise _ssh_failed(host, proc)
     if proc.returncode == 127 or "command not found" in (proc.stderr or ""):
         raise LlamavmError(f"{host.name}: llamavm-switch is not installed — run invoke provision")
-    try:
-        answer = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-    except json.JSONDecodeError:
-        answer = {"ok": False, "error": proc.stdout.strip()[-300:]}
-    return proc.returncode, answer
+    raise LlamavmError(
+        f"{host.name}: llamavm-switch answered no JSON (exit {proc.returncode}): "
+        f"{(proc.stderr or proc.stdout or '').strip()[-300:]} — run invoke provision"
+    )
+
+
+def transaction(
+    host: Host, op: str, args: list[str], *, stream: bool = True
+) -> tuple[int, dict[str, Any]]:
+    """Run a switch/stop transaction on `host`: (exit code, its recorded outcome).
+
+    The transaction runs detached on the host. When the SSH session breaks before the outcome
+    arrives, ask the host for that transaction's outcome (it completes or rolls back on its own)
+    until it is known; exit code 5 only when the host can't be asked at all.
+    """
+    tx = secrets.token_hex(6)
+    proc = run(host, [switch_path(), op, *args, "--tx", tx, "--json"], stream=stream)
+    answer = _answer(proc.stdout)
+    if answer is not None and "code" in answer:
+        return int(answer["code"]), answer
+    if proc.returncode == 127 or "command not found" in (proc.stderr or ""):
+        raise LlamavmError(f"{host.name}: llamavm-switch is not installed — run invoke provision")
+    print(
+        f"llamavm: {host.name}: the session ended before {op} reported (exit "
+        f"{proc.returncode}); asking the host how transaction {tx} ended",
+        file=sys.stderr,
+        flush=True,
+    )
+    return outcome(host, tx, stream=stream)
+
+
+def outcome(
+    host: Host, tx: str, *, stream: bool = True, give_up_s: float = RECONNECT_S
+) -> tuple[int, dict[str, Any]]:
+    """The recorded outcome of transaction `tx` on `host`, waiting while it still runs."""
+    last_contact = time.monotonic()
+    delay = 1.0
+    while True:
+        proc = run(
+            host,
+            [switch_path(), "result", tx, "--wait", "60", "--json"],
+            stream=stream,
+            timeout=180,
+        )
+        answer = _answer(proc.stdout)
+        if answer is not None and "code" in answer:
+            last_contact = time.monotonic()
+            code = int(answer["code"])
+            if code != EXIT_RUNNING:
+                answer["reconnected"] = True
+                return code, answer
+            continue
+        if time.monotonic() - last_contact > give_up_s:
+            return EXIT_UNKNOWN, {
+                "ok": False,
+                "code": EXIT_UNKNOWN,
+                "tx": tx,
+                "error": f"lost the connection to {host.name} during transaction {tx} and could "
+                f"not reach it again for {give_up_s:.0f}s: the outcome is unknown — run "
+                "'invoke status' when the host is back",
+            }
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def switch_path() -> str:
+    """Where llamavm-switch is on every host (the contract's paths.switch)."""
+    return f"{contract.load_host_config().bin_dir}/{contract.SWITCH_NAME}"

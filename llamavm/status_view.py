@@ -26,9 +26,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         running = answer.get("running", [])
         if len(running) > 1:
             problems.append(f"{host}: several models running: {', '.join(running)}")
+        flight = answer.get("transaction")
+        if flight:
+            problems.append(
+                f"{host}: transaction {flight.get('tx')} ({flight.get('op')} to "
+                f"{flight.get('target')}) in progress: {flight.get('phase') or 'starting'}"
+            )
         active = next((m for m in answer.get("models", []) if m["name"] in running), None)
         if active is None:
-            rows.append((host, "(none)", "-", "-", "-", "-", gpu))
+            idle = "(none, stopped)" if answer.get("stopped_by_operator") else "(none)"
+            rows.append((host, idle, "-", "-", "-", "-", gpu))
             continue
         health = active.get("health")
         loads = active.get("loads") or []

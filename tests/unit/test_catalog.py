@@ -82,7 +82,7 @@ _DELETE = object()
 
 # (rule, mutation, fragments that must all appear in the one-line message)
 CASES = [
-    ("unknown top-level key", _set("extra", 1), ["(top level).extra", "unknown key"]),
+    ("unknown top-level key", _set("extra", 1), ["extra: unknown key"]),
     ("unknown settings key", _set("settings.share", "/x"), ["settings.share", "unknown key"]),
     ("unknown model key", _set("models.0.portt", 9000), ["models[0] (alpha).portt", "unknown key"]),
     (
@@ -92,11 +92,15 @@ CASES = [
     ),
     ("boolean for int", _set("models.1.n_cpu_moe", True), ["(beta).n_cpu_moe", "boolean"]),
     ("aliases wrong type", _set("models.0.aliases", "a"), ["(alpha).aliases", "must be a list"]),
-    ("models not a list", _set("models", {"a": 1}), ["(top level).models", "must be a list"]),
+    (
+        "models not a list",
+        _set("models", {"a": 1}),
+        ["models: {'a': 1} is a mapping", "must be a list"],
+    ),
     ("missing name", _set("models.0.name", _DELETE), ["models[0].name", "is missing"]),
     ("missing gguf", _set("models.1.gguf", _DELETE), ["(beta).gguf", "is missing"]),
     ("missing port", _set("models.1.port", _DELETE), ["(beta).port", "is missing"]),
-    ("missing settings", _set("settings", _DELETE), ["(top level).settings", "is missing"]),
+    ("missing settings", _set("settings", _DELETE), ["settings: is missing"]),
     (
         "missing budget",
         _set("settings.vram.budget_mib", _DELETE),
@@ -114,8 +118,8 @@ CASES = [
         _set("models.1.port", 8001),
         ["(beta).port", "8001 is already used by model alpha"],
     ),
-    ("port below 1024", _set("models.0.port", 80), ["(alpha).port", "80 is outside 1024-65535"]),
-    ("port above 65535", _set("models.0.port", 70000), ["(alpha).port", "outside 1024-65535"]),
+    ("port below 1024", _set("models.0.port", 80), ["(alpha).port: 80 is below 1024"]),
+    ("port above 65535", _set("models.0.port", 70000), ["(alpha).port: 70000 is above 65535"]),
     ("port reserved", _set("models.0.port", 9100), ["(alpha).port", "reserved for node_exporter"]),
     ("port reserved proxy", _set("models.0.port", 8443), ["(alpha).port", "reserved for proxy"]),
     (
@@ -142,7 +146,7 @@ CASES = [
         ["models[0] (Alpha One).name", "not a valid name"],
     ),
     ("bad sha", _set("models.0.sha256", "abc"), ["(alpha).sha256", "not a SHA-256"]),
-    ("zero size", _set("models.0.size_bytes", 0), ["(alpha).size_bytes", "not positive"]),
+    ("zero size", _set("models.0.size_bytes", 0), ["(alpha).size_bytes: 0 is below 1"]),
     (
         "bad cache type",
         _set("models.0.cache_type", "q3"),
@@ -163,9 +167,13 @@ CASES = [
     (
         "bad api policy",
         _set("settings.api_key.policy", "maybe"),
-        ["settings.api_key.policy", "none, required"],
+        ["settings.api_key.policy: 'maybe' is not a policy", "required", "none"],
     ),
-    ("relative share", _set("settings.share_path", "models"), ["settings.share_path", "relative"]),
+    (
+        "relative share",
+        _set("settings.share_path", "models"),
+        ["settings.share_path: 'models' is not an absolute path"],
+    ),
     (
         "reserve over budget",
         _set("settings.vram.reserve_mib", 40000),
@@ -174,7 +182,7 @@ CASES = [
     (
         "reserved port not int",
         _set("settings.reserved_ports.ssh", "22"),
-        ["reserved_ports.ssh", "port number"],
+        ["reserved_ports.ssh: '22' is a string", "must be an integer"],
     ),
     ("empty models", _set("models", []), ["models", "empty"]),
 ]

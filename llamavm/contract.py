@@ -1,0 +1,228 @@
+"""The host contract: every fact about a model host, derived once, here, on the controller.
+
+From the validated catalog and config/host.yaml it computes the paths on the host, the service
+identity, and per model the unit name, the llama-server argv (and its systemd-quoted
+ExecStart), the GGUF path, the health and API URLs and the unit's dependency lists. Roles and
+templates place these values; the on-host code (llamavm/host/) reads them from
+/etc/llamavm/contract.json. Nothing downstream re-derives them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from llamavm import REPO_ROOT, yamlsafe
+from llamavm.catalog import Catalog, Model
+from llamavm.errors import LlamavmError
+from llamavm.host import contract as host_contract
+
+HOST_CONFIG = REPO_ROOT / "config" / "host.yaml"
+UNITS_LIVE = "/etc/systemd/system"
+BOOT_UNIT = "llamavm-boot.service"
+SWITCH_NAME = "llamavm-switch"
+PACKAGE_NAME = "llamavm-host.pyz"
+#: Where systemd puts the service's credentials: `%d` in a unit. Never quoted.
+CREDENTIAL_DIR = "%d"
+_PATH_RE = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
+_ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """config/host.yaml, validated."""
+
+    state_dir: str
+    run_dir: str
+    llama_cpp_prefix: str
+    lib_dir: str
+    bin_dir: str
+    user: str
+    group: str
+    lock_timeout_s: int
+    api_key_min_length: int
+
+
+def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
+    """Read config/host.yaml; one-line errors naming the key."""
+
+    def fail(where: str, problem: str, fix: str) -> LlamavmError:
+        return LlamavmError(f"{path}: {where}: {problem} — {fix}")
+
+    try:
+        data = yamlsafe.load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LlamavmError(f"{path}: cannot read it ({exc}) — restore it from git") from None
+    if not isinstance(data, dict):
+        raise fail("(top level)", "is not a mapping", "restore it from git")
+    sections = {k: data.get(k) for k in ("paths", "service", "switch", "api_key")}
+    if not all(isinstance(v, dict) for v in sections.values()):
+        raise fail("(top level)", "needs paths, service, switch and api_key", "restore it from git")
+    values: dict[str, Any] = {}
+    for key in ("state_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir"):
+        value = sections["paths"].get(key)
+        if not isinstance(value, str) or not _PATH_RE.fullmatch(value):
+            raise fail(f"paths.{key}", f"{value!r} is not an absolute path", "use plain /a/b")
+        values[key] = value
+    for key in ("user", "group"):
+        value = sections["service"].get(key)
+        if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
+            raise fail(f"service.{key}", f"{value!r} is not an account name", "use e.g. llama")
+        values[key] = value
+    for section, key, low, high in (
+        ("switch", "lock_timeout_s", 1, 86400),
+        ("api_key", "min_length", 16, 4096),
+    ):
+        value = sections[section].get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise fail(f"{section}.{key}", f"{value!r} is not in {low}-{high}", "fix the number")
+        values["api_key_min_length" if key == "min_length" else key] = value
+    return HostConfig(**values)
+
+
+def systemd_quote(arg: str) -> str:
+    """One argv item as a quoted word of a systemd Exec= line (no specifier, no variable)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+        raise ValueError(f"control character in {arg!r}")  # the catalog refuses these first
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def _local_url_host(bind: str) -> str:
+    """Where the host itself reaches a server bound to `bind`."""
+    address = ipaddress.ip_address(bind)
+    if address.is_unspecified:
+        return "[::1]" if address.version == 6 else "127.0.0.1"
+    return f"[{bind}]" if address.version == 6 else bind
+
+
+def argv(catalog: Catalog, model: Model, llama_server: str) -> list[str]:
+    """The llama-server command line of `model` (the API key file as %d/api-key)."""
+    s = catalog.settings
+    args = [
+        llama_server,
+        "--model", f"{s.share_path}/{model.gguf}",
+        "--host", s.bind_address,
+        "--port", str(model.port),
+        "--alias", model.name,
+        "--ctx-size", str(model.ctx_size),
+        "--parallel", str(model.parallel),
+        "--n-gpu-layers", str(model.n_gpu_layers),
+        "--n-cpu-moe", str(model.n_cpu_moe),
+        "--cache-type-k", model.cache_type,
+        "--cache-type-v", model.cache_type,
+        "--fit", "off",
+    ]  # fmt: skip
+    if s.api_key.policy == "required":
+        args += ["--api-key-file", f"{CREDENTIAL_DIR}/api-key"]
+    return [*args, *model.extra_args, "--metrics"]
+
+
+def exec_line(args: list[str]) -> str:
+    """argv as an Exec= value: every word quoted, except the credential path (a specifier)."""
+    words = []
+    for arg in args:
+        if arg.startswith(f"{CREDENTIAL_DIR}/"):
+            words.append(arg)
+        else:
+            words.append(systemd_quote(arg))
+    return " ".join(words)
+
+
+def build(
+    catalog: Catalog,
+    vram: dict[str, dict[str, Any]],
+    host: HostConfig | None = None,
+) -> dict[str, Any]:
+    """The contract of every host served by `catalog` (JSON-ready; keys sorted on output)."""
+    cfg = host or load_host_config()
+    settings = catalog.settings
+    config_dir = str(host_contract.CONTRACT_PATH.parent)
+    if PurePosixPath(settings.api_key.file).parent != PurePosixPath(config_dir):
+        raise LlamavmError(
+            f"{catalog.path}: settings.api_key.file: {settings.api_key.file!r} is not in "
+            f"{config_dir} — keep the key in {config_dir}/"
+        )
+    prefix = cfg.llama_cpp_prefix
+    switch = f"{cfg.bin_dir}/{SWITCH_NAME}"
+    llama_server = f"{prefix}/current/bin/llama-server"
+    paths = {
+        "contract": str(host_contract.CONTRACT_PATH),
+        "units_staged": f"{config_dir}/units",
+        "units_live": UNITS_LIVE,
+        "state": f"{cfg.state_dir}/state.json",
+        "sha_cache": f"{cfg.state_dir}/sha256.json",
+        "outcomes": f"{cfg.state_dir}/tx",
+        "run_dir": cfg.run_dir,
+        "progress": f"{cfg.run_dir}/tx",
+        "lock": f"{cfg.run_dir}/lock/switch.lock",
+        "failpoints": f"{cfg.run_dir}/failpoints.json",
+        "llama_server": llama_server,
+        "switch": switch,
+    }
+    url_host = _local_url_host(settings.bind_address)
+    units = [m.unit for m in catalog.models]
+    models = []
+    for index, model in enumerate(catalog.models):
+        base_url = f"http://{url_host}:{model.port}"
+        args = argv(catalog, model, llama_server)
+        models.append(
+            {
+                "name": model.name,
+                "aliases": list(model.aliases),
+                "unit": model.unit,
+                "port": model.port,
+                "gguf": f"{settings.share_path}/{model.gguf}",
+                "base_url": base_url,
+                "health_url": f"{base_url}/health",
+                "ctx_size": model.ctx_size,
+                "parallel": model.parallel,
+                "health_timeout_s": model.health_timeout_s,
+                "size_bytes": model.size_bytes,
+                "sha256": model.sha256,
+                "vram": vram.get(model.name, {}),
+                "argv": args,
+                "systemd": {
+                    "description": f"llamavm model {model.name} (llama-server, port {model.port})",
+                    "exec_start": exec_line(args),
+                    "exec_start_post": exec_line([switch, "gate", model.name]),
+                    "conflicts": [u for u in units if u != model.unit],
+                    # Conflicts= adds no ordering: one After= chain makes every stop/start pair
+                    # stop first, so a new server never loads beside the old one.
+                    "after": units[:index],
+                    "requires_mounts_for": settings.share_path,
+                    "read_only_paths": settings.share_path,
+                    "load_credential": (
+                        f"api-key:{settings.api_key.file}"
+                        if settings.api_key.policy == "required"
+                        else None
+                    ),
+                    "timeout_start_s": model.health_timeout_s + 10,
+                    "syslog_identifier": model.unit.removesuffix(".service"),
+                },
+            }
+        )
+    return {
+        "version": host_contract.VERSION,
+        "paths": paths,
+        "install": {
+            "config_dir": config_dir,
+            "state_dir": cfg.state_dir,
+            "lib_dir": cfg.lib_dir,
+            "host_package": f"{cfg.lib_dir}/{PACKAGE_NAME}",
+            "llama_cpp_prefix": prefix,
+        },
+        "service": {"user": cfg.user, "group": cfg.group},
+        "api_key": {
+            "policy": settings.api_key.policy,
+            "file": settings.api_key.file,
+            "min_length": cfg.api_key_min_length,
+        },
+        "switch": {"lock_timeout_s": cfg.lock_timeout_s},
+        "default_model": catalog.default.name,
+        "boot_unit": BOOT_UNIT,
+        "models": models,
+    }

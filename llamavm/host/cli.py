@@ -1,0 +1,386 @@
+"""llamavm-switch: what a host serves — checked, health-gated, transactional, detached.
+
+    llamavm-switch switch NAME [--json] [--tx ID]   serve NAME (name or alias); roll back on failure
+    llamavm-switch stop [--json] [--tx ID]          stop whatever model runs
+    llamavm-switch apply [--json] [--tx ID]         install staged units (invoke provision runs it)
+    llamavm-switch check NAME [--json]              the pre-switch checks alone, nothing stopped
+    llamavm-switch status [--json]                  active model, health, uptime, loads, GPU memory
+    llamavm-switch result ID [--wait S] [--json]    the outcome of transaction ID (waits for it)
+
+switch, stop and apply run in a transient systemd unit (llamavm-tx-ID.service) that outlives
+this command: if the SSH session that ran it drops, the transaction completes or rolls back on
+its own, and `result ID` tells how it ended. Progress goes to stderr, best effort.
+
+Exit codes: 0 done (or nothing to do), 1 failed and rolled back, 2 refused before anything was
+stopped, 3 lock timeout, 4 rollback failed too, 5 outcome unknown, 6 still running (result).
+Internal: `run` (the transaction itself), `recover` (its ExecStopPost), `boot` (the boot unit),
+`gate` (each model unit's ExecStartPost health gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamavm.host import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    EXIT_RUNNING,
+    EXIT_UNKNOWN,
+    http,
+    store,
+)
+from llamavm.host import (
+    contract as contract_mod,
+)
+from llamavm.host import status as status_mod
+from llamavm.host.contract import Contract, HostError
+from llamavm.host.systemd import Systemd
+from llamavm.host.transaction import Host, Interrupted, Transaction
+
+TX_RE = re.compile(r"[a-z0-9]{6,32}")
+MUTATING = ("switch", "stop", "apply")
+#: How long a follower waits for `recover` after the transaction's unit vanished.
+RECOVER_GRACE_S = 60.0
+
+
+def new_tx() -> str:
+    return secrets.token_hex(6)
+
+
+def tx_unit(tx: str) -> str:
+    return f"llamavm-tx-{tx}.service"
+
+
+# --- running a transaction (inside its transient unit) ----------------------------------------
+
+
+def run(contract: Contract, tx: str, op: str, args: list[str]) -> dict[str, Any]:
+    """Run transaction `tx` under the lock; always record its outcome; return it."""
+    paths = contract.paths
+    progress = store.Progress(paths.progress, tx)
+    host = Host(contract, progress=progress, failpoint=store.Failpoints(paths.failpoints))
+    transaction = Transaction(host, tx, op)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if transaction.rolling_back:
+            progress(f"ignoring signal {signum} while rolling back")
+            return
+        raise Interrupted(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    began = time.time()
+    try:
+        with store.locked(
+            paths.lock,
+            contract.lock_timeout_s,
+            waiting=lambda: progress("waiting for another llamavm transaction to finish"),
+        ):
+            outcome = _outcome(transaction, op, args)
+            _save(contract, tx, op, outcome, began)
+    except HostError as exc:  # the lock
+        outcome = {"ok": False, "code": exc.code, "error": str(exc)}
+        _save(contract, tx, op, outcome, began)
+    except Interrupted as exc:  # while waiting for the lock: nothing was touched
+        outcome = {
+            "ok": False,
+            "code": EXIT_REFUSED,
+            "error": f"interrupted by {exc} before it began",
+        }
+        _save(contract, tx, op, outcome, began)
+    return outcome
+
+
+def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, Any]:
+    try:
+        if op == "switch":
+            result = transaction.switch(args[0])
+        elif op == "stop":
+            result = transaction.stop()
+        elif op == "apply":
+            result = transaction.apply()
+        elif op == "boot":
+            result = transaction.boot()
+        elif op == "check":
+            result = transaction.check(args[0])
+        else:
+            raise HostError(f"unknown operation {op!r}", EXIT_REFUSED)
+        return {"ok": True, "code": 0, **result}
+    except HostError as exc:
+        return {"ok": False, "code": exc.code, "error": str(exc), "journal": exc.detail}
+    except BaseException as exc:  # before any stop (after one, the transaction rolls back)
+        return {
+            "ok": False,
+            "code": EXIT_REFUSED,
+            "error": f"{type(exc).__name__}: {exc} — nothing was stopped",
+        }
+
+
+def _save(contract: Contract, tx: str, op: str, outcome: dict[str, Any], began: float) -> None:
+    outcome.update(tx=tx, op=op, seconds=round(time.time() - began, 3), at=time.time())
+    store.save_outcome(contract.paths.outcomes, tx, outcome)
+
+
+def recover(contract: Contract, tx: str) -> dict[str, Any]:
+    """ExecStopPost of a transaction unit: finish it if its process died without an outcome."""
+    if store.read_outcome(contract.paths.outcomes, tx):
+        return {"ok": True, "changed": False}
+    progress = store.Progress(contract.paths.progress, tx)
+    host = Host(contract, progress=progress)
+    with store.locked(contract.paths.lock, contract.lock_timeout_s):
+        result = Transaction(host, tx, "recover").recover("its process was killed")
+    if not store.read_outcome(contract.paths.outcomes, tx):  # it died before it recorded intent
+        error = "the transaction process died before it changed anything"
+        _save(contract, tx, "", {"ok": False, "code": EXIT_REFUSED, "error": error}, time.time())
+    return {"ok": True, **result}
+
+
+# --- launching and following (the SSH side) --------------------------------------------------
+
+
+def launch(contract: Contract, systemd: Systemd, tx: str, op: str, args: list[str]) -> str:
+    """Start transaction `tx` in its own transient unit; '' or why it could not start."""
+    stop_timeout = max([m.health_timeout_s for m in contract.models] + [60]) * 2 + 120
+    switch = str(contract.paths.switch)
+    properties = [
+        f"Description=llamavm transaction {tx}: {op} {' '.join(args)}".rstrip(),
+        f"ExecStopPost={switch} recover {tx}",
+        f"TimeoutStopSec={stop_timeout}",
+        "KillMode=mixed",
+    ]
+    return systemd.run_transient(tx_unit(tx), [switch, "run", tx, op, *args], properties)
+
+
+def follow(
+    contract: Contract,
+    systemd: Systemd,
+    tx: str,
+    wait_s: float,
+    relay: Callable[[str], None],
+) -> dict[str, Any]:
+    """Relay progress of `tx` and return its outcome — or 'running'/'unknown' when none came."""
+    paths = contract.paths
+    log = store.progress_path(paths.progress, tx)
+    offset = 0
+    deadline = time.monotonic() + wait_s
+    gone_since: float | None = None
+    next_unit_check = 0.0
+
+    def drain() -> None:
+        nonlocal offset
+        with contextlib.suppress(OSError), log.open("rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            offset += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                relay(line)
+
+    while True:
+        drain()
+        outcome = store.read_outcome(paths.outcomes, tx)
+        if outcome is not None:
+            drain()
+            return outcome
+        now = time.monotonic()
+        if now >= next_unit_check:
+            next_unit_check = now + 0.5
+            props = systemd.props(tx_unit(tx), "ActiveState", "LoadState")
+            alive = props.get("LoadState") == "loaded" and props.get("ActiveState") in (
+                "active",
+                "activating",
+                "deactivating",
+            )
+            if alive:
+                gone_since = None
+            elif gone_since is None:
+                gone_since = now
+            elif now - gone_since > _grace(contract, tx):
+                return {
+                    "ok": False,
+                    "code": EXIT_UNKNOWN,
+                    "tx": tx,
+                    "error": f"no transaction {tx} runs on this host and none recorded an "
+                    "outcome — it never started, or died; see 'llamavm-switch status'",
+                }
+        if now > deadline:
+            return {
+                "ok": False,
+                "code": EXIT_RUNNING,
+                "tx": tx,
+                "state": "running",
+                "error": f"transaction {tx} still runs",
+            }
+        time.sleep(0.02)
+
+
+def _grace(contract: Contract, tx: str) -> float:
+    """How long to wait for an outcome after the unit is gone: long if recovery is due."""
+    pending = store.load_state(contract.paths.state).get("pending") or {}
+    return RECOVER_GRACE_S if pending.get("tx") == tx else 2.0
+
+
+def _relay(line: str) -> None:
+    """Progress to stderr; a closed stderr (the SSH session dropped) is not an error."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+# --- the ExecStartPost health gate -------------------------------------------------------------
+
+
+def gate(contract: Contract, name: str) -> int:
+    """Active only once /health answers 200; give up as soon as the server process is gone."""
+    model = contract.resolve(name)
+    pid = os.environ.get("MAINPID", "")
+    deadline = time.monotonic() + model.health_timeout_s
+    while time.monotonic() < deadline:
+        if pid and not os.path.exists(f"/proc/{pid}"):
+            print(f"llamavm-gate: main process {pid} exited while loading", file=sys.stderr)
+            return 1
+        if http.status_of(model.health_url, timeout=2) == 200:
+            return 0
+        time.sleep(0.01)
+    print(
+        f"llamavm-gate: {model.health_url} not healthy after {model.health_timeout_s}s",
+        file=sys.stderr,
+    )
+    return 1
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamavm-switch", description=(__doc__ or "").split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("switch", "check"):
+        p = sub.add_parser(name)
+        p.add_argument("model")
+        p.add_argument("--json", action="store_true")
+        if name == "switch":
+            p.add_argument("--tx", default=None)
+    for name in ("stop", "apply"):
+        p = sub.add_parser(name)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--tx", default=None)
+    sub.add_parser("status").add_argument("--json", action="store_true")
+    p = sub.add_parser("result")
+    p.add_argument("tx")
+    p.add_argument("--wait", type=float, default=0.0)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("run")
+    p.add_argument("tx")
+    p.add_argument("op", choices=[*MUTATING, "boot"])
+    p.add_argument("args", nargs="*")
+    sub.add_parser("recover").add_argument("tx")
+    sub.add_parser("boot")
+    sub.add_parser("gate").add_argument("model")
+    return parser
+
+
+def main(argv: list[str] | None = None, contract_path: Path | None = None) -> int:
+    args = _parser().parse_args(argv)
+    as_json = getattr(args, "json", False)
+    try:
+        contract = contract_mod.load(contract_path or contract_mod.CONTRACT_PATH)
+        if args.command == "gate":
+            return gate(contract, args.model)
+        if args.command == "status":
+            return _print(status_mod.report(contract, Systemd()), args.command, as_json)
+        tx = getattr(args, "tx", None)
+        if tx is not None and not TX_RE.fullmatch(tx):
+            raise HostError(f"{tx!r} is not a transaction id (6-32 of a-z, 0-9)", EXIT_REFUSED)
+        if args.command == "run":
+            outcome = run(contract, args.tx, args.op, args.args)
+            return int(outcome.get("code", EXIT_FAILED))
+        if args.command == "recover":
+            recover(contract, args.tx)
+            return 0
+        if args.command == "boot":
+            tx = new_tx()
+            return _print(run(contract, tx, "boot", []), "boot", as_json)
+        if args.command == "check":
+            return _print(run_inline_check(contract, args.model), "check", as_json)
+        if args.command == "result":
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            outcome = follow(contract, Systemd(), args.tx, args.wait, _relay)
+            return _print(outcome, outcome.get("op", "result"), as_json)
+        # switch, stop, apply: detached, then followed
+        if args.command == "switch":
+            contract.resolve(args.model)  # an unknown name is refused before any unit starts
+        tx = args.tx or new_tx()
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        systemd = Systemd()
+        op_args = [args.model] if args.command == "switch" else []
+        error = launch(contract, systemd, tx, args.command, op_args)
+        if error:
+            raise HostError(f"could not start the transaction unit: {error}", EXIT_REFUSED)
+        outcome = follow(contract, systemd, tx, float("inf"), _relay)
+        return _print(outcome, args.command, as_json)
+    except HostError as exc:
+        return _print(
+            {"ok": False, "code": exc.code, "error": str(exc), "journal": exc.detail},
+            args.command,
+            as_json,
+        )
+
+
+def run_inline_check(contract: Contract, name: str) -> dict[str, Any]:
+    """The pre-switch checks under the lock (they may write the sha256 cache); nothing stops."""
+    host = Host(contract, progress=store.Progress(None, ""))
+    with store.locked(contract.paths.lock, contract.lock_timeout_s):
+        return {"ok": True, "code": 0, **Transaction(host, new_tx(), "check").check(name)}
+
+
+def _print(result: dict[str, Any], command: str, as_json: bool) -> int:
+    code = int(result.get("code", 0 if result.get("ok", True) else EXIT_FAILED))
+    result.setdefault("ok", code == 0)
+    with contextlib.suppress(OSError, ValueError):
+        if as_json:
+            print(json.dumps(result), flush=True)
+        elif not result["ok"]:
+            print(f"llamavm-switch: {result.get('error')}", file=sys.stderr, flush=True)
+            if result.get("journal"):
+                print(result["journal"], file=sys.stderr, flush=True)
+        else:
+            print(human(command, result), flush=True)
+    return code
+
+
+def human(command: str, result: dict[str, Any]) -> str:
+    if command in ("switch", "boot") and result.get("model"):
+        if not result.get("changed"):
+            return f"{result['model']} is already serving"
+        return (
+            f"{result['model']} serving on port {result.get('port')} "
+            f"(loaded in {result.get('load_seconds', 0):.2f}s, "
+            f"switch took {result.get('switch_seconds', 0):.2f}s)"
+        )
+    if command == "stop":
+        return "stopped " + (
+            ", ".join(result.get("stopped", [])) or "nothing (no model was running)"
+        )
+    if command == "check":
+        return f"{result['model']}: ready to serve"
+    return json.dumps(result, indent=2)
+
+
+def entry() -> None:
+    sys.exit(main())

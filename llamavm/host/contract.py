@@ -1,0 +1,144 @@
+"""The host contract as the host reads it: paths, service identity, and per model its unit,
+argv, GGUF path and health URLs — computed once on the controller (llamavm/contract.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamavm.host import EXIT_REFUSED
+
+#: The one path the host code knows without the contract: where the contract is.
+CONTRACT_PATH = Path("/etc/llamavm/contract.json")
+VERSION = 1
+
+
+class HostError(Exception):
+    """A failure with a message an operator can act on, and the exit code it maps to."""
+
+    def __init__(self, message: str, code: int = 1, detail: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Paths:
+    contract: Path
+    units_staged: Path
+    units_live: Path
+    state: Path
+    sha_cache: Path
+    outcomes: Path
+    run_dir: Path
+    progress: Path
+    lock: Path
+    failpoints: Path
+    llama_server: Path
+    switch: Path
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    aliases: tuple[str, ...]
+    unit: str
+    port: int
+    gguf: Path
+    base_url: str
+    health_url: str
+    ctx_size: int
+    parallel: int
+    health_timeout_s: int
+    size_bytes: int | None
+    sha256: str | None
+    vram: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Contract:
+    paths: Paths
+    service_user: str
+    service_group: str
+    api_key_policy: str
+    api_key_file: Path
+    api_key_min_length: int
+    default_model: str
+    lock_timeout_s: float
+    boot_unit: str
+    models: tuple[Model, ...]
+
+    def resolve(self, name: str) -> Model:
+        """The model called `name` (its name or an alias); refused (exit 2) otherwise."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model
+        known = ", ".join(m.name for m in self.models)
+        raise HostError(f"no model named {name!r} — known models: {known}", EXIT_REFUSED)
+
+    def find(self, name: str | None) -> Model | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def default(self) -> Model:
+        return self.resolve(self.default_model)
+
+    @property
+    def units(self) -> dict[str, Model]:
+        return {m.unit: m for m in self.models}
+
+
+def parse(data: dict[str, Any]) -> Contract:
+    """The contract from its JSON form; KeyError/TypeError/ValueError on a malformed one."""
+    if data.get("version") != VERSION:
+        raise ValueError(f"contract version {data.get('version')!r}, expected {VERSION}")
+    paths = Paths(**{key: Path(value) for key, value in data["paths"].items()})
+    models = tuple(
+        Model(
+            name=m["name"],
+            aliases=tuple(m["aliases"]),
+            unit=m["unit"],
+            port=int(m["port"]),
+            gguf=Path(m["gguf"]),
+            base_url=m["base_url"],
+            health_url=m["health_url"],
+            ctx_size=int(m["ctx_size"]),
+            parallel=int(m["parallel"]),
+            health_timeout_s=int(m["health_timeout_s"]),
+            size_bytes=m["size_bytes"],
+            sha256=m["sha256"],
+            vram=dict(m["vram"]),
+        )
+        for m in data["models"]
+    )
+    return Contract(
+        paths=paths,
+        service_user=data["service"]["user"],
+        service_group=data["service"]["group"],
+        api_key_policy=data["api_key"]["policy"],
+        api_key_file=Path(data["api_key"]["file"]),
+        api_key_min_length=int(data["api_key"]["min_length"]),
+        default_model=data["default_model"],
+        lock_timeout_s=float(data["switch"]["lock_timeout_s"]),
+        boot_unit=data["boot_unit"],
+        models=models,
+    )
+
+
+def load(path: Path = CONTRACT_PATH) -> Contract:
+    """Read the host contract; refuse (exit 2) with the fix when it is missing or malformed."""
+    try:
+        return parse(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise HostError(
+            f"{path} not found — run 'invoke provision' to install the model services",
+            EXIT_REFUSED,
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HostError(
+            f"{path} is unreadable or malformed ({type(exc).__name__}: {exc}) — "
+            "run 'invoke provision' to rewrite it",
+            EXIT_REFUSED,
+        ) from None

@@ -1,0 +1,230 @@
+"""What the host remembers: the switch lock, the state file, transaction outcomes and progress,
+the sha256 cache, and test failpoints. Writes are atomic (temp file, fsync, rename) and made
+under the lock; reads survive a malformed file."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llamavm.host import EXIT_LOCK
+from llamavm.host.contract import HostError
+
+#: Transaction outcomes kept on the host.
+KEEP_OUTCOMES = 200
+#: Load times kept per model (they set the learned health timeout).
+KEEP_LOADS = 10
+
+
+def secure_dir(path: Path, mode: int) -> None:
+    """Create `path` (root-owned, `mode`) or check an existing one is a real root-owned dir."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or (os.geteuid() == 0 and info.st_uid != 0):
+        raise HostError(f"{path} is not a directory owned by root — remove it and retry")
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, None when absent; ValueError when malformed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout_s: float, waiting: Any = None) -> Iterator[None]:
+    """Hold the switch lock: an flock on a root-only file in a root-only directory.
+
+    Only root can open it, so no local user can take it and block every switch. The lock goes
+    with the process: a transaction that dies frees it.
+    """
+    secure_dir(path.parent, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostError(
+                        f"another llamavm transaction held {path} for over {timeout_s:.0f}s "
+                        "— see 'llamavm-switch status'",
+                        EXIT_LOCK,
+                    ) from None
+                if waiting and not told:
+                    waiting()
+                    told = True
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- the state file -----------------------------------------------------------------------------
+
+
+def empty_state() -> dict[str, Any]:
+    return {"desired": None, "stopped": False, "loads": {}, "pending": None, "last": None}
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The state, normalised; a malformed file is set aside (and said so), never a traceback."""
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as exc:
+        raw = _set_aside(path, f"unreadable ({exc})")
+    state = empty_state()
+    if raw is None:
+        return state
+    if not isinstance(raw, dict):
+        _set_aside(path, "not a JSON object")
+        return state
+    if isinstance(raw.get("desired"), str):
+        state["desired"] = raw["desired"]
+    state["stopped"] = raw.get("stopped") is True
+    loads = raw.get("loads")
+    if isinstance(loads, dict):
+        for name, values in loads.items():
+            if isinstance(name, str) and isinstance(values, list):
+                good = [float(v) for v in values if isinstance(v, int | float) and v >= 0]
+                state["loads"][name] = good[-KEEP_LOADS:]
+    for key in ("pending", "last"):
+        if isinstance(raw.get(key), dict):
+            state[key] = raw[key]
+    return state
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+    print(f"llamavm-switch: {path} was {why}; moved to {aside}, starting afresh", file=sys.stderr)
+
+
+def record_load(state: dict[str, Any], name: str, seconds: float) -> None:
+    loads = state["loads"].setdefault(name, [])
+    loads.append(round(seconds, 3))
+    del loads[:-KEEP_LOADS]
+
+
+# --- transaction outcomes and progress ------------------------------------------------------------
+
+
+def outcome_path(directory: Path, tx: str) -> Path:
+    return directory / f"{tx}.json"
+
+
+def save_outcome(directory: Path, tx: str, outcome: dict[str, Any]) -> None:
+    secure_dir(directory, 0o755)
+    write_json(outcome_path(directory, tx), outcome)
+    old = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_OUTCOMES]
+    for path in old:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def read_outcome(directory: Path, tx: str) -> dict[str, Any] | None:
+    try:
+        data = read_json(outcome_path(directory, tx))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Progress:
+    """Progress lines of one transaction: to a file its followers read, and to stderr (the
+    journal). Best effort: a write that fails is dropped, never an error."""
+
+    def __init__(self, directory: Path | None, tx: str) -> None:
+        self.path = directory / f"{tx}.log" if directory else None
+        if directory:
+            with contextlib.suppress(OSError):
+                secure_dir(directory, 0o755)
+
+    def __call__(self, text: str) -> None:
+        line = f"llamavm-switch: {text}"
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=sys.stderr, flush=True)
+        if self.path:
+            with contextlib.suppress(OSError), self.path.open("a") as handle:
+                handle.write(line + "\n")
+
+
+def progress_path(directory: Path, tx: str) -> Path:
+    return directory / f"{tx}.log"
+
+
+# --- failpoints (tests only) ------------------------------------------------------------------
+
+
+class Failpoints:
+    """Named points where tests make a transaction pause, raise or die.
+
+    Read from `path` only when it is a regular file owned by root and private to root, so
+    nobody else can steer a transaction. Absent in production: every call is then a no-op.
+    {"after_stop": {"sleep": 5}, "in_verify": {"raise": "reset"}, "in_load": {"kill": true}}
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.points: dict[str, dict[str, Any]] = {}
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        private = stat.S_IMODE(info.st_mode) & 0o077 == 0
+        if stat.S_ISREG(info.st_mode) and info.st_uid == 0 and private:
+            with contextlib.suppress(OSError, ValueError):
+                data = read_json(path)
+                if isinstance(data, dict):
+                    self.points = {k: v for k, v in data.items() if isinstance(v, dict)}
+
+    def __call__(self, name: str) -> None:
+        point = self.points.get(name)
+        if not point:
+            return
+        if point.get("sleep"):
+            time.sleep(float(point["sleep"]))
+        if point.get("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if point.get("raise"):
+            raise ConnectionResetError(f"failpoint {name}: {point['raise']}")

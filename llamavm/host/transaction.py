@@ -1,0 +1,521 @@
+"""The one transaction behind every change of what a host serves.
+
+switch, stop, apply (install changed units) and boot all run here, under the switch lock, in
+a process of their own (a transient systemd unit, see cli.py) that outlives whoever asked.
+Once the serving model has been stopped, every failure — a refused start, a crash loop, a
+stall, a reset connection in the checks, a signal — ends in a rollback: the previous model
+(or the previous unit of the same model) is started again and health-gated. Before anything
+is stopped, the intent is recorded (state "pending"), so a transaction that dies outright is
+finished by `recover` (the transient unit's ExecStopPost, and the boot unit).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamavm.host import EXIT_FAILED, EXIT_REFUSED, EXIT_ROLLBACK_FAILED, checks, gpu, http, store
+from llamavm.host import watch as watch_mod
+from llamavm.host.contract import Contract, HostError, Model
+from llamavm.host.systemd import Systemd
+
+#: systemd states in which a unit counts as running (it holds, or is about to hold, the GPU).
+BUSY = ("active", "activating", "reloading", "deactivating")
+
+
+class Interrupted(BaseException):
+    """A signal asked the transaction to stop; raised where it was, so it rolls back."""
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass
+class Host:
+    """What a transaction works with; unit tests swap the parts that touch the machine."""
+
+    contract: Contract
+    systemd: Systemd = field(default_factory=Systemd)
+    progress: Callable[[str], None] = _noop
+    failpoint: Callable[[str], None] = _noop
+    health: Callable[[str], int | None] = http.status_of
+    counters: Callable[[int], tuple[int, ...] | None] = watch_mod.process_counters
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    # --- what runs --------------------------------------------------------------------------
+
+    def running(self) -> list[Model]:
+        """Models whose unit is active, starting or stopping right now (one systemctl call)."""
+        states = self.systemd.show([m.unit for m in self.contract.models], ["ActiveState"])
+        return [
+            m for m in self.contract.models if states.get(m.unit, {}).get("ActiveState") in BUSY
+        ]
+
+    def healthy(self, model: Model) -> bool:
+        return self.health(model.health_url) == 200
+
+    def runs_current_build(self, model: Model) -> bool | None:
+        """Does the model's server run the llama-server that `current` points at now?"""
+        pid = int(self.systemd.props(model.unit, "MainPID").get("MainPID", "0") or 0)
+        if not pid:
+            return None
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        return exe == os.path.realpath(self.contract.paths.llama_server)
+
+    # --- stopping and starting --------------------------------------------------------------
+
+    def stop_units(self, models: list[Model]) -> None:
+        """Stop `models` and wait until their processes are gone (and GPU memory released)."""
+        if not models:
+            return
+        baseline = gpu.memory()
+        props = self.systemd.show([m.unit for m in models], ["MainPID"])
+        pids = [int(p.get("MainPID", "0") or 0) for p in props.values()]
+        for model in models:
+            self.progress(f"stopping {model.name}")
+        self.systemd.stop([m.unit for m in models])
+        deadline = self.clock() + 30
+        while any(pid and Path(f"/proc/{pid}").exists() for pid in pids):
+            if self.clock() > deadline:
+                break
+            self.sleep(0.02)
+        gpu.wait_released(baseline, self.progress)
+
+    def start_and_watch(self, model: Model, loads: list[float]) -> float:
+        """Start `model`, return the seconds until it was healthy; HostError when it can't be."""
+        unit = model.unit
+        before = self.systemd.props(unit, "InvocationID", "NRestarts")
+        self.systemd.reset_failed([unit])
+        error = self.systemd.start(unit)
+        if error:
+            raise HostError(f"{model.name}: systemctl start failed: {error}")
+        watch = watch_mod.LoadWatch(
+            expected_s=watch_mod.expected_seconds(loads, float(model.health_timeout_s)),
+            ceiling_s=float(model.health_timeout_s),
+            initial_invocation=before.get("InvocationID", ""),
+            initial_restarts=int(before.get("NRestarts", "0") or 0),
+        )
+        self.progress(
+            f"starting {model.name} (expected within {watch.expected_s:.0f}s, "
+            f"at most {watch.ceiling_s:.0f}s)"
+        )
+        began = self.clock()
+        self.failpoint("in_load")
+        last_systemd = last_counters = last_note = -1.0
+        while True:
+            elapsed = self.clock() - began
+            sample = watch_mod.Sample(elapsed, self.healthy(model))
+            # systemctl costs a fork: ask it when the server looks ready, else 4 times a second.
+            if sample.healthy or elapsed - last_systemd >= 0.25:
+                last_systemd = elapsed
+                props = self.systemd.props(
+                    unit, "ActiveState", "SubState", "InvocationID", "MainPID", "NRestarts"
+                )
+                sample.active_state = props.get("ActiveState", "")
+                sample.sub_state = props.get("SubState", "")
+                sample.invocation = props.get("InvocationID", "")
+                sample.main_pid = int(props.get("MainPID", "0") or 0)
+                sample.n_restarts = int(props.get("NRestarts", "0") or 0)
+                if sample.main_pid and elapsed - last_counters >= 1.0:
+                    last_counters = elapsed
+                    sample.counters = self.counters(sample.main_pid)
+            verdict, why = watch.judge(sample)
+            if verdict == "ready":
+                return elapsed
+            if verdict == "fail":
+                raise HostError(f"{model.name}: {why}", detail=self.systemd.journal_tail(unit))
+            if elapsed - last_note >= 5:
+                last_note = elapsed
+                if elapsed >= 5:
+                    self.progress(f"loading {model.name}: {elapsed:.0f}s")
+            self.sleep(0.01)
+
+    def verify(self, model: Model) -> None:
+        """/props shows the configured slots and context; a one-token completion answers;
+        with an API key policy, a request without the key is refused."""
+        key = checks.api_key(self.contract)
+        self.failpoint("in_verify")
+        status, props = http.request(model.base_url + "/props", key=key)
+        if status != 200 or not isinstance(props, dict):
+            raise HostError(f"{model.name}: /props answered {status}")
+        settings = props.get("default_generation_settings")
+        per_slot = settings.get("n_ctx") if isinstance(settings, dict) else None
+        slots = props.get("total_slots", 1)
+        want = model.ctx_size // model.parallel
+        if per_slot != want or slots != model.parallel:
+            raise HostError(
+                f"{model.name}: serves {slots} slots x {per_slot} context, the catalog asks "
+                f"{model.parallel} x {want}"
+            )
+        status, answer = http.request(
+            model.base_url + "/completion",
+            {"prompt": "Hello", "n_predict": 1},
+            key=key,
+            timeout=120,
+        )
+        if status != 200:
+            raise HostError(f"{model.name}: a one-token completion answered {status}: {answer}")
+        if key and http.request(model.base_url + "/v1/models")[0] != 401:
+            raise HostError(f"{model.name}: the API answers without the key the catalog requires")
+
+
+@dataclass
+class Transaction:
+    """One transaction `tx` on `host`. The caller holds the lock."""
+
+    host: Host
+    tx: str
+    op: str = ""
+    rolling_back: bool = False
+
+    @property
+    def contract(self) -> Contract:
+        return self.host.contract
+
+    def _state(self) -> dict[str, Any]:
+        return store.load_state(self.contract.paths.state)
+
+    def _save(self, state: dict[str, Any]) -> None:
+        store.write_json(self.contract.paths.state, state)
+
+    # --- the operations -------------------------------------------------------------------
+
+    def switch(self, name: str) -> dict[str, Any]:
+        target = self.contract.resolve(name)
+        state = self._state()
+        running = self.host.running()
+        if [m.name for m in running] == [target.name] and self.host.healthy(target):
+            if state["desired"] != target.name or state["stopped"]:
+                state["desired"], state["stopped"] = target.name, False
+                self._save(state)
+            return {"changed": False, "model": target.name, "previous": target.name}
+        checks.preflight(self.contract, target, self.host.progress)
+        previous = next((m for m in running if m.name != target.name), None)
+        return self._serve(target, previous, running, state)
+
+    def check(self, name: str) -> dict[str, Any]:
+        target = self.contract.resolve(name)
+        checks.preflight(self.contract, target, self.host.progress)
+        running = [m.name for m in self.host.running()]
+        return {"model": target.name, "running": running, "changed": False}
+
+    def stop(self) -> dict[str, Any]:
+        running = self.host.running()
+        self.host.stop_units(running)
+        state = self._state()
+        state["desired"], state["stopped"] = None, True
+        self._save(state)
+        return {"changed": bool(running), "stopped": [m.name for m in running]}
+
+    def boot(self) -> dict[str, Any]:
+        """At boot: finish a transaction the reboot cut short, then serve the chosen model."""
+        self.recover("the host rebooted during it")
+        state = self._state()
+        if self.host.running():
+            return {"changed": False, "model": None, "why": "a model already runs"}
+        if state["stopped"]:
+            return {"changed": False, "model": None, "why": "stopped by the operator"}
+        wanted = self.contract.find(state["desired"]) or self.contract.default
+        try:
+            return self.switch(wanted.name)
+        except HostError as exc:
+            if exc.code != EXIT_REFUSED or wanted.name == self.contract.default_model:
+                raise
+            self.host.progress(f"{exc}; serving the default model instead")
+            return self.switch(self.contract.default_model)
+
+    def recover(self, why: str) -> dict[str, Any]:
+        """Finish the pending transaction of a process that died (killed, or a reboot)."""
+        state = self._state()
+        pending = state["pending"]
+        if not pending:
+            return {"changed": False}
+        tx = str(pending.get("tx", ""))
+        outcomes = self.contract.paths.outcomes
+        if store.read_outcome(outcomes, tx):
+            state["pending"] = None
+            self._save(state)
+            return {"changed": False}
+        self.host.progress(f"transaction {tx} died ({why}); recovering")
+        target = self.contract.find(pending.get("target"))
+        previous = self.contract.find(pending.get("previous"))
+        running = self.host.running()
+        outcome: dict[str, Any]
+        try:
+            if target and [m.name for m in running] == [target.name] and target != previous:
+                self.host.verify(target)
+                state["desired"], state["stopped"] = target.name, False
+                outcome = {"ok": True, "code": 0, "model": target.name, "changed": True}
+            else:
+                raise HostError(f"transaction {tx} died ({why})")
+        except BaseException as failure:
+            backup = pending.get("backup")
+            undo = (lambda: self._restore_unit(target, backup)) if target and backup else None
+            try:
+                self._rollback(target, previous, running, state, failure, undo)
+            except HostError as exc:
+                outcome = {"ok": False, "code": exc.code, "error": str(exc), "journal": exc.detail}
+            state = self._state()
+        outcome.update(tx=tx, op=pending.get("op", ""), recovered=why, at=time.time())
+        store.save_outcome(outcomes, tx, outcome)
+        state["pending"] = None
+        self._save(state)
+        return {"changed": True, "recovered": tx, "outcome": outcome}
+
+    def apply(self) -> dict[str, Any]:
+        """Install the units provision staged; restart the serving model only when its
+        [Service] changed (through this transaction), never for a dependency change."""
+        paths = self.contract.paths
+        staged: dict[str, str] = {}
+        for model in self.contract.models:
+            try:
+                staged[model.unit] = (paths.units_staged / model.unit).read_text()
+            except OSError:
+                raise HostError(
+                    f"{paths.units_staged / model.unit} is missing — run 'invoke provision'",
+                    EXIT_REFUSED,
+                ) from None
+        live = {p.name: p.read_text() for p in paths.units_live.glob("llamavm-model-*.service")}
+        running = self.host.running()
+        serving = running[0] if len(running) == 1 else None
+        report: dict[str, Any] = {"installed": [], "restarted": [], "removed": [], "started": None}
+        changed = [unit for unit, text in staged.items() if live.get(unit) != text]
+        restart = [
+            u
+            for u in changed
+            if serving and u == serving.unit and u in live
+            and service_section(live[u]) != service_section(staged[u])
+        ]  # fmt: skip
+        removed = [unit for unit in live if unit not in staged]
+        if removed:  # units of models no longer in the catalog: stop them if they run
+            states = self.host.systemd.show(removed, ["ActiveState"])
+            busy = [u for u in removed if states.get(u, {}).get("ActiveState") in BUSY]
+            for unit in busy:
+                self.host.progress(f"stopping {unit}: its model left the catalog")
+            self.host.systemd.stop(busy)
+        for unit in [u for u in changed if u not in restart]:
+            install_unit(paths.units_live / unit, staged[unit])
+            report["installed"].append(unit)
+        for unit in removed:
+            self.host.systemd.disable([unit])
+            (paths.units_live / unit).unlink(missing_ok=True)
+            report["removed"].append(unit)
+        if report["installed"] or report["removed"]:
+            self.host.systemd.daemon_reload()
+        if serving and not restart and self.host.runs_current_build(serving) is False:
+            self.host.progress(f"{serving.name} runs an older llama.cpp build; restarting it")
+            self._restart(serving, None)
+            report["restarted"].append(serving.unit)
+        for unit in restart:
+            self.host.progress(f"{self.contract.units[unit].name}: its service changed")
+            self._restart(self.contract.units[unit], staged[unit])
+            report["restarted"].append(unit)
+        enabled = self.host.systemd.enabled([m.unit for m in self.contract.models])
+        if enabled:  # the boot unit starts the chosen model; no model unit starts on its own
+            self.host.systemd.disable(enabled)
+            report["disabled"] = enabled
+        if not self.host.running():
+            state = self._state()
+            wanted = self.contract.find(state["desired"]) or self.contract.default
+            result = self.switch(wanted.name)
+            report["started"] = result["model"]
+        report["changed"] = any(report[k] for k in ("installed", "restarted", "removed", "started"))
+        report["changed"] = report["changed"] or bool(report.get("disabled"))
+        return report
+
+    # --- the transaction core -----------------------------------------------------------------
+
+    def _restart(self, model: Model, new_text: str | None) -> None:
+        """Restart the serving `model` (with its new unit text, if any) as a transaction."""
+        state = self._state()
+        unit_path = self.contract.paths.units_live / model.unit
+        backup = None
+        if new_text is not None:
+            backup = self.contract.paths.state.parent / "unit-backup" / model.unit
+            store.secure_dir(backup.parent, 0o700)
+            backup.write_text(unit_path.read_text())
+
+        def install() -> None:
+            if new_text is not None:
+                install_unit(unit_path, new_text)
+                self.host.systemd.daemon_reload()
+
+        def undo() -> None:
+            self._restore_unit(model, str(backup) if backup else None)
+
+        self._serve(model, model, [model], state, before_start=install, undo=undo, backup=backup)
+
+    def _restore_unit(self, model: Model | None, backup: str | None) -> None:
+        if model is None or not backup:
+            return
+        try:
+            text = Path(backup).read_text()
+        except OSError:
+            return
+        install_unit(self.contract.paths.units_live / model.unit, text)
+        self.host.systemd.daemon_reload()
+
+    def _serve(
+        self,
+        target: Model,
+        previous: Model | None,
+        running: list[Model],
+        state: dict[str, Any],
+        *,
+        before_start: Callable[[], None] | None = None,
+        undo: Callable[[], None] | None = None,
+        backup: Path | None = None,
+    ) -> dict[str, Any]:
+        """Stop `running`, start `target`, gate and verify it; any failure rolls back."""
+        host = self.host
+        state["pending"] = {
+            "tx": self.tx,
+            "op": self.op,
+            "target": target.name,
+            "previous": previous.name if previous else None,
+            "backup": str(backup) if backup else None,
+            "started": time.time(),
+        }
+        self._save(state)
+        began = mark = host.clock()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = host.clock()
+            phases[name] = round(now - mark, 3)
+            mark = now
+
+        try:
+            host.stop_units(running)
+            phase("stop")
+            host.failpoint("after_stop")
+            if before_start:
+                before_start()
+            load_s = host.start_and_watch(target, state["loads"].get(target.name, []))
+            phase("load")
+            host.failpoint("before_verify")
+            host.progress(f"verifying {target.name}")
+            host.verify(target)
+            phase("verify")
+        except BaseException as failure:  # every failure after the stop rolls back
+            self._rollback(target, previous, running, state, failure, undo)
+        store.record_load(state, target.name, load_s)
+        state["desired"], state["stopped"], state["pending"] = target.name, False, None
+        seconds = round(host.clock() - began, 3)
+        state["last"] = {"tx": self.tx, "op": self.op, "model": target.name, "at": time.time()}
+        self._save(state)
+        return {
+            "changed": True,
+            "model": target.name,
+            "previous": previous.name if previous else None,
+            "port": target.port,
+            "load_seconds": round(load_s, 3),
+            "switch_seconds": seconds,
+            "phases": phases,
+        }
+
+    def _rollback(
+        self,
+        target: Model | None,
+        previous: Model | None,
+        running: list[Model],
+        state: dict[str, Any],
+        failure: BaseException,
+        undo: Callable[[], None] | None,
+    ) -> None:
+        """Serve what served before; raise HostError saying how that went (always raises)."""
+        self.rolling_back = True
+        host = self.host
+        reason, detail = describe(failure)
+        if target and not detail:
+            detail = host.systemd.journal_tail(target.unit)
+        host.progress(f"{reason}; rolling back")
+        # A different previous model still healthy (the failure came before its stop) stays.
+        keep = previous if previous and previous != target and host.healthy(previous) else None
+        stopping = [m for m in host.running() if m != keep]
+        host.stop_units(stopping)
+        units = [m.unit for m in stopping] + ([target.unit] if target else [])
+        host.systemd.reset_failed(sorted(set(units)))
+        if undo:
+            undo()
+        fallback, via_default = previous, False
+        if fallback is None and target and target.name != self.contract.default_model:
+            fallback, via_default = self.contract.default, True
+        if fallback is None:
+            state["pending"] = None
+            self._save(state)
+            raise HostError(
+                f"{reason} — rolled back; nothing was serving before", EXIT_FAILED, detail
+            )
+        try:
+            if keep is None:
+                host.start_and_watch(fallback, state["loads"].get(fallback.name, []))
+        except BaseException as second:
+            state["pending"] = None
+            self._save(state)
+            raise HostError(
+                f"{reason}; rollback to {fallback.name} failed too: {describe(second)[0]}",
+                EXIT_ROLLBACK_FAILED,
+                detail,
+            ) from None
+        state["desired"], state["stopped"], state["pending"] = fallback.name, False, None
+        state["last"] = {"tx": self.tx, "op": self.op, "model": fallback.name, "at": time.time()}
+        self._save(state)
+        serves = (
+            f"the default model {fallback.name} serves (nothing was serving before)"
+            if via_default
+            else f"{fallback.name} is serving again"
+        )
+        raise HostError(f"{reason} — rolled back, {serves}", EXIT_FAILED, detail)
+
+
+def describe(failure: BaseException) -> tuple[str, str]:
+    """(one-line reason, journal detail) of any failure."""
+    if isinstance(failure, HostError):
+        return str(failure), failure.detail
+    if isinstance(failure, Interrupted):
+        return f"interrupted by {failure}", ""
+    return f"{type(failure).__name__}: {failure}", ""
+
+
+def service_section(text: str) -> list[str]:
+    """The [Service] settings of a unit file (comments, blanks, continuations folded)."""
+    section, lines, pending = "", [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if pending:
+            line, pending = pending + " " + line, ""
+        if line.endswith("\\"):
+            pending = line[:-1].rstrip()
+            continue
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+            continue
+        if section == "[Service]":
+            lines.append(" ".join(line.split()))
+    return lines
+
+
+def install_unit(path: Path, text: str) -> None:
+    """Write a unit file atomically (root:root 0644)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

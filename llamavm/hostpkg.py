@@ -1,0 +1,56 @@
+"""The host package as one file: a zipapp of llamavm/host/ that hosts run as llamavm-switch.
+
+Built deterministically (fixed timestamps, sorted members, sources only), so the same code
+gives the same bytes and Ansible's copy changes nothing on a second provision. Cached under
+${LLAMAVM_CACHE}/host/ by content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
+
+from llamavm import REPO_ROOT
+
+SOURCE = REPO_ROOT / "llamavm" / "host"
+#: -I: a root tool ignores PYTHON* variables and the user's site-packages.
+SHEBANG = b"#!/usr/bin/python3 -I\n"
+_STAMP = (2020, 1, 1, 0, 0, 0)
+_INIT = b'"""llamavm on a model host: only the host package (llamavm.host) is here."""\n'
+
+
+def _members() -> list[tuple[str, bytes]]:
+    members = [("llamavm/__init__.py", _INIT)]
+    for path in sorted(SOURCE.glob("*.py")):
+        members.append((f"llamavm/host/{path.name}", path.read_bytes()))
+    members.append(("__main__.py", b"from llamavm.host.cli import entry\n\nentry()\n"))
+    return members
+
+
+def archive_bytes() -> bytes:
+    """The zipapp's bytes: the shebang line, then the zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _members():
+            info = zipfile.ZipInfo(name, date_time=_STAMP)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return SHEBANG + buffer.getvalue()
+
+
+def build(cache: Path | None = None) -> Path:
+    """Write the zipapp (once per content) and return its path."""
+    root = cache or Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
+    data = archive_bytes()
+    path = root / "host" / f"llamavm-host-{hashlib.sha256(data).hexdigest()[:16]}.pyz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return path

@@ -1,0 +1,430 @@
+"""The switch transaction (llamavm.host.transaction) against a fake systemd and a fake clock:
+every failure after the stop rolls back; crash loops fail fast; slow loads that progress are
+never rolled back; stalls are; apply restarts only for a [Service] change."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from llamavm.host import (
+    EXIT_FAILED,
+    EXIT_LOCK,
+    EXIT_REFUSED,
+    EXIT_ROLLBACK_FAILED,
+    checks,
+    store,
+)
+from llamavm.host.contract import HostError
+from llamavm.host.transaction import Host, Interrupted, Transaction, service_section
+from llamavm.host.watch import LoadWatch, Sample, expected_seconds
+from tests.unit.host_fakes import FakeSystemd, contracts
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Two models, 'one' serving; preflight and verify pass unless a test says otherwise."""
+    monkeypatch.setattr(checks, "preflight", lambda *a, **k: None)
+    contract = contracts(tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"})
+    fake = FakeSystemd()
+    fake.add(contract, "one")
+    fake.add(contract, "two")
+    fake.serve(contract, "one")
+    lines: list[str] = []
+    host = Host(
+        contract,
+        systemd=fake,
+        progress=lines.append,
+        health=fake.health,
+        counters=fake.counters,
+        clock=fake.clock,
+        sleep=fake.sleep,
+    )
+    host.verify = lambda model: None  # type: ignore[method-assign]
+    return contract, fake, host, lines
+
+
+def _tx(host: Host) -> Transaction:
+    return Transaction(host, "abc123", "switch")
+
+
+def _state(contract) -> dict:
+    return store.load_state(contract.paths.state)
+
+
+def test_switch_serves_the_new_model_and_records_it(world) -> None:
+    contract, fake, host, _ = world
+    result = _tx(host).switch("two")
+    assert result["changed"] and result["model"] == "two" and result["previous"] == "one"
+    assert fake.running_units() == ["llamavm-model-two.service"]
+    state = _state(contract)
+    assert state["desired"] == "two" and state["pending"] is None
+    assert state["loads"]["two"] == [pytest.approx(result["load_seconds"], abs=0.01)]
+
+
+def test_switching_to_the_serving_model_changes_nothing(world) -> None:
+    _, fake, host, _ = world
+    assert _tx(host).switch("one")["changed"] is False
+    assert not [c for c in fake.calls if c[0] in ("stop", "start")]
+
+
+def test_a_refusal_stops_nothing(world, monkeypatch) -> None:
+    _, fake, host, _ = world
+
+    def refuse(*_a, **_k):
+        raise HostError("two: GGUF missing", EXIT_REFUSED)
+
+    monkeypatch.setattr(checks, "preflight", refuse)
+    with pytest.raises(HostError) as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_REFUSED
+    assert not [c for c in fake.calls if c[0] in ("stop", "start")]
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_a_crash_loop_is_rolled_back_in_seconds_not_at_the_timeout(world) -> None:
+    contract, fake, host, _ = world
+    fake.units["llamavm-model-two.service"].behaviour = "crash"
+    began = fake.now
+    with pytest.raises(HostError) as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_FAILED
+    assert "the server exited while loading" in str(caught.value)
+    assert "one is serving again" in str(caught.value)
+    assert fake.now - began < 5, "waited for the health timeout instead of failing fast"
+    assert fake.running_units() == ["llamavm-model-one.service"]
+    assert _state(contract)["desired"] == "one"
+
+
+def test_restarts_seen_between_samples_are_a_crash_loop() -> None:
+    watch = LoadWatch(expected_s=20, ceiling_s=600, initial_invocation="x", initial_restarts=0)
+    verdict, why = watch.judge(Sample(1.0, False, "activating", "start", "y", 5, 3))
+    assert verdict == "fail" and "crash loop" in why
+
+
+def test_a_new_pid_while_loading_is_a_crash() -> None:
+    watch = LoadWatch(expected_s=20, ceiling_s=600, initial_invocation="x")
+    assert watch.judge(Sample(0.3, False, "activating", "start", "y", 5, 0))[0] == "wait"
+    verdict, why = watch.judge(Sample(0.6, False, "activating", "start", "y", 6, 0))
+    assert verdict == "fail" and "new PID" in why
+
+
+def test_expected_load_time_is_learned_within_bounds() -> None:
+    assert expected_seconds([], 600) == 600  # no history: the catalog's ceiling
+    assert expected_seconds([0.3, 0.5], 600) == 20  # the floor
+    assert expected_seconds([40, 60], 600) == 180
+    assert expected_seconds([400], 600) == 600
+
+
+def test_a_failure_while_stopping_rolls_back(world) -> None:
+    _, fake, host, _ = world
+    real_stop = fake.stop
+    calls = []
+
+    def stop(units):
+        calls.append(units)
+        real_stop(units)
+        if len(calls) == 1:
+            raise OSError("systemctl: connection timed out")
+
+    fake.stop = stop  # type: ignore[method-assign]
+    with pytest.raises(HostError, match="one is serving again"):
+        _tx(host).switch("two")
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_a_slow_load_that_progresses_is_never_rolled_back(world) -> None:
+    contract, fake, host, _ = world
+    state = store.empty_state()
+    state["loads"]["two"] = [0.5]  # a warm load took 0.5 s: expected within 20 s
+    store.write_json(contract.paths.state, state)
+    fake.units["llamavm-model-two.service"].behaviour = "slow"
+    fake.units["llamavm-model-two.service"].load_s = 45  # a cold load from a network share
+    result = _tx(host).switch("two")
+    assert result["model"] == "two" and result["load_seconds"] >= 45
+    assert fake.running_units() == ["llamavm-model-two.service"]
+
+
+def test_a_stalled_load_is_rolled_back_before_the_ceiling(world) -> None:
+    contract, fake, host, _ = world
+    state = store.empty_state()
+    state["loads"]["two"] = [0.5]
+    store.write_json(contract.paths.state, state)
+    fake.units["llamavm-model-two.service"].behaviour = "stall"
+    began = fake.now
+    with pytest.raises(HostError, match="stalled: no progress") as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_FAILED
+    assert 20 < fake.now - began < 60
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_the_catalog_timeout_is_the_hard_ceiling(world) -> None:
+    _, fake, host, _ = world
+    fake.units["llamavm-model-two.service"].behaviour = "slow"
+    fake.units["llamavm-model-two.service"].load_s = 61  # health_timeout_s is 60
+    with pytest.raises(HostError, match="not healthy after 60s"):
+        _tx(host).switch("two")
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ConnectionResetError("reset by peer"), TimeoutError("timed out"), KeyError("n_ctx")],
+    ids=["reset", "timeout", "bug"],
+)
+def test_any_exception_in_the_checks_rolls_back(world, failure) -> None:
+    contract, fake, host, _ = world
+
+    def verify(model):
+        raise failure
+
+    host.verify = verify  # type: ignore[method-assign]
+    with pytest.raises(HostError) as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_FAILED
+    assert type(failure).__name__ in str(caught.value)
+    assert fake.running_units() == ["llamavm-model-one.service"]
+    assert _state(contract)["pending"] is None
+
+
+def test_a_signal_after_the_stop_rolls_back(world) -> None:
+    _, fake, host, _ = world
+
+    def interrupted(model):
+        raise Interrupted("SIGTERM")
+
+    host.verify = interrupted  # type: ignore[method-assign]
+    with pytest.raises(HostError, match="interrupted by SIGTERM") as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_FAILED
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_when_the_rollback_fails_too_it_says_so(world) -> None:
+    _, fake, host, _ = world
+    fake.units["llamavm-model-two.service"].behaviour = "exits"
+    fake.units["llamavm-model-one.service"].behaviour = "exits"
+    with pytest.raises(HostError, match="rollback to one failed too") as caught:
+        _tx(host).switch("two")
+    assert caught.value.code == EXIT_ROLLBACK_FAILED
+
+
+def test_with_nothing_serving_before_a_failure_falls_back_to_the_default(world) -> None:
+    _contract, fake, host, _ = world
+    fake.stop(["llamavm-model-one.service"])
+    fake.units["llamavm-model-two.service"].behaviour = "exits"
+    with pytest.raises(HostError, match="the default model one serves"):
+        _tx(host).switch("two")
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_recover_finishes_a_switch_whose_process_died(world) -> None:
+    contract, fake, host, _ = world
+    state = store.empty_state()
+    state["pending"] = {"tx": "dead01", "op": "switch", "target": "two", "previous": "one"}
+    store.write_json(contract.paths.state, state)
+    fake.stop(["llamavm-model-one.service"])  # it died after the stop
+    result = Transaction(host, "rec", "recover").recover("killed")
+    assert result["recovered"] == "dead01"
+    assert fake.running_units() == ["llamavm-model-one.service"]
+    outcome = store.read_outcome(contract.paths.outcomes, "dead01")
+    assert outcome["code"] == EXIT_FAILED and "rolled back" in outcome["error"]
+    assert _state(contract)["pending"] is None
+
+
+def test_recover_keeps_a_switch_that_had_finished_serving(world) -> None:
+    contract, fake, host, _ = world
+    state = store.empty_state()
+    state["pending"] = {"tx": "dead02", "op": "switch", "target": "two", "previous": "one"}
+    store.write_json(contract.paths.state, state)
+    fake.stop(["llamavm-model-one.service"])
+    fake.serve(contract, "two")
+    Transaction(host, "rec", "recover").recover("killed")
+    assert fake.running_units() == ["llamavm-model-two.service"]
+    assert store.read_outcome(contract.paths.outcomes, "dead02")["code"] == 0
+    assert _state(contract)["desired"] == "two"
+
+
+def test_stop_records_the_operators_choice_and_boot_respects_it(world) -> None:
+    _contract, fake, host, _ = world
+    assert Transaction(host, "s1", "stop").stop()["stopped"] == ["one"]
+    assert fake.running_units() == []
+    assert Transaction(host, "b1", "boot").boot()["why"] == "stopped by the operator"
+    assert fake.running_units() == []
+
+
+def test_boot_brings_back_the_model_chosen_last(world) -> None:
+    _contract, fake, host, _ = world
+    _tx(host).switch("two")
+    fake.stop(["llamavm-model-two.service"])  # the reboot
+    assert Transaction(host, "b2", "boot").boot()["model"] == "two"
+    assert fake.running_units() == ["llamavm-model-two.service"]
+
+
+# --- apply: staged units -------------------------------------------------------------------------
+
+UNIT = """# managed
+[Unit]
+Description=m
+{unit_extra}
+[Service]
+ExecStart=/bin/server {arg}
+Restart=on-failure
+"""
+
+
+def _stage(contract, name: str, *, unit_extra: str = "", arg: str = "a", live: bool = False):
+    text = UNIT.format(unit_extra=unit_extra, arg=arg)
+    folder = contract.paths.units_live if live else contract.paths.units_staged
+    (folder / f"llamavm-model-{name}.service").write_text(text)
+    return text
+
+
+def test_apply_installs_a_dependency_change_without_restarting(world) -> None:
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name, unit_extra="Conflicts=llamavm-model-three.service")
+    report = Transaction(host, "ap1", "apply").apply()
+    assert sorted(report["installed"]) == ["llamavm-model-one.service", "llamavm-model-two.service"]
+    assert report["restarted"] == [] and fake.reloads == 1
+    assert not [c for c in fake.calls if c[0] in ("stop", "start")], "the serving model restarted"
+    live = (contract.paths.units_live / "llamavm-model-one.service").read_text()
+    assert "llamavm-model-three" in live
+
+
+def test_apply_restarts_the_serving_model_through_the_transaction(world) -> None:
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name, arg="b")
+    report = Transaction(host, "ap2", "apply").apply()
+    assert report["restarted"] == ["llamavm-model-one.service"]
+    assert fake.running_units() == ["llamavm-model-one.service"]
+    assert "/bin/server b" in (contract.paths.units_live / "llamavm-model-one.service").read_text()
+
+
+def test_apply_rolls_back_to_the_old_unit_when_the_new_one_fails(world) -> None:
+    contract, fake, host, _ = world
+    old = _stage(contract, "one", live=True)
+    _stage(contract, "two", live=True)
+    _stage(contract, "one", arg="broken")
+    _stage(contract, "two")
+    unit = fake.units["llamavm-model-one.service"]
+    reloads: list[str] = []
+
+    def reload() -> None:  # the fake server fails with the new unit only
+        text = (contract.paths.units_live / "llamavm-model-one.service").read_text()
+        unit.behaviour = "exits" if "broken" in text else "ok"
+        reloads.append(text)
+
+    fake.daemon_reload = reload  # type: ignore[method-assign]
+    with pytest.raises(HostError, match="one is serving again") as caught:
+        Transaction(host, "ap3", "apply").apply()
+    assert caught.value.code == EXIT_FAILED
+    assert (contract.paths.units_live / "llamavm-model-one.service").read_text() == old
+    assert fake.running_units() == ["llamavm-model-one.service"]
+
+
+def test_apply_removes_units_of_dropped_models_and_starts_one_if_none_serves(world) -> None:
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name)
+    gone = contract.paths.units_live / "llamavm-model-old.service"
+    gone.write_text(UNIT.format(unit_extra="", arg="x"))
+    fake.stop(["llamavm-model-one.service"])
+    fake.enabled_units.add("llamavm-model-one.service")
+    report = Transaction(host, "ap4", "apply").apply()
+    assert report["removed"] == ["llamavm-model-old.service"] and not gone.exists()
+    assert report["started"] == "one"
+    assert report["disabled"] == ["llamavm-model-one.service"]
+
+
+def test_a_second_apply_changes_nothing(world) -> None:
+    contract, _fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name)
+    assert Transaction(host, "ap5", "apply").apply()["changed"] is False
+
+
+def test_service_section_ignores_comments_and_folds_continuations() -> None:
+    a = "[Unit]\nX=1\n[Service]\n# why\nExecStart=/a \\\n    --b\nUser=x\n"
+    b = "[Unit]\nX=2\n[Service]\nExecStart=/a --b\n\nUser=x\n"
+    assert service_section(a) == service_section(b) == ["ExecStart=/a --b", "User=x"]
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+
+def test_the_lock_is_root_only_and_times_out(tmp_path) -> None:
+    lock = tmp_path / "lock" / "switch.lock"
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with store.locked(lock, 5):
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    try:
+        with pytest.raises(HostError) as caught, store.locked(lock, 0.2):
+            pass
+        assert caught.value.code == EXIT_LOCK
+    finally:
+        release.set()
+        thread.join()
+    assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(lock.parent).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"loads": "x", "desired": 5}', ""])
+def test_a_malformed_state_file_is_set_aside(tmp_path, content, capsys) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(content)
+    state = store.load_state(path)
+    assert state["desired"] is None and state["loads"] == {}
+    if content in ("{not json", "[1, 2]", ""):
+        assert list(tmp_path.glob("state.json.corrupt-*"))
+
+
+def test_state_writes_are_atomic_and_leave_no_temp_files(tmp_path) -> None:
+    path = tmp_path / "state.json"
+    for i in range(5):
+        store.write_json(path, {"n": i})
+    assert json.loads(path.read_text()) == {"n": 4}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="failpoints are honoured only in root-owned files")
+def test_failpoints_are_read_only_from_a_private_root_file(tmp_path) -> None:
+    path = tmp_path / "failpoints.json"
+    path.write_text('{"in_verify": {"raise": "x"}}')
+    path.chmod(0o644)
+    store.Failpoints(path)("in_verify")  # world-readable: ignored
+    path.chmod(0o600)
+    with pytest.raises(ConnectionResetError):
+        store.Failpoints(path)("in_verify")
+
+
+def test_outcomes_are_kept_and_pruned(tmp_path) -> None:
+    for i in range(store.KEEP_OUTCOMES + 5):
+        store.save_outcome(tmp_path, f"tx{i:04d}", {"code": 0})
+    assert len(list(tmp_path.glob("*.json"))) == store.KEEP_OUTCOMES
+    assert store.read_outcome(tmp_path, f"tx{store.KEEP_OUTCOMES + 4:04d}") == {"code": 0}
+    assert store.read_outcome(tmp_path, "nope") is None
+
+
+def test_progress_never_fails(tmp_path) -> None:
+    progress = store.Progress(Path("/proc/forbidden-dir"), "t1")
+    progress("a line that has nowhere to go")
