@@ -25,10 +25,10 @@ HOST_SCRIPT = r"""
 import json, os, statistics, subprocess, sys, time, urllib.request
 
 RUNS = int(sys.argv[1])
-catalog = json.load(open("/etc/llamavm/catalog.json"))
-share = catalog["settings"]["share_path"]
-a, b = catalog["models"][0], catalog["models"][1]
-server = "/opt/llama.cpp/current/bin/llama-server"
+contract = json.load(open("/etc/llamavm/contract.json"))
+a, b = contract["models"][0], contract["models"][1]
+server = contract["paths"]["llama_server"]
+switch_tool = contract["paths"]["switch"]
 
 
 def healthy(port, timeout=60, body=None):
@@ -54,7 +54,7 @@ def post(port, body):
 
 
 def bare(model, port=8090):
-    args = [server, "--model", f"{share}/{model['gguf']}", "--host", "127.0.0.1",
+    args = [server, "--model", model["gguf"], "--host", "127.0.0.1",
             "--port", str(port), "--ctx-size", str(model["ctx_size"]),
             "--parallel", str(model["parallel"]), "--fit", "off"]
     t0 = time.monotonic()
@@ -68,7 +68,7 @@ def bare(model, port=8090):
 
 def switch(model):
     t0 = time.monotonic()
-    out = subprocess.run(["llamavm-switch", "switch", model["name"], "--json"],
+    out = subprocess.run([switch_tool, "switch", model["name"], "--json"],
                          capture_output=True, text=True, check=True)
     return time.monotonic() - t0, json.loads(out.stdout)
 
@@ -77,7 +77,7 @@ def router(port=8095):
     import tempfile
     d = tempfile.mkdtemp()
     for m in (a, b):
-        os.symlink(f"{share}/{m['gguf']}", f"{d}/{m['name']}.gguf")
+        os.symlink(m["gguf"], f"{d}/{m['name']}.gguf")
     proc = subprocess.Popen([server, "--models-dir", d, "--models-max", "1", "--host",
                              "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -127,6 +127,7 @@ def provision(
     archive = source.prepare()
     extra[source.EXTRA_VAR] = str(archive)
     extra[source.EXTRA_VAR_VERSION] = source.load_config().label
+    extra["llama_cpp_canary_model"] = str(tinymodel.canary())
     if inv.is_local and catalog.settings.controller_share_path:
         share = Path(catalog.settings.controller_share_path)
         written = tinymodel.ensure_all(share)

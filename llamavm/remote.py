@@ -199,6 +199,11 @@ def outcome(
                 answer["reconnected"] = True
                 return code, answer
             continue
+        if proc.returncode != 255 and proc.returncode >= 0:  # reached, but no answer
+            raise LlamavmError(
+                f"{host.name}: llamavm-switch answered no JSON (exit {proc.returncode}): "
+                f"{(proc.stdout or '').strip()[-200:]!r} — run invoke provision to reinstall it"
+            )
         if time.monotonic() - last_contact > give_up_s:
             return EXIT_UNKNOWN, {
                 "ok": False,

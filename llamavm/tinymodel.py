@@ -27,6 +27,9 @@ class TinySpec:
 
     name: str
     seed: int = 0
+    #: GGUF architecture; anything but "llama" makes a file with a sound header that
+    #: llama-server refuses to load (a model that crash-loops, for fault tests).
+    arch: str = "llama"
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
@@ -72,7 +75,7 @@ def write(spec: TinySpec, path: Path, vocab: Path | None = None) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = GGUFWriter(str(tmp), "llama")
+    writer = GGUFWriter(str(tmp), spec.arch)
     writer.add_name(spec.name)
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
@@ -150,3 +153,16 @@ def ensure_all(share_root: Path, specs_file: Path | None = None) -> list[Path]:
             write(TinySpec(**entry), target, vocab)
         written.append(target)
     return written
+
+
+#: The canary model of the llama_cpp role: a build must serve a token from it before it goes live.
+CANARY = TinySpec("llamavm-canary", seed=7)
+
+
+def canary(cache: Path | None = None) -> Path:
+    """The canary GGUF (written once into the controller cache)."""
+    root = cache or Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm"))
+    path = root / "canary" / f"{CANARY.name}.gguf"
+    if not path.is_file():
+        write(CANARY, path)
+    return path

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT, catalog, testbed
+from tests.integration.helpers import TESTBED_CATALOG, invoke
 
 VENV_BIN = Path(sys.executable).parent
 INVENTORY = REPO_ROOT / "inventories" / "local"
@@ -86,4 +87,24 @@ def testbed_info() -> Iterator[testbed.TestbedInfo]:
 def provisioned_testbed(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
     """The test bed with the base role applied."""
     apply_roles(["base"])
+    return testbed_info
+
+
+@pytest.fixture(scope="session")
+def models() -> catalog.Catalog:
+    """The test bed's catalog (tiny models)."""
+    return catalog.load(TESTBED_CATALOG)
+
+
+@pytest.fixture(scope="session")
+def host(testbed_info: testbed.TestbedInfo) -> str:
+    return testbed_info.host_address
+
+
+@pytest.fixture(scope="session")
+def provisioned(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
+    """The test bed provisioned by `invoke provision`: base, llama.cpp, model services."""
+    result = invoke("provision")
+    if result.returncode != 0:
+        pytest.fail(f"invoke provision failed:\n{result.stdout[-6000:]}\n{result.stderr}")
     return testbed_info

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, source
+from llamavm import REPO_ROOT, source, tinymodel
 
 VENV_BIN = Path(sys.executable).parent
 TARGET = os.environ.get("LLAMAVM_LLAMA_CPP_TARGET", "testbed")
@@ -129,6 +129,7 @@ def target(archive: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
     common = {
         "llama_cpp_source_archive": str(archive),
         "llama_cpp_source_version": source.load_config().label,
+        "llama_cpp_canary_model": str(tinymodel.canary()),
     }
     if TARGET == "testbed":
         info = request.getfixturevalue("testbed_info")
@@ -202,6 +203,10 @@ def test_first_converge_installs_a_versioned_build(target: Target, first_build: 
     assert info["key_inputs"]["flags"]["LLAMA_OPENSSL"] == "OFF"
     assert info["key_inputs"]["flags"]["GGML_CUDA"] == "OFF"
     assert info["version"].startswith("version:"), info
+    # A native build needs what its builder's CPU has: the stamp declares it for artifacts.
+    flags = target.sh("grep -m1 '^flags' /proc/cpuinfo").stdout.split()
+    assert info["cpu_features"] and set(info["cpu_features"]) <= set(flags), info
+    assert "avx2" in info["cpu_features"] or "avx2" not in flags
     assert "version" in target.sh(f"{d}/bin/llama-server --version 2>&1").stdout
     # Root-owned and read-only to everyone else, including the build user.
     st = target.sh(f"stat -c '%U %a' {d}/bin/llama-server {d}/bin/llama-fit-params {d}/lib")
@@ -367,30 +372,128 @@ def test_keep_builds_prunes_old_installs(target: Target, first_build: str) -> No
 
 
 def test_fleet_artifact_is_installed_without_compiling(target: Target, first_build: str) -> None:
-    """A host whose key has an artifact on the controller unpacks it instead of compiling."""
+    """A host whose key has an artifact on the controller unpacks it instead of compiling,
+    after checking the CPU features the artifact declares."""
     artifacts = Path(tempfile.mkdtemp(prefix="lvm-it-artifacts-"))
-    other = Path(tempfile.mkdtemp(prefix="lvm-it-opt2-"))
-    other.chmod(0o755)
+    # A "second host": same CPU, flags and source, but its own (empty) prefix.
+    other = f"/tmp/lvm-it-opt2-{uuid.uuid4().hex[:8]}"
+    target.sh(f"install -d -m 0755 {other}")
     try:
         published = must_pass(
             target.playbook("llama_cpp.yml", {"llama_cpp_artifact_dir": str(artifacts)}),
             "publish",
         )
         assert (artifacts / f"{first_build}.tar.gz").is_file(), published[-3000:]
-        if target.ssh:
-            return  # a second host needs a second test bed
-        # A "second host": same CPU, flags and source, but its own (empty) prefix.
-        second = {"llama_cpp_artifact_dir": str(artifacts), "llama_cpp_prefix": str(other)}
+        declared = json.loads((artifacts / f"{first_build}.json").read_text())
+        assert declared["build_id"] == first_build and declared["cpu_features"]
+        second = {"llama_cpp_artifact_dir": str(artifacts), "llama_cpp_prefix": other}
         before = _ccache_stats(target)
         out = must_pass(target.playbook("llama_cpp.yml", second), "install from artifact")
         assert "Unpack the artifact into the staging directory" in out
         assert "Configure and compile" not in out
         assert _ccache_stats(target) == before
-        assert os.readlink(other / "current") == first_build
+        assert target.sh(f"readlink {other}/current").stdout.strip() == first_build
         ldd = target.sh(f"ldd {other}/current/bin/llama-server").stdout
         assert f"{other}/current/bin/../lib/libllama" in ldd, ldd
         again = must_pass(target.playbook("llama_cpp.yml", second), "artifact no-op")
         assert recap_changed(again) == 0, again[-3000:]
     finally:
         shutil.rmtree(artifacts, ignore_errors=True)
-        shutil.rmtree(other, ignore_errors=True)
+        target.sh(f"rm -rf {other}")
+
+
+def test_an_artifact_needing_cpu_features_the_host_lacks_is_refused(
+    target: Target, first_build: str
+) -> None:
+    artifacts = Path(tempfile.mkdtemp(prefix="lvm-it-artifacts-"))
+    other = f"/tmp/lvm-it-opt3-{uuid.uuid4().hex[:8]}"
+    target.sh(f"install -d -m 0755 {other}")
+    try:
+        must_pass(
+            target.playbook("llama_cpp.yml", {"llama_cpp_artifact_dir": str(artifacts)}),
+            "publish",
+        )
+        sidecar = artifacts / f"{first_build}.json"
+        declared = json.loads(sidecar.read_text())
+        declared["cpu_features"] = [*declared["cpu_features"], "avx512_llamavm_test"]
+        sidecar.write_text(json.dumps(declared))
+        proc = target.playbook(
+            "llama_cpp.yml", {"llama_cpp_artifact_dir": str(artifacts), "llama_cpp_prefix": other}
+        )
+        assert proc.returncode != 0
+        assert "needs the CPU features avx512_llamavm_test" in proc.stdout, proc.stdout[-3000:]
+        assert target.sh(f"test -e {other}/current").returncode != 0
+    finally:
+        shutil.rmtree(artifacts, ignore_errors=True)
+        target.sh(f"rm -rf {other}")
+
+
+def test_staging_never_follows_links_the_build_user_planted(
+    target: Target, first_build: str
+) -> None:
+    """The build tree belongs to the unprivileged build user; root copies nothing from it."""
+    work = f"/tmp/lvm-it-stage-{uuid.uuid4().hex[:8]}"
+    target.sh(
+        f"install -d -o llamabuild -g llamabuild {work} {work}/build {work}/build/bin && "
+        f"runuser -u llamabuild -- ln -s /etc/shadow {work}/build/bin/llama-server"
+    )
+    try:
+        proc = target.sh(
+            f"/usr/local/libexec/llamavm/llama-cpp-build stage {work}/build {work}/stage "
+            "llama-server llamabuild"
+        )
+        assert proc.returncode != 0, proc.stdout
+        assert "cannot read llama-server" in proc.stderr, proc.stderr
+        leaked = target.sh(f"grep -c root: {work}/stage/bin/llama-server 2>/dev/null").stdout
+        assert leaked.strip() in ("", "0"), "root copied /etc/shadow into the stage"
+        planted = f"ln -sf /etc/shadow {work}/build/bin/libggml.so"
+        target.sh(f"runuser -u llamabuild -- {planted}")
+        target.sh(f"runuser -u llamabuild -- sh -c 'echo x > {work}/build/bin/llama-server.real'")
+        proc = target.sh(
+            f"runuser -u llamabuild -- rm {work}/build/bin/llama-server && "
+            f"runuser -u llamabuild -- cp /bin/true {work}/build/bin/llama-server && "
+            f"/usr/local/libexec/llamavm/llama-cpp-build stage {work}/build {work}/stage "
+            "llama-server llamabuild"
+        )
+        assert proc.returncode != 0
+        assert "links outside the build" in proc.stderr, proc.stderr
+    finally:
+        target.sh(f"rm -rf {work}")
+
+
+def _trap_on_first_computation(tree: Path) -> None:
+    """Make every graph computation die with SIGILL, as a build with CPU flags the host lacks
+    does: --version and --list-devices still work, the first token never comes."""
+    cpu = tree / "ggml" / "src" / "ggml-cpu" / "ggml-cpu.c"
+    text = cpu.read_text()
+    head = (
+        "enum ggml_status ggml_graph_compute(struct ggml_cgraph * cgraph, "
+        "struct ggml_cplan * cplan) {"
+    )
+    assert head in text, "ggml_graph_compute moved: update this test"
+    cpu.write_text(text.replace(head, head + "\n    __builtin_trap();", 1))
+
+
+def test_a_build_that_dies_on_its_first_computation_never_goes_live(
+    target: Target, first_build: str, tmp_path: Path
+) -> None:
+    tree = _copy_tree(tmp_path / "llama.cpp", (".git", "docs", "models", "media"))
+    _trap_on_first_computation(tree)
+    bad = source.prepare(tree=tree)
+    before = target.readlink("current")
+    serving = (
+        "systemctl show -p MainPID --value $(systemctl list-units --state=active "
+        "--no-legend --plain 'llamavm-model-*' | cut -d' ' -f1 | head -1) 2>/dev/null"
+    )
+    pid_before = target.sh(serving).stdout.strip()
+    try:
+        proc = target.playbook("llama_cpp.yml", {"llama_cpp_source_archive": str(bad)})
+    finally:
+        bad.unlink()
+    out = proc.stdout
+    assert proc.returncode != 0, out[-3000:]
+    assert "Canary - llama-server --version" in out  # the old canary passed ...
+    assert "canary failed: llama-server died with signal 4 (ILL)" in out, out[-4000:]
+    assert target.readlink("current") == before  # ... the new one kept it from going live
+    assert target.sh(f"ls -d {target.prefix}/.stage-* 2>/dev/null").stdout.strip() == ""
+    assert target.sh(serving).stdout.strip() == pid_before

@@ -7,95 +7,27 @@ and is checked from the LAN client's network namespace, as another device on the
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import catalog, tinymodel
+from tests.integration.helpers import (
+    SHARE,
+    TESTBED_CATALOG,
+    active_units,
+    client_curl,
+    host_run,
+    http_code,
+    invoke,
+    running_servers,
+    url,
+)
 
 pytestmark = pytest.mark.testbed
-
-INVOKE = Path(sys.executable).parent / "invoke"
-TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
-SHARE = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "models"
-
-
-def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(INVOKE), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def host_run(command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run a shell command as root on the test-bed host (over SSH, as an operator would)."""
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
-    return subprocess.run(
-        [*testbed.ssh_base_command(cfg, paths), shlex.join(["sudo", "-n", "bash", "-c", command])],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def client_curl(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return testbed.client_run(
-        ["curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}", *args, url],
-        capture_output=True,
-        text=True,
-    )
-
-
-def http_code(url: str, *args: str) -> int | None:
-    """The HTTP status the LAN client gets, or None when the connection is refused."""
-    result = client_curl(url, *args)
-    if result.returncode != 0:
-        return None
-    return int(result.stdout.rsplit("\n", 1)[-1])
-
-
-def running_servers() -> list[str]:
-    out = host_run("pgrep -x llama-server || true").stdout.split()
-    return out
-
-
-def active_units() -> list[str]:
-    result = host_run(
-        "systemctl list-units --state=active --no-legend --plain 'llamavm-model-*' | cut -d' ' -f1"
-    )
-    return [u for u in result.stdout.split() if u]
-
-
-@pytest.fixture(scope="session")
-def models() -> catalog.Catalog:
-    return catalog.load(TESTBED_CATALOG)
-
-
-@pytest.fixture(scope="session")
-def host(testbed_info: testbed.TestbedInfo) -> str:
-    return testbed_info.host_address
-
-
-@pytest.fixture(scope="session")
-def provisioned(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
-    """The test bed provisioned by `invoke provision`: base, llama.cpp, model services."""
-    result = invoke("provision")
-    if result.returncode != 0:
-        pytest.fail(f"invoke provision failed:\n{result.stdout[-6000:]}\n{result.stderr}")
-    return testbed_info
 
 
 @pytest.fixture
@@ -106,17 +38,13 @@ def serving_one(provisioned, models) -> Iterator[None]:
     yield
 
 
-def _url(host: str, model: catalog.Model, path: str = "/") -> str:
-    return f"http://{host}:{model.port}{path}"
-
-
 def test_default_model_serves_the_lan(serving_one, models, host) -> None:
     one, two = models.default, next(m for m in models.models if m != models.default)
-    assert http_code(_url(host, one, "/health")) == 200
-    listed = client_curl(_url(host, one, "/v1/models")).stdout.rsplit("\n", 1)[0]
+    assert http_code(url(host, one, "/health")) == 200
+    listed = client_curl(url(host, one, "/v1/models")).stdout.rsplit("\n", 1)[0]
     assert one.name in [m["id"] for m in json.loads(listed)["data"]]
     chat = client_curl(
-        _url(host, one, "/v1/chat/completions"),
+        url(host, one, "/v1/chat/completions"),
         "-H",
         "Content-Type: application/json",
         "-d",
@@ -125,11 +53,11 @@ def test_default_model_serves_the_lan(serving_one, models, host) -> None:
     body, code = chat.stdout.rsplit("\n", 1)
     assert code == "200", body
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
-    page = client_curl(_url(host, one, "/"), "--compressed")
+    page = client_curl(url(host, one, "/"), "--compressed")
     assert page.stdout.rsplit("\n", 1)[-1] == "200"
     assert "<html" in page.stdout.lower()
-    assert http_code(_url(host, one, "/metrics")) == 200
-    assert http_code(_url(host, two, "/health")) is None  # refused: nothing listens there
+    assert http_code(url(host, one, "/metrics")) == 200
+    assert http_code(url(host, two, "/health")) is None  # refused: nothing listens there
 
 
 def test_unit_is_hardened_and_runs_unprivileged(serving_one, models) -> None:
@@ -160,15 +88,15 @@ def test_switch_moves_the_port_and_manual_start_still_excludes(serving_one, mode
     result = invoke("switch", "--model", two.aliases[0] if two.aliases else two.name)
     assert result.returncode == 0, result.stderr
     assert f"http://{host}:{two.port}/" in result.stdout
-    assert http_code(_url(host, two, "/health")) == 200
-    assert http_code(_url(host, one, "/health")) is None
+    assert http_code(url(host, two, "/health")) == 200
+    assert http_code(url(host, one, "/health")) is None
     # An operator bypassing llamavm: systemd's Conflicts= still keeps one model.
     started = host_run(f"systemctl start {one.unit}")
     assert started.returncode == 0, started.stderr
     assert len(running_servers()) == 1
     assert active_units() == [one.unit]
-    assert http_code(_url(host, one, "/health")) == 200
-    assert http_code(_url(host, two, "/health")) is None
+    assert http_code(url(host, one, "/health")) == 200
+    assert http_code(url(host, two, "/health")) is None
 
 
 def test_switch_to_the_active_model_is_a_no_op(serving_one, models) -> None:
@@ -241,7 +169,7 @@ def bad_catalog(provisioned, models, tmp_path_factory) -> Iterator[catalog.Catal
     (bad_dir / "unreadable.gguf").chmod(0o600)
     shutil.copy(good, bad_dir / "copy.gguf")
     data = yaml.safe_load(TESTBED_CATALOG.read_text())
-    base = {"ctx_size": 1024, "parallel": 1, "health_timeout_s": 30}
+    base: dict[str, object] = {"ctx_size": 1024, "parallel": 1, "health_timeout_s": 30}
     extra = [
         {"name": "missing", "gguf": "bad/missing.gguf", "port": 8011},
         {"name": "unreadable", "gguf": "bad/unreadable.gguf", "port": 8012},
@@ -249,14 +177,11 @@ def bad_catalog(provisioned, models, tmp_path_factory) -> Iterator[catalog.Catal
         {"name": "wrong-size", "gguf": "bad/copy.gguf", "port": 8014, "size_bytes": 12345},
         {"name": "wrong-sha", "gguf": "bad/copy.gguf", "port": 8015, "sha256": "ab" * 32},
         {"name": "too-big", "gguf": "bad/copy.gguf", "port": 8016, "vram_mib": 999999},
-        {
-            "name": "crashes",
-            "gguf": "tiny/tiny-one.gguf",
-            "port": 8017,
-            "extra_args": ["--no-such-flag-llamavm"],
-        },
+        # A sound GGUF header, an architecture llama-server refuses: it crash-loops.
+        {"name": "crashes", "gguf": "bad/crashes.gguf", "port": 8017, "health_timeout_s": 600},
     ]
-    data["models"] += [{**base, **entry} for entry in extra]
+    tinymodel.write(tinymodel.TinySpec("crashes", arch="llamavm-broken"), bad_dir / "crashes.gguf")
+    data["models"] += [{**base, **entry} for entry in extra]  # type: ignore[dict-item]
     path = tmp_path_factory.mktemp("catalog") / "models.bad.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     result = invoke("provision", "--catalog", str(path))
@@ -293,10 +218,10 @@ def test_bad_switch_keeps_the_active_model(
     assert "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.startswith("llamavm:")][-1]
     assert fragment in last, result.stderr
-    assert http_code(_url(host, models.default, "/health")) == 200
+    assert http_code(url(host, models.default, "/health")) == 200
     assert (
         http_code(
-            _url(host, models.default, "/completion"),
+            url(host, models.default, "/completion"),
             "-H",
             "Content-Type: application/json",
             "-d",
@@ -338,16 +263,16 @@ def test_api_key_policy_locks_the_api_but_not_health(provisioned, models, host, 
         unit = models.default.unit
         assert key not in host_run(f"systemctl cat {unit}").stdout
         assert key not in host_run("ps -eo args").stdout  # never on a command line
-        assert http_code(_url(host, models.default, "/health")) == 200
-        assert http_code(_url(host, models.default, "/v1/models")) == 401
+        assert http_code(url(host, models.default, "/health")) == 200
+        assert http_code(url(host, models.default, "/v1/models")) == 401
         wrong = "Authorization: Bearer not-the-key"
-        assert http_code(_url(host, models.default, "/v1/models"), "-H", wrong) == 401
+        assert http_code(url(host, models.default, "/v1/models"), "-H", wrong) == 401
         right = f"Authorization: Bearer {key}"
-        assert http_code(_url(host, models.default, "/v1/models"), "-H", right) == 200
+        assert http_code(url(host, models.default, "/v1/models"), "-H", right) == 200
     finally:
         result = invoke("provision")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
-    assert http_code(_url(host, models.default, "/v1/models")) == 200
+    assert http_code(url(host, models.default, "/v1/models")) == 200
 
 
 def test_kill_9_is_restarted(serving_one, models, host) -> None:
@@ -357,7 +282,7 @@ def test_kill_9_is_restarted(serving_one, models, host) -> None:
     host_run(f"kill -9 {pid}")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if http_code(_url(host, models.default, "/health")) == 200:
+        if http_code(url(host, models.default, "/health")) == 200:
             new = host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
             if new not in (pid, "", "0"):
                 break

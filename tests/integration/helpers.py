@@ -1,0 +1,116 @@
+"""What the integration tests do as an operator and as a LAN device: run `invoke`, run a
+command on the test-bed host over SSH, curl from the LAN client's namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamavm import REPO_ROOT, catalog, testbed
+
+INVOKE = Path(sys.executable).parent / "invoke"
+TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
+SHARE = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "models"
+FAILPOINTS = "/run/llamavm/failpoints.json"
+
+
+def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(INVOKE), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def host_run(command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a shell command as root on the test-bed host (over SSH, as an operator would)."""
+    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    return subprocess.run(
+        [*testbed.ssh_base_command(cfg, paths), shlex.join(["sudo", "-n", "bash", "-c", command])],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def client_curl(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return testbed.client_run(
+        ["curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}", *args, url],
+        capture_output=True,
+        text=True,
+    )
+
+
+def http_code(url: str, *args: str) -> int | None:
+    """The HTTP status the LAN client gets, or None when the connection is refused."""
+    result = client_curl(url, *args)
+    if result.returncode != 0:
+        return None
+    return int(result.stdout.rsplit("\n", 1)[-1])
+
+
+def url(host: str, model: catalog.Model, path: str = "/") -> str:
+    return f"http://{host}:{model.port}{path}"
+
+
+def running_servers() -> list[str]:
+    return host_run("pgrep -x llama-server || true").stdout.split()
+
+
+def active_units() -> list[str]:
+    result = host_run(
+        "systemctl list-units --state=active,activating --no-legend --plain 'llamavm-model-*' "
+        "| cut -d' ' -f1"
+    )
+    return [u for u in result.stdout.split() if u]
+
+
+def main_pid(unit: str) -> str:
+    return host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+
+
+def status() -> dict[str, Any]:
+    result = invoke("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return next(iter(json.loads(result.stdout).values()))
+
+
+def set_failpoints(points: dict[str, Any]) -> None:
+    body = shlex.quote(json.dumps(points))
+    result = host_run(f"install -d -m 0755 /run/llamavm && umask 077 && echo {body} > {FAILPOINTS}")
+    assert result.returncode == 0, result.stderr
+
+
+def clear_failpoints() -> None:
+    host_run(f"rm -f {FAILPOINTS}")
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def catalog_with(tmp_path: Path, extra_models: list[dict[str, Any]], **settings: Any) -> Path:
+    """The test bed's catalog plus `extra_models` (and settings changes), as a file."""
+    data = yaml.safe_load(TESTBED_CATALOG.read_text())
+    data["models"] += extra_models
+    data["settings"].update(settings)
+    path = tmp_path / "models.extra.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,128 @@
+"""The host contract (llamavm/contract.py): computed once on the controller, read by the host.
+Quoting for systemd, the credential, URLs, and that both sides agree on its shape."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamavm import catalog, contract
+from llamavm.errors import LlamavmError
+from llamavm.host import contract as host_contract
+from tests.unit.test_catalog import VALID
+
+
+def _catalog(tmp_path: Path, **settings) -> catalog.Catalog:
+    data = copy.deepcopy(VALID)
+    data["settings"].update(settings)
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return catalog.load(path)
+
+
+def systemd_words(line: str) -> list[str]:
+    """How systemd splits an Exec= line into argv (quotes, backslash escapes, %% and $$)."""
+    words = shlex.split(line.replace("%%", "%").replace("$$", "$"), posix=True)
+    return words
+
+
+@pytest.mark.parametrize(
+    "arg",
+    ["plain", "with space", 'quote"inside', "back\\slash", "100%", "$HOME", "${X}", "'single'"],
+)
+def test_systemd_quote_round_trips(arg: str) -> None:
+    quoted = contract.systemd_quote(arg)
+    assert quoted.startswith('"') and quoted.endswith('"')
+    assert "%" not in quoted.replace("%%", "") and "$" not in quoted.replace("$$", "")
+    assert systemd_words(quoted) == [arg]
+
+
+@pytest.mark.parametrize("arg", ["a\nExecStartPre=/bin/sh", "tab\there", "nul\x00", "del\x7f"])
+def test_systemd_quote_refuses_control_characters(arg: str) -> None:
+    with pytest.raises(ValueError):
+        contract.systemd_quote(arg)
+
+
+def test_the_contract_carries_argv_units_and_urls(tmp_path) -> None:
+    cat = _catalog(tmp_path)
+    data = contract.build(cat, {})
+    alpha = data["models"][0]
+    assert alpha["unit"] == "llamavm-model-alpha.service"
+    assert alpha["gguf"] == "/mnt/models/alpha/alpha.gguf"
+    assert alpha["health_url"] == "http://127.0.0.1:8001/health"
+    argv = alpha["argv"]
+    assert argv[0] == "/opt/llama.cpp/current/bin/llama-server"
+    assert argv[argv.index("--port") + 1] == "8001" and argv[-1] == "--metrics"
+    assert argv[argv.index("--fit") + 1] == "off"
+    unit = alpha["systemd"]
+    assert unit["conflicts"] == ["llamavm-model-beta.service"] and unit["after"] == []
+    assert data["models"][1]["systemd"]["after"] == ["llamavm-model-alpha.service"]
+    # policy required: the key file is a credential, %d unquoted, never the key itself
+    assert '"--api-key-file" %d/api-key' in unit["exec_start"]
+    assert unit["load_credential"] == "api-key:/etc/llamavm/api-key"
+    words = systemd_words(unit["exec_start"].replace("%d/", "CRED/"))
+    assert words == [w.replace("%d/", "CRED/") for w in argv]
+
+
+def test_no_credential_without_a_key_policy(tmp_path) -> None:
+    data = contract.build(_catalog(tmp_path, api_key={"policy": "none"}), {})
+    unit = data["models"][0]["systemd"]
+    assert unit["load_credential"] is None and "--api-key-file" not in unit["exec_start"]
+
+
+@pytest.mark.parametrize(
+    ("bind", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8001"),
+        ("::", "http://[::1]:8001"),
+        ("192.168.1.7", "http://192.168.1.7:8001"),
+        ("fd00::7", "http://[fd00::7]:8001"),
+    ],
+)
+def test_health_urls_follow_the_bind_address(tmp_path, bind, url) -> None:
+    data = contract.build(_catalog(tmp_path, bind_address=bind), {})
+    assert data["models"][0]["base_url"] == url
+
+
+def test_the_host_reads_what_the_controller_writes(tmp_path) -> None:
+    cat = _catalog(tmp_path)
+    data = contract.build(cat, {"alpha": {"verdict": "fits"}})
+    parsed = host_contract.parse(data)
+    assert parsed.resolve("a").name == "alpha"
+    assert parsed.default.name == "alpha"
+    assert parsed.paths.switch == Path("/usr/local/bin/llamavm-switch")
+    assert parsed.paths.contract == host_contract.CONTRACT_PATH
+    assert parsed.models[0].vram == {"verdict": "fits"}
+    assert parsed.api_key_min_length == 32
+
+
+def test_quoted_catalog_values_reach_argv_unharmed(tmp_path) -> None:
+    data = copy.deepcopy(VALID)
+    data["models"][0]["gguf"] = 'odd dir/we "ird" 100% $HOME \\x.gguf'
+    data["models"][0]["extra_args"] = ["--chat-template-kwargs", '{"a": "b c"}']
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    built = contract.build(catalog.load(path), {})["models"][0]
+    words = systemd_words(built["systemd"]["exec_start"].replace("%d/", "CRED/"))
+    assert words == [w.replace("%d/", "CRED/") for w in built["argv"]]
+    assert '/mnt/models/odd dir/we "ird" 100% $HOME \\x.gguf' in words
+
+
+def test_host_config_errors_name_the_key(tmp_path) -> None:
+    good = yaml.safe_load(contract.HOST_CONFIG.read_text())
+    for mutate, fragment in [
+        (lambda d: d["paths"].update(state_dir="relative"), "paths.state_dir"),
+        (lambda d: d["service"].update(user="Root User"), "service.user"),
+        (lambda d: d["switch"].update(lock_timeout_s=True), "switch.lock_timeout_s"),
+        (lambda d: d["api_key"].update(min_length=4), "api_key.min_length"),
+    ]:
+        data = copy.deepcopy(good)
+        mutate(data)
+        path = tmp_path / "host.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(LlamavmError, match=fragment):
+            contract.load_host_config(path)
