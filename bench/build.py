@@ -27,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from llamavm import source  # noqa: E402
+from llamavm import source, tinymodel  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -37,6 +37,7 @@ def converge(scratch: Path, archive: Path, extra: dict[str, object]) -> tuple[fl
     evars = {
         "llama_cpp_source_archive": str(archive),
         "llama_cpp_source_version": source.load_config().label,
+        "llama_cpp_canary_model": str(tinymodel.canary()),
         "llama_cpp_prefix": str(scratch / "opt"),
         "llama_cpp_build_root": str(scratch / "build"),
         "llama_cpp_hosts": "localhost",

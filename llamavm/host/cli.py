@@ -46,7 +46,7 @@ from llamavm.host import (
 from llamavm.host import status as status_mod
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.systemd import Systemd
-from llamavm.host.transaction import Host, Interrupted, Transaction
+from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 
 TX_RE = re.compile(r"[a-z0-9]{6,32}")
 MUTATING = ("switch", "stop", "apply")
@@ -89,7 +89,8 @@ def run(contract: Contract, tx: str, op: str, args: list[str]) -> dict[str, Any]
             waiting=lambda: progress("waiting for another llamavm transaction to finish"),
         ):
             outcome = _outcome(transaction, op, args)
-            _save(contract, tx, op, outcome, began)
+            if not outcome.pop("deferred", False):
+                _save(contract, tx, op, outcome, began)
     except HostError as exc:  # the lock
         outcome = {"ok": False, "code": exc.code, "error": str(exc)}
         _save(contract, tx, op, outcome, began)
@@ -118,6 +119,8 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
         else:
             raise HostError(f"unknown operation {op!r}", EXIT_REFUSED)
         return {"ok": True, "code": 0, **result}
+    except Deferred as exc:
+        return {"ok": False, "code": exc.code, "error": str(exc), "deferred": True}
     except HostError as exc:
         return {"ok": False, "code": exc.code, "error": str(exc), "journal": exc.detail}
     except BaseException as exc:  # before any stop (after one, the transaction rolls back)
@@ -137,6 +140,8 @@ def recover(contract: Contract, tx: str) -> dict[str, Any]:
     """ExecStopPost of a transaction unit: finish it if its process died without an outcome."""
     if store.read_outcome(contract.paths.outcomes, tx):
         return {"ok": True, "changed": False}
+    if Systemd().system_state() == "stopping":  # nothing can start now: the boot finishes it
+        return {"ok": True, "changed": False, "deferred": True}
     progress = store.Progress(contract.paths.progress, tx)
     host = Host(contract, progress=progress)
     with store.locked(contract.paths.lock, contract.lock_timeout_s):
@@ -325,6 +330,10 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "switch":
             contract.resolve(args.model)  # an unknown name is refused before any unit starts
         tx = args.tx or new_tx()
+        if store.read_outcome(contract.paths.outcomes, tx) or store.progress_path(
+            contract.paths.progress, tx
+        ).exists():
+            raise HostError(f"transaction id {tx} was used before — use a new one", EXIT_REFUSED)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         systemd = Systemd()

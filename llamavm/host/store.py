@@ -219,7 +219,7 @@ class Failpoints:
                     self.points = {k: v for k, v in data.items() if isinstance(v, dict)}
 
     def __call__(self, name: str) -> None:
-        point = self.points.get(name)
+        point = self.points.pop(name, None)  # each fires once: never again in the rollback
         if not point:
             return
         if point.get("sleep"):

@@ -59,6 +59,10 @@ class Systemd:
         props = self.show(units, ["UnitFileState"])
         return [u for u in units if props.get(u, {}).get("UnitFileState") == "enabled"]
 
+    def system_state(self) -> str:
+        """`systemctl is-system-running`: running, degraded, starting, stopping, ..."""
+        return self._run("systemctl", "is-system-running").stdout.strip()
+
     def journal_tail(self, unit: str, lines: int = 25) -> str:
         run = self._run("journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat")
         return run.stdout.strip()

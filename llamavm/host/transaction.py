@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import EXIT_FAILED, EXIT_REFUSED, EXIT_ROLLBACK_FAILED, checks, gpu, http, store
+from llamavm.host import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    EXIT_ROLLBACK_FAILED,
+    EXIT_UNKNOWN,
+    checks,
+    gpu,
+    http,
+    store,
+)
 from llamavm.host import watch as watch_mod
 from llamavm.host.contract import Contract, HostError, Model
 from llamavm.host.systemd import Systemd
@@ -29,6 +38,11 @@ BUSY = ("active", "activating", "reloading", "deactivating")
 
 class Interrupted(BaseException):
     """A signal asked the transaction to stop; raised where it was, so it rolls back."""
+
+
+class Deferred(HostError):
+    """The host is shutting down: no unit can start now. The intent stays recorded and the
+    boot unit finishes the transaction (no outcome is written before that)."""
 
 
 def _noop(_: str) -> None:
@@ -437,6 +451,9 @@ class Transaction:
         self.rolling_back = True
         host = self.host
         reason, detail = describe(failure)
+        if host.systemd.system_state() == "stopping":
+            host.progress(f"{reason}; the host is shutting down, the boot will finish this")
+            raise Deferred(f"{reason}; deferred to the next boot", EXIT_UNKNOWN, detail)
         if target and not detail:
             detail = host.systemd.journal_tail(target.unit)
         host.progress(f"{reason}; rolling back")

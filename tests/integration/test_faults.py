@@ -13,6 +13,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -88,7 +89,9 @@ def _switch_and_cut(model: str, when: str) -> subprocess.CompletedProcess[str]:
 
     reader = threading.Thread(target=watch)
     reader.start()
-    stdout, _ = proc.communicate(timeout=300)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()  # stderr is the reader's alone
+    proc.wait(timeout=300)
     reader.join()
     assert cut.is_set(), f"never saw {when!r}: {''.join(seen)}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(seen))
@@ -243,14 +246,15 @@ def test_a_reboot_brings_back_the_model_that_was_serving(one_serving, host) -> N
 def test_a_reboot_mid_switch_is_recovered_at_boot(one_serving, host) -> None:
     old, new = one_serving
     set_failpoints({"after_stop": {"sleep": 60}})
-    host_run(f"llamavm-switch switch {new.name} --tx rebootmid1 >/dev/null 2>&1 &")
+    tx = f"reboot{uuid.uuid4().hex[:8]}"
+    host_run(f"llamavm-switch switch {new.name} --tx {tx} >/dev/null 2>&1 &")
     wait_for(lambda: status()["transaction"] is not None, 20, "the transaction to begin")
     wait_for(lambda: active_units() == [], 20, "the old model to stop")
     testbed.down()  # the power goes: /run (and the failpoint) is gone at boot
     testbed.up()
     wait_for(lambda: http_code(url(host, old, "/health")) == 200, 90, f"{old.name} after boot")
     _exactly_one_serves(old, host)
-    outcome = json.loads(host_run("llamavm-switch result rebootmid1 --json").stdout)
+    outcome = json.loads(host_run(f"llamavm-switch result {tx} --json").stdout)
     assert outcome["code"] == 1 and "rebooted" in outcome["recovered"], outcome
 
 
@@ -355,3 +359,12 @@ def test_invoke_switch_reports_a_host_that_answers_without_json(one_serving, mon
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "StopIteration" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("llamavm: ")
+
+
+def test_a_transaction_id_is_never_reused(one_serving) -> None:
+    _, new = one_serving
+    tx = f"once{uuid.uuid4().hex[:8]}"
+    first = host_run(f"llamavm-switch switch {new.name} --tx {tx} --json")
+    assert json.loads(first.stdout)["code"] == 0
+    again = host_run(f"llamavm-switch switch {new.name} --tx {tx} --json")
+    assert again.returncode == 2 and "was used before" in again.stdout

@@ -81,6 +81,7 @@ def test_cuda_build_links_ggml_cuda_and_serves_health(cuda_toolkit: str) -> None
     evars = {
         "llama_cpp_source_archive": str(archive),
         "llama_cpp_source_version": source.load_config().label,
+        "llama_cpp_canary_model": str(tinymodel.canary()),
         "llama_cpp_prefix": str(prefix),
         "llama_cpp_build_root": str(BUILD_ROOT),
         "llama_cpp_hosts": "localhost",

@@ -202,6 +202,11 @@ class FakeSystemd:
     def journal_tail(self, unit: str, lines: int = 25) -> str:
         return f"journal of {unit}"
 
+    state: str = "running"
+
+    def system_state(self) -> str:
+        return self.state
+
     def run_transient(self, unit: str, argv: Any, properties: Any) -> str:
         self.calls.append(("run", unit))
         return ""

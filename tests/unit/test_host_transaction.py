@@ -21,7 +21,13 @@ from llamavm.host import (
     store,
 )
 from llamavm.host.contract import HostError
-from llamavm.host.transaction import Host, Interrupted, Transaction, service_section
+from llamavm.host.transaction import (
+    Deferred,
+    Host,
+    Interrupted,
+    Transaction,
+    service_section,
+)
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
 from tests.unit.host_fakes import FakeSystemd, contracts
 
@@ -428,3 +434,24 @@ def test_outcomes_are_kept_and_pruned(tmp_path) -> None:
 def test_progress_never_fails(tmp_path) -> None:
     progress = store.Progress(Path("/proc/forbidden-dir"), "t1")
     progress("a line that has nowhere to go")
+
+
+def test_a_failure_during_shutdown_is_left_to_the_boot(world) -> None:
+    contract, fake, host, _ = world
+
+    def interrupted(model):
+        fake.state = "stopping"  # systemd is powering off and sends SIGTERM
+        raise Interrupted("SIGTERM")
+
+    host.verify = interrupted  # type: ignore[method-assign]
+    with pytest.raises(Deferred):
+        _tx(host).switch("two")
+    pending = _state(contract)["pending"]
+    assert pending and pending["target"] == "two" and pending["previous"] == "one"
+    fake.state = "running"  # ... and after the boot:
+    fake.stop(["llamavm-model-two.service"])
+    result = Transaction(host, "boot1", "boot").boot()
+    assert fake.running_units() == ["llamavm-model-one.service"]
+    outcome = store.read_outcome(contract.paths.outcomes, "abc123")
+    assert outcome["code"] == EXIT_FAILED and "rebooted" in outcome["recovered"]
+    assert result["changed"] is False  # the recovery already serves the chosen model
