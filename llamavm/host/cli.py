@@ -233,7 +233,7 @@ def follow(
 
 def _grace(contract: Contract, tx: str) -> float:
     """How long to wait for an outcome after the unit is gone: long if recovery is due."""
-    pending = store.load_state(contract.paths.state).get("pending") or {}
+    pending = store.load_state(contract.paths.state, repair=False).get("pending") or {}
     return RECOVER_GRACE_S if pending.get("tx") == tx else 2.0
 
 

@@ -15,7 +15,7 @@ _PROPS = ["ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic",
 
 
 def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
-    state = store.load_state(contract.paths.state)
+    state = store.load_state(contract.paths.state, repair=False)
     props = systemd.show([m.unit for m in contract.models], _PROPS)
     host = Host(contract, systemd=systemd)
     running = [m for m in contract.models if props.get(m.unit, {}).get("ActiveState") in BUSY]

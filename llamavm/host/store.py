@@ -107,17 +107,23 @@ def empty_state() -> dict[str, Any]:
     return {"desired": None, "stopped": False, "loads": {}, "pending": None, "last": None}
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The state, normalised; a malformed file is set aside (and said so), never a traceback."""
+def load_state(path: Path, *, repair: bool = True) -> dict[str, Any]:
+    """The state, normalised; a malformed file is set aside (and said so), never a traceback.
+
+    Readers outside the lock (status) pass repair=False: they change nothing on disk.
+    """
     try:
         raw = read_json(path)
     except (OSError, ValueError) as exc:
-        raw = _set_aside(path, f"unreadable ({exc})")
+        raw = None
+        if repair:
+            _set_aside(path, f"unreadable ({exc})")
     state = empty_state()
     if raw is None:
         return state
     if not isinstance(raw, dict):
-        _set_aside(path, "not a JSON object")
+        if repair:
+            _set_aside(path, "not a JSON object")
         return state
     if isinstance(raw.get("desired"), str):
         state["desired"] = raw["desired"]
