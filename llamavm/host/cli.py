@@ -330,9 +330,10 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "switch":
             contract.resolve(args.model)  # an unknown name is refused before any unit starts
         tx = args.tx or new_tx()
-        if store.read_outcome(contract.paths.outcomes, tx) or store.progress_path(
-            contract.paths.progress, tx
-        ).exists():
+        if (
+            store.read_outcome(contract.paths.outcomes, tx)
+            or store.progress_path(contract.paths.progress, tx).exists()
+        ):
             raise HostError(f"transaction id {tx} was used before — use a new one", EXIT_REFUSED)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

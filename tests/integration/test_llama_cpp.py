@@ -300,30 +300,38 @@ def test_rollback_flips_current_back_and_forth(target: Target, first_build: str)
     assert target.readlink("current") == first_build
 
 
+SERVING_PID = (
+    "systemctl show -p MainPID --value $(systemctl list-units --state=active "
+    "--no-legend --plain 'llamavm-model-*' | cut -d' ' -f1 | head -1) 2>/dev/null"
+)
+
+
+def _converge_broken(target: Target, tree: Path) -> subprocess.CompletedProcess[str]:
+    """Converge a broken source `tree`; it must fail and leave current, the stage and the
+    serving model (on the test bed) as they were."""
+    bad = source.prepare(tree=tree)
+    before = target.readlink("current")
+    pid_before = target.sh(SERVING_PID).stdout.strip()
+    try:
+        proc = target.playbook("llama_cpp.yml", {"llama_cpp_source_archive": str(bad)})
+    finally:
+        bad.unlink()
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert target.readlink("current") == before
+    assert target.sh(f"ls -d {target.prefix}/.stage-* 2>/dev/null").stdout.strip() == ""
+    assert target.sh(SERVING_PID).stdout.strip() == pid_before
+    return proc
+
+
 def test_broken_source_fails_with_the_compiler_error_and_keeps_current(
     target: Target, first_build: str, tmp_path: Path
 ) -> None:
     tree = _copy_tree(tmp_path / "llama.cpp", (".git", "docs", "models", "media"))
     broken = tree / "src" / "llama-vocab.cpp"
     broken.write_text(broken.read_text() + "\nthis is not C++ llamavm_broken_marker;\n")
-    bad = source.prepare(tree=tree)
-    before = target.readlink("current")
-    # On the test bed a model may be serving: the failed build must not touch it.
-    serving = (
-        "systemctl show -p MainPID --value $(systemctl list-units --state=active "
-        "--no-legend --plain 'llamavm-model-*' | cut -d' ' -f1 | head -1) 2>/dev/null"
-    )
-    pid_before = target.sh(serving).stdout.strip()
-    try:
-        proc = target.playbook("llama_cpp.yml", {"llama_cpp_source_archive": str(bad)})
-    finally:
-        bad.unlink()
-    assert proc.returncode != 0
+    proc = _converge_broken(target, tree)
     assert "llama-vocab.cpp" in proc.stdout and "error" in proc.stdout, proc.stdout[-4000:]
     assert "llamavm_broken_marker" in proc.stdout
-    assert target.readlink("current") == before
-    assert target.sh(f"ls -d {target.prefix}/.stage-* 2>/dev/null").stdout == ""
-    assert target.sh(serving).stdout.strip() == pid_before
 
 
 def test_git_source_builds_from_a_pinned_ref(target: Target, first_build: str) -> None:
@@ -479,21 +487,6 @@ def test_a_build_that_dies_on_its_first_computation_never_goes_live(
 ) -> None:
     tree = _copy_tree(tmp_path / "llama.cpp", (".git", "docs", "models", "media"))
     _trap_on_first_computation(tree)
-    bad = source.prepare(tree=tree)
-    before = target.readlink("current")
-    serving = (
-        "systemctl show -p MainPID --value $(systemctl list-units --state=active "
-        "--no-legend --plain 'llamavm-model-*' | cut -d' ' -f1 | head -1) 2>/dev/null"
-    )
-    pid_before = target.sh(serving).stdout.strip()
-    try:
-        proc = target.playbook("llama_cpp.yml", {"llama_cpp_source_archive": str(bad)})
-    finally:
-        bad.unlink()
-    out = proc.stdout
-    assert proc.returncode != 0, out[-3000:]
+    out = _converge_broken(target, tree).stdout
     assert "Canary - llama-server --version" in out  # the old canary passed ...
     assert "canary failed: llama-server died with signal 4 (ILL)" in out, out[-4000:]
-    assert target.readlink("current") == before  # ... the new one kept it from going live
-    assert target.sh(f"ls -d {target.prefix}/.stage-* 2>/dev/null").stdout.strip() == ""
-    assert target.sh(serving).stdout.strip() == pid_before

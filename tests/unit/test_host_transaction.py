@@ -63,6 +63,13 @@ def _state(contract) -> dict:
     return store.load_state(contract.paths.state)
 
 
+def _seed_state(contract, **fields) -> None:
+    """Write a state file with `fields` over an empty one."""
+    state = store.empty_state()
+    state.update(fields)
+    store.write_json(contract.paths.state, state)
+
+
 def test_switch_serves_the_new_model_and_records_it(world) -> None:
     contract, fake, host, _ = world
     result = _tx(host).switch("two")
@@ -146,9 +153,7 @@ def test_a_failure_while_stopping_rolls_back(world) -> None:
 
 def test_a_slow_load_that_progresses_is_never_rolled_back(world) -> None:
     contract, fake, host, _ = world
-    state = store.empty_state()
-    state["loads"]["two"] = [0.5]  # a warm load took 0.5 s: expected within 20 s
-    store.write_json(contract.paths.state, state)
+    _seed_state(contract, loads={"two": [0.5]})  # a warm load took 0.5 s: expect 20 s at most
     fake.units["llamavm-model-two.service"].behaviour = "slow"
     fake.units["llamavm-model-two.service"].load_s = 45  # a cold load from a network share
     result = _tx(host).switch("two")
@@ -158,9 +163,7 @@ def test_a_slow_load_that_progresses_is_never_rolled_back(world) -> None:
 
 def test_a_stalled_load_is_rolled_back_before_the_ceiling(world) -> None:
     contract, fake, host, _ = world
-    state = store.empty_state()
-    state["loads"]["two"] = [0.5]
-    store.write_json(contract.paths.state, state)
+    _seed_state(contract, loads={"two": [0.5]})
     fake.units["llamavm-model-two.service"].behaviour = "stall"
     began = fake.now
     with pytest.raises(HostError, match="stalled: no progress") as caught:
@@ -232,9 +235,9 @@ def test_with_nothing_serving_before_a_failure_falls_back_to_the_default(world) 
 
 def test_recover_finishes_a_switch_whose_process_died(world) -> None:
     contract, fake, host, _ = world
-    state = store.empty_state()
-    state["pending"] = {"tx": "dead01", "op": "switch", "target": "two", "previous": "one"}
-    store.write_json(contract.paths.state, state)
+    _seed_state(
+        contract, pending={"tx": "dead01", "op": "switch", "target": "two", "previous": "one"}
+    )
     fake.stop(["llamavm-model-one.service"])  # it died after the stop
     result = Transaction(host, "rec", "recover").recover("killed")
     assert result["recovered"] == "dead01"
@@ -246,9 +249,9 @@ def test_recover_finishes_a_switch_whose_process_died(world) -> None:
 
 def test_recover_keeps_a_switch_that_had_finished_serving(world) -> None:
     contract, fake, host, _ = world
-    state = store.empty_state()
-    state["pending"] = {"tx": "dead02", "op": "switch", "target": "two", "previous": "one"}
-    store.write_json(contract.paths.state, state)
+    _seed_state(
+        contract, pending={"tx": "dead02", "op": "switch", "target": "two", "previous": "one"}
+    )
     fake.stop(["llamavm-model-one.service"])
     fake.serve(contract, "two")
     Transaction(host, "rec", "recover").recover("killed")
