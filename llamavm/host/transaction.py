@@ -300,7 +300,13 @@ class Transaction:
                 ) from None
         live = {p.name: p.read_text() for p in paths.units_live.glob("llamavm-model-*.service")}
         running = self.host.running()
-        serving = running[0] if len(running) == 1 else None
+        if len(running) > 1:  # started by hand around Conflicts=: keep the chosen one
+            desired = self._state()["desired"]
+            keep = next((m for m in running if m.name == desired), running[0])
+            self.host.progress(f"several models run; keeping {keep.name}")
+            self.host.stop_units([m for m in running if m != keep])
+            running = [keep]
+        serving = running[0] if running else None
         report: dict[str, Any] = {"installed": [], "restarted": [], "removed": [], "started": None}
         changed = [unit for unit, text in staged.items() if live.get(unit) != text]
         restart = [

@@ -458,3 +458,14 @@ def test_a_failure_during_shutdown_is_left_to_the_boot(world) -> None:
     outcome = store.read_outcome(contract.paths.outcomes, "abc123")
     assert outcome["code"] == EXIT_FAILED and "rebooted" in outcome["recovered"]
     assert result["changed"] is False  # the recovery already serves the chosen model
+
+
+def test_apply_leaves_exactly_one_model_when_several_were_started_by_hand(world) -> None:
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name)
+    _seed_state(contract, desired="two")
+    fake.serve(contract, "two")  # both run now
+    Transaction(host, "ap6", "apply").apply()
+    assert fake.running_units() == ["llamavm-model-two.service"]
