@@ -812,9 +812,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "ssh":
             return ssh(args.args)
         elif args.command == "client":
-            if not args.args:
+            command = args.args[1:] if args.args[:1] == ["--"] else args.args
+            if not command:
                 parser.error("client needs a command")
-            return client_run(args.args).returncode
+            return client_run(command).returncode
     except LlamavmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import testbed
+from llamavm import REPO_ROOT, testbed
 
 pytestmark = pytest.mark.testbed
 
@@ -279,3 +280,22 @@ def test_up_recovers_when_nspawn_was_killed(testbed_info: testbed.TestbedInfo) -
     testbed.up()
     assert len(container_inits()) == 1, "exactly one container in the host's namespace"
     assert testbed.ssh(["true"]) == 0
+
+
+def test_the_client_command_of_the_readme_runs_on_the_lan(
+    testbed_info: testbed.TestbedInfo,
+) -> None:
+    """`python -m llamavm.testbed client -- CMD`, as the README writes it."""
+    for argv in (
+        ["client", "--", "ip", "-brief", "address"],
+        ["client", "ip", "-brief", "address"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llamavm.testbed", *argv],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert testbed_info.client_address in proc.stdout
