@@ -163,7 +163,14 @@ def transaction(
     until it is known; exit code 5 only when the host can't be asked at all.
     """
     tx = secrets.token_hex(6)
-    proc = run(host, [switch_path(), op, *args, "--tx", tx, "--json"], stream=stream)
+    try:
+        proc = run(host, [switch_path(), op, *args, "--tx", tx, "--json"], stream=stream)
+    except KeyboardInterrupt:
+        raise LlamavmError(
+            f"{host.name}: interrupted here — transaction {tx} goes on on the host and completes "
+            "or rolls back by itself; 'invoke status' shows how it ends",
+            code=130,
+        ) from None
     answer = _answer(proc.stdout)
     if answer is not None and "code" in answer:
         return int(answer["code"]), answer
