@@ -12,20 +12,18 @@ and what to do, raised as CatalogError (exit code 2 at the CLI edge).
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import jsonschema
 import yaml
 
-from llamavm import REPO_ROOT, flags, yamlsafe
+from llamavm import REPO_ROOT, flags, validation, yamlsafe
 from llamavm.errors import LlamavmError
+from llamavm.validation import describe, short, with_defaults
 
 #: Environment variable that overrides the catalog path (the --catalog flag wins over it).
 CATALOG_ENV = "LLAMAVM_CATALOG"
@@ -126,56 +124,11 @@ class Catalog:
 
 # --- validation -------------------------------------------------------------------------------
 
-#: Unicode categories refused in every string: controls (newline, tab, ESC, DEL, C1), line and
-#: paragraph separators, and invisible format characters (bidi overrides, zero-width spaces).
-_REFUSED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
-_TYPE_WORDS = {
-    "string": "a string",
-    "integer": "an integer",
-    "array": "a list",
-    "object": "a mapping",
-    "null": "null",
-    "boolean": "a boolean",
-    "number": "a number",
-}
-
-
-def _is_int(checker: Any, value: Any) -> bool:
-    # YAML booleans are ints and 8001.0 is "integral" to JSON Schema: neither is a port.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
-)
-
 
 @functools.cache
 def schema() -> dict[str, Any]:
     """config/models.schema.json."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, float):
-        if value != value:
-            return "not a number"
-        return (
-            "an infinite number" if value in (float("inf"), float("-inf")) else "a decimal number"
-        )
-    return {str: "a string", int: "an integer", list: "a list", dict: "a mapping"}.get(
-        type(value), f"a {type(value).__name__} value"
-    )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _Checker:
@@ -193,7 +146,7 @@ class _Checker:
                 if out.startswith("models[") and out.count("[") == 1:
                     name = node[part].get("name") if isinstance(node[part], dict) else None
                     if isinstance(name, str):
-                        out += f" ({_short(name)[1:-1]})"
+                        out += f" ({short(name)[1:-1]})"
             else:
                 out += f".{part}" if out else str(part)
             try:
@@ -207,106 +160,15 @@ class _Checker:
         return CatalogError(f"{self.path}: {place}: {problem} — {fix}")
 
 
-def _refuse_control_characters(check: _Checker, node: Any, parts: list[Any]) -> None:
-    if isinstance(node, str):
-        for char in node:
-            if unicodedata.category(char) in _REFUSED_CATEGORIES:
-                raise check.fail(
-                    parts,
-                    f"{_short(node)} contains the control character U+{ord(char):04X}",
-                    "remove it: values must be one line of printable text",
-                )
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            _refuse_control_characters(check, key, [*parts, f"<key {_short(key)}>"])
-            _refuse_control_characters(check, value, [*parts, key])
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _refuse_control_characters(check, value, [*parts, i])
-
-
-def _document_order(data: Any, parts: list[Any]) -> tuple[int, ...]:
-    """Position of a path in the file (keys in written order, list items by index)."""
-    out, node = [], data
-    for part in parts:
-        if isinstance(node, dict):
-            keys = list(node)
-            out.append(keys.index(part) if part in keys else len(keys))
-        else:
-            out.append(part if isinstance(part, int) else 0)
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            node = None
-    return tuple(out)
-
-
-def _schema_message(check: _Checker, error: jsonschema.ValidationError) -> CatalogError:
-    sub = error.schema if isinstance(error.schema, dict) else {}
-    parts = list(error.absolute_path)
-    value = error.instance
-    fix = sub.get("x-fix", "see config/models.schema.json")
-    kind = error.validator
-    if kind == "required":
-        missing = next(k for k in error.validator_value if k not in value)
-        return check.fail([*parts, missing], "is missing", "this key is required")
-    if kind == "additionalProperties":
-        allowed = list(sub.get("properties", {}))
-        extra = next(k for k in value if k not in allowed)
-        return check.fail(
-            [*parts, extra],
-            "unknown key",
-            f"remove it or fix its spelling (allowed keys: {', '.join(allowed)})",
-        )
-    if kind == "type":
-        types = error.validator_value
-        words = " or ".join(_TYPE_WORDS[t] for t in (types if isinstance(types, list) else [types]))
-        return check.fail(parts, f"{_short(value)} is {_describe(value)}", f"it must be {words}")
-    if kind == "minimum":
-        return check.fail(parts, f"{value} is below {error.validator_value}", fix)
-    if kind == "maximum":
-        return check.fail(parts, f"{value} is above {error.validator_value}", fix)
-    if kind == "minItems" and not value:
-        return check.fail(parts, "the list is empty", fix)
-    if kind in ("maxItems", "maxProperties"):
-        return check.fail(parts, f"has more than {error.validator_value} entries", fix)
-    if kind in ("maxLength", "minLength"):
-        word = "longer" if kind == "maxLength" else "shorter"
-        return check.fail(parts, f"is {word} than {error.validator_value} characters", fix)
-    if kind == "propertyNames":
-        return check.fail(parts, f"key {_short(value)} is not a valid name", fix)
-    if kind == "enum":
-        problem = sub.get("x-problem", "is not allowed")
-        return check.fail(parts, f"{_short(value)} {problem}", fix)
-    problem = sub.get("x-problem", "is not valid")
-    return check.fail(parts, f"{_short(value)} {problem}", fix)
-
-
-def _with_defaults(node: dict[str, Any], node_schema: dict[str, Any]) -> dict[str, Any]:
-    """`node` with the schema's defaults filled in for absent keys (one level)."""
-    out = dict(node)
-    for key, sub in node_schema.get("properties", {}).items():
-        if key not in out and "default" in sub:
-            out[key] = copy.deepcopy(sub["default"])
-    return out
-
-
 def _validate(check: _Checker, data: Any) -> None:
     if data is None:
         raise check.fail("(top level)", "the file is empty", "add 'settings:' and 'models:'")
     if not isinstance(data, dict):
         raise check.fail(
-            "(top level)", f"is {_describe(data)}, not a mapping", "write it as key: value"
+            "(top level)", f"is {describe(data)}, not a mapping", "write it as key: value"
         )
-    _refuse_control_characters(check, data, [])
-    validator = _Validator(schema(), format_checker=jsonschema.FormatChecker(["ipv4", "ipv6"]))
-    errors = list(validator.iter_errors(data))
-    if errors:
-        first = min(
-            errors,
-            key=lambda e: (_document_order(data, list(e.absolute_path)), len(e.absolute_path)),
-        )
-        raise _schema_message(check, first)
+    validation.refuse_control_characters(check.fail, data)
+    validation.check(check.fail, schema(), data, "config/models.schema.json")
 
 
 def _check_gguf_path(check: _Checker, where: list[Any], value: str) -> None:
@@ -314,19 +176,19 @@ def _check_gguf_path(check: _Checker, where: list[Any], value: str) -> None:
     if pure.is_absolute() or value.startswith("~"):
         raise check.fail(
             where,
-            f"{_short(value)} is not relative to the model share",
+            f"{short(value)} is not relative to the model share",
             "give the path inside settings.share_path, e.g. qwen/model.gguf",
         )
     if ".." in pure.parts:
         raise check.fail(
-            where, f"{_short(value)} escapes the model share with '..'", "remove the '..' parts"
+            where, f"{short(value)} escapes the model share with '..'", "remove the '..' parts"
         )
 
 
 def _rules(check: _Checker, data: dict[str, Any]) -> None:
     """What the schema can't say: share-relative paths, cross-field and cross-model rules."""
     settings = data["settings"]
-    vram = _with_defaults(settings["vram"], schema()["$defs"]["settings"]["properties"]["vram"])
+    vram = with_defaults(settings["vram"], schema()["$defs"]["settings"]["properties"]["vram"])
     if vram["reserve_mib"] >= vram["budget_mib"]:
         raise check.fail(
             ["settings", "vram", "reserve_mib"],
@@ -382,9 +244,9 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
 
 def _build(path: Path, data: dict[str, Any]) -> Catalog:
     defs = schema()["$defs"]
-    raw = _with_defaults(data["settings"], defs["settings"])
-    vram = _with_defaults(raw["vram"], defs["settings"]["properties"]["vram"])
-    api = _with_defaults(raw["api_key"], defs["settings"]["properties"]["api_key"])
+    raw = with_defaults(data["settings"], defs["settings"])
+    vram = with_defaults(raw["vram"], defs["settings"]["properties"]["vram"])
+    api = with_defaults(raw["api_key"], defs["settings"]["properties"]["api_key"])
     settings = Settings(
         share_path=raw["share_path"],
         controller_share_path=raw["controller_share_path"],
@@ -396,7 +258,7 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
     )
     models = []
     for entry in data["models"]:
-        fields = _with_defaults(entry, defs["model"])
+        fields = with_defaults(entry, defs["model"])
         fields["aliases"] = tuple(fields["aliases"])
         fields["extra_args"] = tuple(fields["extra_args"])
         if fields["sha256"]:
