@@ -9,6 +9,7 @@ import json as jsonlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -288,6 +289,35 @@ def testbed_ssh(c, command=""):
     raise Exit(code=testbed.ssh(command.split() if command else []))
 
 
+@task(
+    name="render",
+    help={
+        "inventory": INVENTORY_HELP,
+        "out": "write each VM's seed (ISO and files) and domain XML here (default: .cache/vm/)",
+    },
+)
+@errors_to_exit
+def vm_render(c, inventory=None, out=None):
+    """Validate every VM spec of an inventory and render its cloud-init seed and libvirt domain."""
+    from llamavm import vmbuild
+
+    inv = inventory_mod.resolve(inventory)
+    folder = Path(out) if out else REPO_ROOT / ".cache" / "vm" / inv.path.name
+    rendered = vmbuild.render_all(inventory, folder)
+    if not rendered:
+        say(f"llamavm: {inv.path}: no host has a VM spec (llamavm_vm)")
+    for item in rendered:
+        what = ", ".join(item.changed) if item.changed else "no changes"
+        say(
+            f"llamavm: {item.spec.host}: VM {item.spec.name} on {item.spec.hypervisor} "
+            f"({item.spec.image.name}, cloud-init {item.spec.image.cloud_init}): seed and "
+            f"domain valid; {folder / item.spec.name}: {what}"
+        )
+
+
 testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
-ns = Collection(models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns)
+vm_ns = Collection("vm", vm_render)
+ns = Collection(
+    models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns, vm_ns
+)
 ns.configure({"run": {"echo": False}})

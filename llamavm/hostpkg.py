@@ -26,7 +26,7 @@ def _members() -> list[tuple[str, bytes]]:
     members = [("llamavm/__init__.py", _INIT)]
     for path in sorted(SOURCE.glob("*.py")):
         members.append((f"llamavm/host/{path.name}", path.read_bytes()))
-    members.append(("__main__.py", b"from llamavm.host.cli import entry\n\nentry()\n"))
+    members.append(("__main__.py", (SOURCE / "__main__.py").read_bytes()))
     return members
 
 

@@ -12,6 +12,8 @@ from llamavm.errors import LlamavmError
 
 #: The embedded default target: the local systemd test bed.
 DEFAULT_INVENTORY = "local"
+#: What a model host can be: a VM (libvirt, Proxmox), a WSL 2 distro, a container (the test bed).
+PLATFORMS = ("vm", "wsl", "container")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ def resolve(name: str | None = None) -> Inventory:
         raise LlamavmError(f"{path}: llamavm_catalog must be a path string, not {catalog!r}")
     if isinstance(catalog, str) and not Path(catalog).is_absolute():
         catalog = str(REPO_ROOT / catalog)
-    return Inventory(
-        path=path, catalog=catalog, platform=str(settings.get("llamavm_platform", "vm"))
-    )
+    platform = settings.get("llamavm_platform", "vm")
+    if platform not in PLATFORMS:
+        raise LlamavmError(
+            f"{path}: llamavm_platform: {platform!r} is not a platform — use one of: "
+            f"{', '.join(PLATFORMS)}",
+            code=2,
+        )
+    return Inventory(path=path, catalog=catalog, platform=str(platform))

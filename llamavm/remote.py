@@ -49,8 +49,8 @@ class Host:
         return [*cmd, target, "--", shlex.join(remote)]
 
 
-def hosts(inventory: Path, only: str | None = None) -> list[Host]:
-    """The hosts of GROUP in `inventory` (or just `only`)."""
+def inventory_data(inventory: Path) -> dict[str, Any]:
+    """`ansible-inventory --list` of `inventory`: groups and every host's merged variables."""
     tool = Path(sys.executable).parent / "ansible-inventory"
     run = subprocess.run(
         [str(tool), "-i", str(inventory), "--list"],
@@ -62,6 +62,11 @@ def hosts(inventory: Path, only: str | None = None) -> list[Host]:
     if run.returncode != 0:
         raise LlamavmError(f"{inventory}: ansible-inventory failed: {run.stderr.strip()[:300]}")
     data = json.loads(run.stdout)
+    return data if isinstance(data, dict) else {}
+
+
+def host_names(data: dict[str, Any], inventory: Path, only: str | None = None) -> list[str]:
+    """The hosts of GROUP (or just `only`), with one-line errors when there are none."""
     names = _group_hosts(data, GROUP)
     if not names:
         raise LlamavmError(f"{inventory}: no hosts in group {GROUP} — add your model hosts there")
@@ -71,8 +76,14 @@ def hosts(inventory: Path, only: str | None = None) -> list[Host]:
                 f"{inventory}: no host {only!r} in {GROUP} — hosts: {', '.join(names)}"
             )
         names = [only]
+    return names
+
+
+def hosts(inventory: Path, only: str | None = None) -> list[Host]:
+    """The hosts of GROUP in `inventory` (or just `only`)."""
+    data = inventory_data(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
-    return [_host(name, hostvars.get(name, {})) for name in names]
+    return [_host(name, hostvars.get(name, {})) for name in host_names(data, inventory, only)]
 
 
 def _group_hosts(data: dict[str, Any], group: str) -> list[str]:
