@@ -228,14 +228,17 @@ def lint(c):
         "unit": "only the fast unit tests (no test bed, no root)",
         "pytest_args": "extra arguments for pytest, e.g. '-k catalog -x'",
         "molecule": "also run `molecule test` (default: true when the test bed can run)",
+        "vm": "also build and test the embedded VM (marker vm: minutes under TCG)",
     }
 )
 @errors_to_exit
-def test(c, unit=False, pytest_args="", molecule=True):
+def test(c, unit=False, pytest_args="", molecule=True, vm=False):
     """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
     lint(c)
     paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
     cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
+    if not vm:
+        cmd += ["-m", "not vm"]
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
     rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
@@ -315,8 +318,62 @@ def vm_render(c, inventory=None, out=None):
         )
 
 
+@task(name="list", help={"inventory": INVENTORY_HELP, "json": "print JSON"})
+@errors_to_exit
+def vm_list(c, inventory=None, json=False):
+    """List the inventory's VMs: hypervisor, state, address, whether a restart is pending."""
+    from llamavm import vmctl
+
+    states = vmctl.list_vms(inventory)
+    rows = [
+        {
+            "vm": s.spec.name,
+            "host": s.spec.host,
+            "hypervisor": s.spec.hypervisor,
+            "state": s.state,
+            "address": s.spec.network.ip or f"dhcp ({s.spec.network.mac})",
+            "restart_needed": s.restart_needed,
+        }
+        for s in states
+    ]
+    if json:
+        say(jsonlib.dumps(rows, indent=2))
+        return
+    say("VM  HOST  HYPERVISOR  STATE  ADDRESS  NOTE")
+    for r in rows:
+        note = "restart to apply a changed definition" if r["restart_needed"] else ""
+        say(f"{r['vm']}  {r['host']}  {r['hypervisor']}  {r['state']}  {r['address']}  {note}")
+
+
+@task(name="console", help={"inventory": INVENTORY_HELP, "vm": "the VM (name or host)"})
+@errors_to_exit
+def vm_console(c, vm, inventory=None):
+    """Attach to a VM's serial console (leave with Ctrl-])."""
+    from llamavm import vmctl
+
+    raise Exit(code=vmctl.console(inventory, vm))
+
+
+@task(
+    name="destroy",
+    help={
+        "inventory": INVENTORY_HELP,
+        "vm": "the VM (name or host)",
+        "purge": "also delete its disk and seed (the base image stays)",
+        "dry": "say what would be done",
+    },
+)
+@errors_to_exit
+def vm_destroy(c, vm, inventory=None, purge=False, dry=False):
+    """Power a VM off and undefine it (with --purge, delete its disk too)."""
+    from llamavm import vmctl
+
+    for line in vmctl.destroy(inventory, vm, purge=purge, dry=dry):
+        say(f"llamavm: {line}")
+
+
 testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
-vm_ns = Collection("vm", vm_render)
+vm_ns = Collection("vm", vm_render, vm_list, vm_console, vm_destroy)
 ns = Collection(
     models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns, vm_ns
 )

@@ -21,6 +21,8 @@ class Inventory:
     path: Path
     catalog: str | None  # llamavm_catalog from group_vars, relative to the repo root
     platform: str
+    #: llamavm_testbed: its hosts use the local test bed (its LAN, or as a llama.cpp builder).
+    uses_testbed: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -59,4 +61,9 @@ def resolve(name: str | None = None) -> Inventory:
             f"{', '.join(PLATFORMS)}",
             code=2,
         )
-    return Inventory(path=path, catalog=catalog, platform=str(platform))
+    return Inventory(
+        path=path,
+        catalog=catalog,
+        platform=str(platform),
+        uses_testbed=settings.get("llamavm_testbed") is True,
+    )

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, contract, hostpkg, source, tinymodel, vram
+from llamavm import REPO_ROOT, contract, hostpkg, source, tinymodel, vmbuild, vram
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
 from llamavm.errors import LlamavmError
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "provision.yml"
+VM_PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "vm.yml"
 ANSIBLE_CFG = REPO_ROOT / "ansible" / "ansible.cfg"
 _RECAP_RE = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
@@ -41,6 +42,13 @@ class Recap:
         if match:
             counts = {k: int(v) for k, v in match.groupdict().items() if k != "host"}
             self.hosts[match["host"]] = counts
+
+    def merge(self, other: Recap) -> None:
+        """Add another play run's counts."""
+        for host, counts in other.hosts.items():
+            mine = self.hosts.setdefault(host, dict.fromkeys(counts, 0))
+            for key, value in counts.items():
+                mine[key] = mine.get(key, 0) + value
 
     @property
     def changed(self) -> int:
@@ -117,7 +125,7 @@ def provision(
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     contract.load_host_config()  # a broken config/host.yaml stops here, before any host
     extra: dict[str, Any] = {}
-    if inv.is_local:
+    if inv.is_local or inv.uses_testbed:
         from llamavm import testbed
 
         say("llamavm: bringing up the embedded default target (local test bed)")
@@ -128,16 +136,27 @@ def provision(
     extra[source.EXTRA_VAR] = str(archive)
     extra[source.EXTRA_VAR_VERSION] = source.load_config().label
     extra["llama_cpp_canary_model"] = str(tinymodel.canary())
-    if inv.is_local and catalog.settings.controller_share_path:
+    if (inv.is_local or inv.uses_testbed) and catalog.settings.controller_share_path:
         share = Path(catalog.settings.controller_share_path)
         written = tinymodel.ensure_all(share)
         say(f"llamavm: {len(written)} tiny test models in {share}")
     extra["llamavm_contract"] = host_contract(catalog)
+    if catalog.settings.controller_share_path:
+        extra["llamavm_controller_share"] = catalog.settings.controller_share_path
     extra["llamavm_host_package"] = str(hostpkg.build())
+    vms = vmbuild.prepare(inventory, say)
+    total = Recap()
+    if vms:
+        say(f"llamavm: building {len(vms)} VM(s) on their hypervisors")
+        rc, recap = run_playbook(VM_PLAYBOOK, inv.path, {"llamavm_vms": vms}, check=check)
+        if rc != 0:
+            raise LlamavmError(f"ansible-playbook vm.yml failed (exit {rc}) — see above")
+        total.merge(recap)
     rc, recap = run_playbook(PLAYBOOK, inv.path, extra, limit=limit, check=check)
     if rc != 0:
         raise LlamavmError(f"ansible-playbook failed (exit {rc}) — see the task output above")
-    return recap
+    total.merge(recap)
+    return total
 
 
 def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
@@ -157,9 +176,13 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
             "  invoke status | invoke switch --model NAME | invoke testbed.ssh",
         ]
     else:
-        lines.append(
-            f"web UI and API of {default.name}: http://<host>:{default.port}/ on each host"
-        )
+        from llamavm import remote
+
+        for host in remote.hosts(inv.path):
+            lines.append(
+                f"web UI and API of {default.name} on {host.name}: "
+                f"http://{host.address}:{default.port}/"
+            )
     api = catalog.settings.api_key
     if api.policy == "required":
         lines.append(

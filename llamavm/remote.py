@@ -67,7 +67,7 @@ def inventory_data(inventory: Path) -> dict[str, Any]:
 
 def host_names(data: dict[str, Any], inventory: Path, only: str | None = None) -> list[str]:
     """The hosts of GROUP (or just `only`), with one-line errors when there are none."""
-    names = _group_hosts(data, GROUP)
+    names = group_hosts(data, GROUP)
     if not names:
         raise LlamavmError(f"{inventory}: no hosts in group {GROUP} — add your model hosts there")
     if only:
@@ -83,18 +83,20 @@ def hosts(inventory: Path, only: str | None = None) -> list[Host]:
     """The hosts of GROUP in `inventory` (or just `only`)."""
     data = inventory_data(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
-    return [_host(name, hostvars.get(name, {})) for name in host_names(data, inventory, only)]
+    return [
+        host_from_vars(name, hostvars.get(name, {})) for name in host_names(data, inventory, only)
+    ]
 
 
-def _group_hosts(data: dict[str, Any], group: str) -> list[str]:
+def group_hosts(data: dict[str, Any], group: str) -> list[str]:
     entry = data.get(group, {})
     names = list(entry.get("hosts", []))
     for child in entry.get("children", []):
-        names += [n for n in _group_hosts(data, child) if n not in names]
+        names += [n for n in group_hosts(data, child) if n not in names]
     return names
 
 
-def _host(name: str, hv: dict[str, Any]) -> Host:
+def host_from_vars(name: str, hv: dict[str, Any]) -> Host:
     args: list[str] = []
     for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
         if hv.get(key):

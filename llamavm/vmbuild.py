@@ -5,11 +5,13 @@ is written. Nothing on a hypervisor is touched here."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import cloudinit, libvirt_domain, remote, vmspec
+from llamavm import cloudinit, libvirt_domain, remote, vmimage, vmspec
 from llamavm import inventory as inventory_mod
 from llamavm.vmspec import VmSpec
 
@@ -71,3 +73,63 @@ def render_all(inventory: str | None, out: Path | None = None) -> list[Rendered]
                 changed.append("spec.json")
         results.append(Rendered(spec, seed, xml, where, changed))
     return results
+
+
+def render_dir(inventory: inventory_mod.Inventory) -> Path:
+    """Where the controller keeps the rendered seeds and domains of an inventory's VMs."""
+    cache = Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
+    return cache / "vm" / inventory.path.resolve().name
+
+
+def base_disk(item: Rendered) -> str:
+    """The base image's path on the hypervisor (the VM disk's backing file)."""
+    image = item.spec.image
+    if image.source == "offline":
+        return f"{item.placement.images_dir}/llamavm-{image.name}.qcow2"
+    return f"{item.placement.images_dir}/{image.name}-{(image.sha256 or '')[:12]}.img"
+
+
+def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Render the VMs of `inventory` and build their offline images: `llamavm_vms` for the
+    vm.yml playbook ([] when the inventory has no VMs). Starts this machine's own hypervisor
+    when a VM runs on localhost."""
+    inv = inventory_mod.resolve(inventory)
+    data = remote.inventory_data(inv.path)
+    hypervisors = remote.group_hosts(data, "llamavm_hypervisors")
+    if "localhost" in hypervisors:
+        from llamavm import localhv
+
+        localhv.up()
+    out = render_dir(inv)
+    rendered = render_all(inventory, out)
+    vms = []
+    for item in rendered:
+        spec, where = item.spec, item.placement
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "host": spec.host,
+            "hypervisor": spec.hypervisor,
+            "disk_gib": spec.disk_gib,
+            "image": {
+                "name": spec.image.name,
+                "source": spec.image.source,
+                "url": spec.image.url,
+                "sha256": spec.image.sha256,
+            },
+            "base_disk": base_disk(item),
+            "disk": where.disk(spec),
+            "seed": where.seed(spec),
+            "seed_src": str(out / spec.name / "seed.iso"),
+            "domain_src": str(out / spec.name / "domain.xml"),
+            "offline_files": [],
+        }
+        if spec.image.source == "offline":
+            image = vmimage.ensure_offline(spec.image.name)
+            entry["offline_files"] = [
+                {"src": str(image.disk), "dest": entry["base_disk"]},
+                {"src": str(image.kernel), "dest": where.kernel},
+                {"src": str(image.initrd), "dest": where.initrd},
+            ]
+        say(f"llamavm: VM {spec.name} ({spec.host}) on {spec.hypervisor}: seed and domain valid")
+        vms.append(entry)
+    return vms
