@@ -105,7 +105,12 @@ def up() -> None:
         subprocess.run(["virtlogd", "-d"], check=True)
     lan_inode = os.stat(f"/run/netns/{cfg.lan.ns_lan}").st_ino
     pid = _pid(LIBVIRTD_PID)
-    if pid is not None and (changed or _netns_inode(pid) != lan_inode):
+    if pid is not None and _netns_inode(pid) != lan_inode:
+        # The LAN was made anew (test bed down/up): libvirtd and its guests sit on the old one,
+        # which nothing can reach. Power the guests off; provisioning starts them on the new.
+        _kill_namespace(_netns_inode(pid))
+        pid = None
+    if pid is not None and changed:
         stop_libvirtd(pid)
         pid = None
     if pid is None:
@@ -126,4 +131,23 @@ def stop_libvirtd(pid: int | None = None) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _kill_namespace(inode: int | None) -> None:
+    """SIGKILL every process in the network namespace `inode` (a stale LAN's libvirtd, guests)."""
+    if inode is None or inode == os.stat("/proc/self/ns/net").st_ino:
+        # Never this machine's own namespace: there, only libvirtd itself goes.
+        stop_libvirtd()
+        return
+    victims = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _netns_inode(int(p.name)) == inode
+    ]
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{v}").exists() for v in victims) and time.monotonic() < deadline:
         time.sleep(0.1)

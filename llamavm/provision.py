@@ -148,7 +148,8 @@ def provision(
     total = Recap()
     if vms:
         say(f"llamavm: building {len(vms)} VM(s) on their hypervisors")
-        rc, recap = run_playbook(VM_PLAYBOOK, inv.path, {"llamavm_vms": vms}, check=check)
+        vm_vars = {"llamavm_vms": vms, "llamavm_host_package": str(hostpkg.build())}
+        rc, recap = run_playbook(VM_PLAYBOOK, inv.path, vm_vars, check=check)
         if rc != 0:
             raise LlamavmError(f"ansible-playbook vm.yml failed (exit {rc}) — see above")
         total.merge(recap)

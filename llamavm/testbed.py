@@ -732,6 +732,12 @@ def down(purge: bool = False) -> None:
     for pid in _state_processes(cfg, paths):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    # What else lives on the LAN goes with it: the embedded hypervisor (libvirtd inside the LAN
+    # namespace) and its VMs. Left behind, they would keep a LAN nobody can reach; libvirt
+    # finds its guests shut off when it starts again, and provisioning starts them.
+    for pid in _netns_processes(cfg.lan.ns_lan):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     lan.down(cfg.lan)
     for target in sorted(_state_mounts(cfg, paths), reverse=True):
         subprocess.run(["umount", "--lazy", target], check=False, capture_output=True)

@@ -122,6 +122,9 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
             "seed_src": str(out / spec.name / "seed.iso"),
             "domain_src": str(out / spec.name / "domain.xml"),
             "offline_files": [],
+            "gpu": (
+                {"pci": list(spec.gpu.pci), "mmio64_mib": spec.gpu.mmio64_mib} if spec.gpu else None
+            ),
         }
         if spec.image.source == "offline":
             image = vmimage.ensure_offline(spec.image.name)

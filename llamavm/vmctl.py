@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamavm import inventory as inventory_mod
-from llamavm import remote, vmbuild, vmspec
+from llamavm import libvirt_domain, remote, vmbuild, vmspec
 from llamavm.errors import LlamavmError
 from llamavm.vmspec import VmSpec
 
@@ -56,9 +56,17 @@ def list_vms(inventory: str | None) -> list[VmState]:
         hv = hostvars.get(spec.hypervisor, {})
         run = _run(spec.hypervisor, hv, ["virsh", "-c", URI, "domstate", spec.name])
         state = run.stdout.strip() if run.returncode == 0 else "not defined"
-        where = vmbuild.placement(spec, hv)
-        marker = f"{where.images_dir}/{spec.name}.restart-needed"
-        restart = _run(spec.hypervisor, hv, ["test", "-e", marker]).returncode == 0
+        restart = False
+        if state == "running":  # the live definition predates the stored one
+            digests = [
+                _run(
+                    spec.hypervisor,
+                    hv,
+                    ["virsh", "-c", URI, "metadata", spec.name, libvirt_domain.XMLNS, where],
+                ).stdout
+                for where in ("--live", "--config")
+            ]
+            restart = digests[0] != digests[1]
         states.append(VmState(spec, state, restart))
     return states
 
@@ -81,8 +89,7 @@ def destroy(inventory: str | None, name: str, *, purge: bool, dry: bool) -> list
         ["virsh", "-c", URI, "undefine", "--nvram", spec.name],
     ]
     if purge:
-        files = [where.disk(spec), where.seed(spec), f"{where.images_dir}/{spec.name}.xml",
-                 f"{where.images_dir}/{spec.name}.restart-needed"]  # fmt: skip
+        files = [where.disk(spec), where.seed(spec), f"{where.images_dir}/{spec.name}.xml"]
         steps.append(["rm", "-f", *files])
     done = []
     for argv in steps:

@@ -5,12 +5,15 @@ model host, serving a model to the LAN client. Marker `vm` (minutes under TCG)."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
+import yaml
 
-from llamavm import testbed, vmspec
+from llamavm import REPO_ROOT, hostpkg, provision, testbed, vmbuild, vmspec
 from tests.integration.helpers import client_curl, http_code, invoke
 
 pytestmark = [pytest.mark.testbed, pytest.mark.vm]
@@ -121,3 +124,35 @@ def test_vm_list_shows_it_running(vm) -> None:
             "restart_needed": False,
         }
     ]
+
+
+def _vm_playbook(inventory: Path) -> None:
+    vms = vmbuild.prepare(str(inventory), say=lambda _: None)
+    extra = {"llamavm_vms": vms, "llamavm_host_package": str(hostpkg.build())}
+    rc, _ = provision.run_playbook(provision.VM_PLAYBOOK, inventory, extra, echo=lambda _: None)
+    assert rc == 0
+
+
+def test_a_changed_spec_is_stored_and_waits_for_a_restart(vm, tmp_path) -> None:
+    changed = tmp_path / "local-vm"
+    shutil.copytree(REPO_ROOT / "inventories" / INVENTORY, changed)
+    spec_file = changed / "host_vars" / "llamavm-vm.yml"
+    data = yaml.safe_load(spec_file.read_text())
+    data["llamavm_vm"]["memory_mib"] += 512
+    spec_file.write_text(yaml.safe_dump(data))
+    pid = subprocess.run(["pgrep", "-f", f"guest={vm.name}"], capture_output=True, text=True)
+    try:
+        _vm_playbook(changed)
+        rows = json.loads(invoke("vm.list", "-i", str(changed), "--json").stdout)
+        assert rows[0]["state"] == "running" and rows[0]["restart_needed"] is True
+        stored = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", vm.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert f">{(vm.memory_mib + 512) * 1024}</memory>" in stored
+    finally:
+        _vm_playbook(REPO_ROOT / "inventories" / INVENTORY)  # the spec as it was
+    rows = json.loads(invoke("vm.list", "-i", INVENTORY, "--json").stdout)
+    assert rows[0]["restart_needed"] is False
+    again = subprocess.run(["pgrep", "-f", f"guest={vm.name}"], capture_output=True, text=True)
+    assert again.stdout == pid.stdout  # the VM was never restarted
