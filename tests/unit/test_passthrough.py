@@ -91,3 +91,17 @@ def test_the_command_from_the_host_package(tmp_path) -> None:
         [sys.executable, str(link), "check", "--pci", "1:2"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "is not a PCI address" in bad.stderr
+
+
+def test_the_zipapp_runs_it_as_a_subcommand_too(tmp_path) -> None:
+    """How Ansible's script module runs it on a hypervisor: `python3 PYZ passthrough ...`."""
+    _host(tmp_path / "sys", "good-host")
+    pyz = hostpkg.build(tmp_path / "cache")
+    args = ["passthrough", "check", "--root", str(tmp_path / "sys"), "--mmio64-mib", "65536"]
+    run = subprocess.run(
+        [sys.executable, str(pyz), *args, *[f"--pci={a}" for a in GPU]],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "passthrough can work" in run.stdout
