@@ -52,6 +52,13 @@ class ApiKeySettings:
 
 
 @dataclass(frozen=True)
+class LoadingSettings:
+    default: str
+    stage_cap_gib: int
+    share_stall_s: int
+
+
+@dataclass(frozen=True)
 class Settings:
     share_path: str
     controller_share_path: str | None
@@ -60,6 +67,7 @@ class Settings:
     reserved_ports: dict[str, int]
     vram: VramSettings
     api_key: ApiKeySettings
+    loading: LoadingSettings
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class Model:
     size_bytes: int | None = None
     sha256: str | None = None
     vram_mib: int | None = None
+    load: str | None = None
 
     @property
     def unit(self) -> str:
@@ -106,6 +115,10 @@ class Catalog:
     @property
     def default(self) -> Model:
         return self.resolve(self.settings.default_model)
+
+    def load_mode(self, model: Model) -> str:
+        """How `model`'s file reaches its server: stage (a local copy) or share."""
+        return model.load or self.settings.loading.default
 
     def local_gguf(self, model: Model) -> Path | None:
         """Where the controller sees the model's GGUF, or None when it cannot see the share."""
@@ -247,6 +260,7 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
     raw = with_defaults(data["settings"], defs["settings"])
     vram = with_defaults(raw["vram"], defs["settings"]["properties"]["vram"])
     api = with_defaults(raw["api_key"], defs["settings"]["properties"]["api_key"])
+    loading = with_defaults(raw["loading"], defs["settings"]["properties"]["loading"])
     settings = Settings(
         share_path=raw["share_path"],
         controller_share_path=raw["controller_share_path"],
@@ -255,6 +269,7 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
         reserved_ports=dict(raw["reserved_ports"]),
         vram=VramSettings(**vram),
         api_key=ApiKeySettings(**api),
+        loading=LoadingSettings(**loading),
     )
     models = []
     for entry in data["models"]:

@@ -36,6 +36,7 @@ class HostConfig:
     """config/host.yaml, validated."""
 
     state_dir: str
+    stage_dir: str
     run_dir: str
     llama_cpp_prefix: str
     lib_dir: str
@@ -62,7 +63,7 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
     if not all(isinstance(v, dict) for v in sections.values()):
         raise fail("(top level)", "needs paths, service, switch and api_key", "restore it from git")
     values: dict[str, Any] = {}
-    for key in ("state_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir"):
+    for key in ("state_dir", "stage_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir"):
         value = sections["paths"].get(key)
         if not isinstance(value, str) or not _PATH_RE.fullmatch(value):
             raise fail(f"paths.{key}", f"{value!r} is not an absolute path", "use plain /a/b")
@@ -99,12 +100,27 @@ def _local_url_host(bind: str) -> str:
     return f"[{bind}]" if address.version == 6 else bind
 
 
-def argv(catalog: Catalog, model: Model, llama_server: str) -> list[str]:
-    """The llama-server command line of `model` (the API key file as %d/api-key)."""
+#: The loading flags of a model served from the share, per llama-server generation: newer
+#: builds have --load-mode (none: read, no mmap), older ones --no-mmap. The model_services role
+#: asks the installed build's --help which one it has. Staged copies load with the default
+#: (mmap of a local file that nothing replaces in place).
+SHARE_LOAD_ARGS = {"load-mode": ["--load-mode", "none"], "no-mmap": ["--no-mmap"]}
+
+
+def server_gguf(catalog: Catalog, model: Model, cfg: HostConfig) -> str:
+    """The file the server reads: the staged copy, or the file on the share."""
+    if catalog.load_mode(model) == "stage":
+        return f"{cfg.stage_dir}/{model.name}.gguf"
+    return f"{catalog.settings.share_path}/{model.gguf}"
+
+
+def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[str]:
+    """The llama-server command line of `model` (the API key file as %d/api-key), without
+    the loading flags (SHARE_LOAD_ARGS)."""
     s = catalog.settings
     args = [
         llama_server,
-        "--model", f"{s.share_path}/{model.gguf}",
+        "--model", gguf,
         "--host", s.bind_address,
         "--port", str(model.port),
         "--alias", model.name,
@@ -168,15 +184,19 @@ def build(
     models = []
     for index, model in enumerate(catalog.models):
         base_url = f"http://{url_host}:{model.port}"
-        args = argv(catalog, model, llama_server)
+        load = catalog.load_mode(model)
+        gguf = server_gguf(catalog, model, cfg)
+        args = argv(catalog, model, llama_server, gguf)
         models.append(
             {
                 "name": model.name,
                 "aliases": list(model.aliases),
                 "unit": model.unit,
                 "port": model.port,
-                "gguf": f"{settings.share_path}/{model.gguf}",
+                "gguf": gguf,
+                "source": f"{settings.share_path}/{model.gguf}",
                 "gguf_in_share": model.gguf,
+                "load": load,
                 "base_url": base_url,
                 "health_url": f"{base_url}/health",
                 "ctx_size": model.ctx_size,
@@ -189,12 +209,19 @@ def build(
                 "systemd": {
                     "description": f"llamavm model {model.name} (llama-server, port {model.port})",
                     "exec_start": exec_line(args),
+                    "load_args": {
+                        dialect: exec_line(extra) if load == "share" else ""
+                        for dialect, extra in SHARE_LOAD_ARGS.items()
+                    },
                     "exec_start_post": exec_line([switch, "gate", model.name]),
                     "conflicts": [u for u in units if u != model.unit],
                     # Conflicts= adds no ordering: one After= chain makes every stop/start pair
                     # stop first, so a new server never loads beside the old one.
                     "after": units[:index],
-                    "requires_mounts_for": settings.share_path,
+                    # A staged model needs only local disk: it starts with the share away.
+                    "requires_mounts_for": (
+                        cfg.stage_dir if load == "stage" else settings.share_path
+                    ),
                     "read_only_paths": settings.share_path,
                     "load_credential": (
                         f"api-key:{settings.api_key.file}"
@@ -224,6 +251,11 @@ def build(
         },
         "switch": {"lock_timeout_s": cfg.lock_timeout_s},
         "share_path": settings.share_path,
+        "loading": {
+            "stage_dir": cfg.stage_dir,
+            "stage_cap_bytes": settings.loading.stage_cap_gib << 30,
+            "share_stall_s": settings.loading.share_stall_s,
+        },
         "default_model": catalog.default.name,
         "boot_unit": BOOT_UNIT,
         "models": models,

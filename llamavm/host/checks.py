@@ -1,19 +1,18 @@
-"""Everything that can be known before the serving model is stopped: the GGUF is there,
-readable by the service user, sound, the size and digest the catalog pinned, within the VRAM
-budget, and the API key usable. A failure here refuses the switch (exit 2), nothing stopped."""
+"""Everything that can be known before the serving model is stopped: the GGUF is there (asked
+of the share in a watched child, see share.py), readable by the service user, sound, the size
+(and, once hashed, the digest) the catalog pinned, within the VRAM budget, and the API key
+usable. A failure here refuses the switch (exit 2), nothing stopped. The digest of a new file
+version is checked while its bytes are fetched (share.fetch), still before the stop."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import pwd
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import EXIT_REFUSED, gguf, store
+from llamavm.host import EXIT_REFUSED, share
 from llamavm.host.contract import Contract, HostError, Model
 
 
@@ -36,35 +35,6 @@ def readable_by(path: Path, user: str) -> bool:
         if not allowed:
             return False
     return True
-
-
-def sha256_cached(
-    cache: Path, path: Path, info: os.stat_result, progress: Callable[[str], None]
-) -> str:
-    """SHA-256 of a (large) file, remembered per file version (inode, size, mtime).
-
-    The cache is its own file, so nothing else that writes state can drop it: a 60 GB GGUF is
-    hashed once, not on every switch. Called under the switch lock.
-    """
-    key = f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
-    try:
-        data = store.read_json(cache) or {}
-    except (OSError, ValueError):
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    entry = data.get(str(path))
-    if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
-        return str(entry["sha256"])
-    progress(f"computing sha256 of {path} ({info.st_size / 2**30:.1f} GiB), once per file version")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    data[str(path)] = {"key": key, "sha256": value}
-    store.write_json(cache, data)
-    return value
 
 
 def api_key(contract: Contract) -> str | None:
@@ -92,55 +62,60 @@ def api_key(contract: Contract) -> str | None:
     return key
 
 
-def preflight(contract: Contract, model: Model, progress: Callable[[str], None]) -> None:
-    """Refuse (exit 2) what would fail after the stop."""
-    path, name = model.gguf, model.name
+def preflight(
+    contract: Contract, model: Model, progress: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Refuse (exit 2) what would fail after the stop. Returns what the share said of the
+    model's file, or None when the share did not answer but a staged copy can serve."""
+    path, name = model.source, model.name
+    _vram(model.vram, name)
+    api_key(contract)
     try:
-        info = path.stat()
-    except FileNotFoundError:
+        info = share.inspect(path, contract.service_user, contract.share_stall_s)
+    except share.ShareError as exc:
+        if exc.errno_name == "ENOENT":
+            raise HostError(
+                f"{name}: GGUF {path} not found — check the catalog's gguf path and the model "
+                "share",
+                EXIT_REFUSED,
+            ) from None
+        if exc.errno_name in ("EACCES", "EPERM"):
+            raise _unreadable(name, path, contract) from None
+        if model.load == "stage" and share.staged_record(contract, model) is not None:
+            progress(f"{exc}")
+            return None
         raise HostError(
-            f"{name}: GGUF {path} not found — check the catalog's gguf path and the model share",
-            EXIT_REFUSED,
+            f"{name}: GGUF {path} not reachable ({exc}) — check the model share", EXIT_REFUSED
         ) from None
-    except OSError as exc:
+    if not info["readable"]:
+        raise _unreadable(name, path, contract)
+    if model.size_bytes and info["size"] != model.size_bytes:
         raise HostError(
-            f"{name}: GGUF {path} not reachable ({exc.strerror}) — check the model share",
-            EXIT_REFUSED,
-        ) from None
-    try:
-        with path.open("rb"):
-            pass
-        if not readable_by(path, contract.service_user):
-            raise PermissionError(errno.EACCES, "not readable by the service user")
-    except PermissionError:
-        raise HostError(
-            f"{name}: GGUF {path} is not readable by the service user {contract.service_user} "
-            "— make it world-readable (chmod a+r) on the share",
-            EXIT_REFUSED,
-        ) from None
-    if model.size_bytes and info.st_size != model.size_bytes:
-        raise HostError(
-            f"{name}: GGUF {path} is {info.st_size} bytes, the catalog says {model.size_bytes} "
+            f"{name}: GGUF {path} is {info['size']} bytes, the catalog says {model.size_bytes} "
             "— re-download the file or fix size_bytes",
             EXIT_REFUSED,
         )
-    try:
-        gguf.check_header(path, info.st_size)
-    except (ValueError, struct.error, OSError) as exc:
+    if info["header"]:
         raise HostError(
-            f"{name}: GGUF {path} is corrupt ({exc}) — re-download or re-convert it",
+            f"{name}: GGUF {path} is corrupt ({info['header']}) — re-download or re-convert it",
             EXIT_REFUSED,
-        ) from None
-    if model.sha256 and sha256_cached(contract.paths.sha_cache, path, info, progress) != (
-        model.sha256
-    ):
+        )
+    known = share.cached_sha(contract, path, info)
+    if model.sha256 and known and known != model.sha256:
         raise HostError(
             f"{name}: GGUF {path} does not match the catalog's sha256 — re-download the file "
             "or fix sha256",
             EXIT_REFUSED,
         )
-    _vram(model.vram, name)
-    api_key(contract)
+    return info
+
+
+def _unreadable(name: str, path: Path, contract: Contract) -> HostError:
+    return HostError(
+        f"{name}: GGUF {path} is not readable by the service user {contract.service_user} "
+        "— make it world-readable (chmod a+r) on the share",
+        EXIT_REFUSED,
+    )
 
 
 def _vram(vram: dict[str, Any], name: str) -> None:

@@ -12,7 +12,7 @@ from llamavm.host import EXIT_REFUSED
 
 #: The one path the host code knows without the contract: where the contract is.
 CONTRACT_PATH = Path("/etc/llamavm/contract.json")
-VERSION = 1
+VERSION = 2
 
 
 class HostError(Exception):
@@ -55,6 +55,14 @@ class Model:
     size_bytes: int | None
     sha256: str | None
     vram: dict[str, Any]
+    #: stage: the server reads a verified local copy (`gguf`) of `source`; share: `source` itself.
+    load: str = "share"
+    #: The GGUF on the model share (None: the same as `gguf`).
+    source_path: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.source_path or self.gguf
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,10 @@ class Contract:
     lock_timeout_s: float
     boot_unit: str
     models: tuple[Model, ...]
+    #: Where staged copies live, their size cap, and how long the share may stay silent.
+    stage_dir: Path = Path("/var/cache/llamavm/models")
+    stage_cap_bytes: int = 0
+    share_stall_s: float = 30.0
 
     def resolve(self, name: str) -> Model:
         """The model called `name` (its name or an alias); refused (exit 2) otherwise."""
@@ -110,6 +122,8 @@ def parse(data: dict[str, Any]) -> Contract:
             size_bytes=m["size_bytes"],
             sha256=m["sha256"],
             vram=dict(m["vram"]),
+            load=str(m["load"]),
+            source_path=Path(m["source"]),
         )
         for m in data["models"]
     )
@@ -124,6 +138,9 @@ def parse(data: dict[str, Any]) -> Contract:
         lock_timeout_s=float(data["switch"]["lock_timeout_s"]),
         boot_unit=data["boot_unit"],
         models=models,
+        stage_dir=Path(data["loading"]["stage_dir"]),
+        stage_cap_bytes=int(data["loading"]["stage_cap_bytes"]),
+        share_stall_s=float(data["loading"]["share_stall_s"]),
     )
 
 

@@ -6,7 +6,7 @@ import contextlib
 import time
 from typing import Any
 
-from llamavm.host import gpu, http, store
+from llamavm.host import gpu, http, share, store
 from llamavm.host.contract import Contract
 from llamavm.host.systemd import Systemd
 from llamavm.host.transaction import BUSY, Host
@@ -37,6 +37,10 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             "unit": model.unit,
             "state": unit.get("ActiveState"),
             "loads": state["loads"].get(model.name, []),
+            "load": model.load,
+            "file": share.location(contract, model),
+            "last_cold": state["history"].get(model.name, {}).get("cold"),
+            "last_warm": state["history"].get(model.name, {}).get("warm"),
         }
         if model in running:
             entered = int(unit.get("ActiveEnterTimestampMonotonic", "0") or 0)

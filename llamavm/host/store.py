@@ -104,7 +104,14 @@ def locked(path: Path, timeout_s: float, waiting: Any = None) -> Iterator[None]:
 
 
 def empty_state() -> dict[str, Any]:
-    return {"desired": None, "stopped": False, "loads": {}, "pending": None, "last": None}
+    return {
+        "desired": None,
+        "stopped": False,
+        "loads": {},
+        "history": {},
+        "pending": None,
+        "last": None,
+    }
 
 
 def load_state(path: Path, *, repair: bool = True) -> dict[str, Any]:
@@ -134,6 +141,13 @@ def load_state(path: Path, *, repair: bool = True) -> dict[str, Any]:
             if isinstance(name, str) and isinstance(values, list):
                 good = [float(v) for v in values if isinstance(v, int | float) and v >= 0]
                 state["loads"][name] = good[-KEEP_LOADS:]
+    history = raw.get("history")
+    if isinstance(history, dict):
+        state["history"] = {
+            name: {k: v for k, v in kinds.items() if k in ("cold", "warm") and isinstance(v, dict)}
+            for name, kinds in history.items()
+            if isinstance(name, str) and isinstance(kinds, dict)
+        }
     for key in ("pending", "last"):
         if isinstance(raw.get(key), dict):
             state[key] = raw[key]
@@ -147,10 +161,23 @@ def _set_aside(path: Path, why: str) -> None:
     print(f"llamavm-switch: {path} was {why}; moved to {aside}, starting afresh", file=sys.stderr)
 
 
-def record_load(state: dict[str, Any], name: str, seconds: float) -> None:
+def record_load(
+    state: dict[str, Any], name: str, seconds: float, fetched: dict[str, Any] | None = None
+) -> None:
+    """Remember a load: its seconds (the learned health timeout), and as the model's last
+    cold or warm load, how its bytes were fetched first."""
     loads = state["loads"].setdefault(name, [])
     loads.append(round(seconds, 3))
     del loads[:-KEEP_LOADS]
+    if fetched is not None:
+        kind = "cold" if fetched.get("cold") else "warm"
+        state["history"].setdefault(name, {})[kind] = {
+            "fetch_s": fetched.get("seconds", 0.0),
+            "read_bytes": fetched.get("read_bytes", 0),
+            "from": fetched.get("from", ""),
+            "load_s": round(seconds, 3),
+            "at": time.time(),
+        }
 
 
 # --- transaction outcomes and progress ------------------------------------------------------------

@@ -26,6 +26,7 @@ from llamavm.host import (
     checks,
     gpu,
     http,
+    share,
     store,
 )
 from llamavm.host import watch as watch_mod
@@ -70,6 +71,10 @@ class Host:
         return [
             m for m in self.contract.models if states.get(m.unit, {}).get("ActiveState") in BUSY
         ]
+
+    def fetch(self, model: Model, source: dict[str, Any] | None, keep: set[str]) -> dict[str, Any]:
+        """Make `model`'s bytes local (stage or pre-warm) before anything is stopped."""
+        return share.fetch(self.contract, model, source, keep, self.progress)
 
     def healthy(self, model: Model) -> bool:
         return self.health(model.health_url) == 200
@@ -212,15 +217,24 @@ class Transaction:
                 state["desired"], state["stopped"] = target.name, False
                 self._save(state)
             return {"changed": False, "model": target.name, "previous": target.name}
-        checks.preflight(self.contract, target, self.host.progress)
+        source = checks.preflight(self.contract, target, self.host.progress)
+        # The new model's bytes are made local while the old model keeps serving.
+        self.host.failpoint("before_fetch")
+        fetched = self.host.fetch(target, source, {m.name for m in running})
         previous = next((m for m in running if m.name != target.name), None)
-        return self._serve(target, previous, running, state)
+        return self._serve(target, previous, running, state, fetched=fetched)
 
     def check(self, name: str) -> dict[str, Any]:
         target = self.contract.resolve(name)
-        checks.preflight(self.contract, target, self.host.progress)
+        source = checks.preflight(self.contract, target, self.host.progress)
         running = [m.name for m in self.host.running()]
-        return {"model": target.name, "running": running, "changed": False}
+        return {
+            "model": target.name,
+            "running": running,
+            "changed": False,
+            "load": target.load,
+            "file": share.location(self.contract, target) if source else "share away",
+        }
 
     def stop(self) -> dict[str, Any]:
         running = self.host.running()
@@ -394,6 +408,7 @@ class Transaction:
         before_start: Callable[[], None] | None = None,
         undo: Callable[[], None] | None = None,
         backup: Path | None = None,
+        fetched: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Stop `running`, start `target`, gate and verify it; any failure rolls back."""
         host = self.host
@@ -429,7 +444,7 @@ class Transaction:
             phase("verify")
         except BaseException as failure:  # every failure after the stop rolls back
             self._rollback(target, previous, running, state, failure, undo)
-        store.record_load(state, target.name, load_s)
+        store.record_load(state, target.name, load_s, fetched)
         state["desired"], state["stopped"], state["pending"] = target.name, False, None
         seconds = round(host.clock() - began, 3)
         state["last"] = {"tx": self.tx, "op": self.op, "model": target.name, "at": time.time()}
@@ -441,7 +456,10 @@ class Transaction:
             "port": target.port,
             "load_seconds": round(load_s, 3),
             "switch_seconds": seconds,
+            # No model answered from the stop until the new one was healthy.
+            "downtime_seconds": round(phases["stop"] + phases["load"], 3),
             "phases": phases,
+            **({"fetch": fetched} if fetched else {}),
         }
 
     def _rollback(

@@ -40,7 +40,14 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
     )
     top = {
         k: overrides.pop(k)
-        for k in ("api_key_policy", "service_user", "default_model")
+        for k in (
+            "api_key_policy",
+            "service_user",
+            "default_model",
+            "stage_dir",
+            "stage_cap_bytes",
+            "share_stall_s",
+        )
         if k in overrides
     }
     entries = []
@@ -77,6 +84,9 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
         lock_timeout_s=5,
         boot_unit="llamavm-boot.service",
         models=tuple(entries),
+        stage_dir=top.get("stage_dir", tmp_path / "stage"),
+        stage_cap_bytes=top.get("stage_cap_bytes", 1 << 40),
+        share_stall_s=top.get("share_stall_s", 10.0),
     )
 
 

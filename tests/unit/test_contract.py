@@ -52,7 +52,13 @@ def test_the_contract_carries_argv_units_and_urls(tmp_path) -> None:
     data = contract.build(cat, {})
     alpha = data["models"][0]
     assert alpha["unit"] == "llamavm-model-alpha.service"
-    assert alpha["gguf"] == "/mnt/models/alpha/alpha.gguf"
+    # the default loading mode: the server reads a staged local copy of the share's file
+    assert alpha["load"] == "stage"
+    assert alpha["source"] == "/mnt/models/alpha/alpha.gguf"
+    assert alpha["gguf"] == "/var/cache/llamavm/models/alpha.gguf"
+    assert alpha["argv"][alpha["argv"].index("--model") + 1] == alpha["gguf"]
+    assert alpha["systemd"]["requires_mounts_for"] == "/var/cache/llamavm/models"
+    assert alpha["systemd"]["load_args"] == {"load-mode": "", "no-mmap": ""}
     assert alpha["health_url"] == "http://127.0.0.1:8001/health"
     argv = alpha["argv"]
     assert argv[0] == "/opt/llama.cpp/current/bin/llama-server"
@@ -66,6 +72,31 @@ def test_the_contract_carries_argv_units_and_urls(tmp_path) -> None:
     assert unit["load_credential"] == "api-key:/etc/llamavm/api-key"
     words = systemd_words(unit["exec_start"].replace("%d/", "CRED/"))
     assert words == [w.replace("%d/", "CRED/") for w in argv]
+
+
+def test_a_share_model_reads_the_share_without_mmap(tmp_path) -> None:
+    cat = _catalog(tmp_path, loading={"default": "share", "stage_cap_gib": 3})
+    data = contract.build(cat, {})
+    alpha = data["models"][0]
+    assert alpha["load"] == "share" and alpha["gguf"] == alpha["source"]
+    assert alpha["systemd"]["requires_mounts_for"] == "/mnt/models"
+    assert alpha["systemd"]["load_args"] == {
+        "load-mode": '"--load-mode" "none"',
+        "no-mmap": '"--no-mmap"',
+    }
+    assert data["loading"]["stage_cap_bytes"] == 3 << 30
+    parsed = host_contract.parse(data)
+    assert parsed.models[0].source == Path("/mnt/models/alpha/alpha.gguf")
+    assert parsed.stage_cap_bytes == 3 << 30 and parsed.share_stall_s == 30
+
+
+def test_a_model_may_choose_its_own_loading_mode(tmp_path) -> None:
+    data = copy.deepcopy(VALID)
+    data["models"][1]["load"] = "share"
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    models = contract.build(catalog.load(path), {})["models"]
+    assert [m["load"] for m in models] == ["stage", "share"]
 
 
 def test_no_credential_without_a_key_policy(tmp_path) -> None:
@@ -103,6 +134,7 @@ def test_the_host_reads_what_the_controller_writes(tmp_path) -> None:
 def test_quoted_catalog_values_reach_argv_unharmed(tmp_path) -> None:
     data = copy.deepcopy(VALID)
     data["models"][0]["gguf"] = 'odd dir/we "ird" 100% $HOME \\x.gguf'
+    data["models"][0]["load"] = "share"
     data["models"][0]["extra_args"] = ["--chat-template-kwargs", '{"a": "b c"}']
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamavm import tinymodel
-from llamavm.host import EXIT_REFUSED, checks
+from llamavm.host import EXIT_REFUSED, checks, share
 from llamavm.host.contract import HostError
 from tests.unit.host_fakes import contract_for
 
@@ -25,8 +25,11 @@ def tiny(tmp_path_factory) -> Path:
     return tinymodel.write(tinymodel.TinySpec("t", seed=3), path, vocab)
 
 
-def _preflight(contract, name: str = "t") -> None:
-    checks.preflight(contract, contract.resolve(name), lambda _: None)
+def _preflight(contract, name: str = "t") -> dict:
+    """Everything a switch does before it stops anything: the checks, then the fetch."""
+    model = contract.resolve(name)
+    source = checks.preflight(contract, model, lambda _: None)
+    return share.fetch(contract, model, source, set(), lambda _: None)
 
 
 def test_valid_tiny_model_passes(tiny, tmp_path) -> None:
@@ -89,18 +92,16 @@ def test_sha_mismatch_is_refused_and_a_match_is_cached(tiny, tmp_path) -> None:
     assert cached[str(tiny)]["sha256"] == good
 
 
-def test_the_sha_cache_survives_state_writes(tiny, tmp_path, monkeypatch) -> None:
+def test_the_sha_cache_survives_state_writes(tiny, tmp_path) -> None:
     """It used to live in the state file, which every switch rewrote from an older copy."""
     from llamavm.host import store
 
     contract = contract_for(tmp_path, tiny, sha256=tinymodel.sha256(tiny))
-    _preflight(contract)
+    assert _preflight(contract)["read_bytes"] == tiny.stat().st_size
     store.write_json(contract.paths.state, store.empty_state())
-    hashed = []
-    real = checks.hashlib.sha256
-    monkeypatch.setattr(checks.hashlib, "sha256", lambda: hashed.append(1) or real())
-    _preflight(contract)
-    assert hashed == [], "the digest was computed again"
+    again = _preflight(contract)
+    assert again["read_bytes"] == 0, "the file was read (and hashed) again"
+    assert again["from"] == "page cache"
 
 
 def test_over_budget_is_refused_with_the_fix(tiny, tmp_path) -> None:

@@ -35,7 +35,8 @@ from tests.unit.host_fakes import FakeSystemd, contracts
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """Two models, 'one' serving; preflight and verify pass unless a test says otherwise."""
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: None)
+    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
+    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
     contract = contracts(tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"})
     fake = FakeSystemd()
     fake.add(contract, "one")
