@@ -50,6 +50,35 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 gpu,
             )
         )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    return "\n".join(lines + problems)
+    return "\n".join([*_table(rows), "", *_table(_files(results)), *problems])
+
+
+def _table(rows: list[tuple[Any, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def _load(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    fetched = entry.get("read_bytes", 0)
+    fetch = f"{entry.get('fetch_s', 0):.1f}s for {fetched / 2**30:.2f} GiB + " if fetched else ""
+    return f"{fetch}{entry.get('load_s', 0):.2f}s load"
+
+
+def _files(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Per model: how it loads, where its bytes are, its last cold and warm loads."""
+    rows: list[tuple[Any, ...]] = [("HOST", "MODEL", "LOAD", "FILE", "LAST COLD", "LAST WARM")]
+    for host, answer in results.items():
+        for model in answer.get("models", []) if answer.get("ok", True) else []:
+            rows.append(
+                (
+                    host,
+                    model["name"],
+                    model.get("load", "-"),
+                    model.get("file", "-"),
+                    _load(model.get("last_cold")),
+                    _load(model.get("last_warm")),
+                )
+            )
+    return rows

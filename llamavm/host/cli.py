@@ -378,17 +378,19 @@ def human(command: str, result: dict[str, Any]) -> str:
     if command in ("switch", "boot") and result.get("model"):
         if not result.get("changed"):
             return f"{result['model']} is already serving"
+        downtime = result.get("downtime_seconds")
         return (
             f"{result['model']} serving on port {result.get('port')} "
             f"(loaded in {result.get('load_seconds', 0):.2f}s, "
-            f"switch took {result.get('switch_seconds', 0):.2f}s)"
+            + (f"downtime {downtime:.2f}s, " if downtime is not None else "")
+            + f"switch took {result.get('switch_seconds', 0):.2f}s)"
         )
     if command == "stop":
         return "stopped " + (
             ", ".join(result.get("stopped", [])) or "nothing (no model was running)"
         )
     if command == "check":
-        return f"{result['model']}: ready to serve"
+        return f"{result['model']}: ready to serve ({result.get('load')}: {result.get('file')})"
     return json.dumps(result, indent=2)
 
 
