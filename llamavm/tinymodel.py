@@ -36,6 +36,12 @@ class TinySpec:
     n_head_kv: int = 4
     n_ff: int = 128
     n_ctx_train: int = 4096
+    #: Type of the weight matrices: f32, or f16 for big benchmark models at half the size.
+    dtype: str = "f32"
+
+    @property
+    def dtype_np(self) -> str:
+        return {"f32": "float32", "f16": "float16"}[self.dtype]
 
 
 def find_vocab(cache: Path | None = None, fetch: bool = True) -> Path:
@@ -101,7 +107,10 @@ def write(spec: TinySpec, path: Path, vocab: Path | None = None) -> Path:
     rng = np.random.default_rng(spec.seed)
 
     def tensor(name: str, *shape: int) -> None:
-        data = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if spec.dtype == "f32":  # the tiny models' weights, bit for bit as they always were
+            data = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        else:
+            data = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(spec.dtype_np)
         writer.add_tensor(name, data)
 
     head_dim = spec.n_embd // spec.n_head

@@ -313,13 +313,24 @@ def parse(label: str, host: str, data: Any, known: dict[str, Image] | None = Non
     )
 
 
+#: The group of hosts that export the model share; they may be VMs of the inventory too.
+NFS_GROUP = "nfs_servers"
+
+
 def from_inventory(inventory: str | None = None, only: str | None = None) -> list[VmSpec]:
-    """Every model host's VM spec in an inventory (hosts without llamavm_vm are not VMs)."""
+    """Every VM spec of an inventory's model hosts and NFS servers (hosts without llamavm_vm
+    are not VMs)."""
     inv = inventory_mod.resolve(inventory)
     data = remote.inventory_data(inv.path)
     hostvars = data.get("_meta", {}).get("hostvars", {})
     specs = []
-    for host in remote.host_names(data, inv.path, only):
+    names = remote.host_names(data, inv.path)
+    names += [h for h in remote.group_hosts(data, NFS_GROUP) if h not in names]
+    if only:
+        if only not in names:
+            raise VmSpecError(f"{inv.path}: no host {only!r} — hosts: {', '.join(names)}")
+        names = [only]
+    for host in names:
         hv = hostvars.get(host, {})
         if SPEC_VAR not in hv:
             continue

@@ -235,7 +235,8 @@ class Failpoints:
 
     Read from `path` only when it is a regular file owned by root and private to root, so
     nobody else can steer a transaction. Absent in production: every call is then a no-op.
-    {"after_stop": {"sleep": 5}, "in_verify": {"raise": "reset"}, "in_load": {"kill": true}}
+    {"after_stop": {"sleep": 5}, "in_verify": {"raise": "reset"}, "in_load": {"kill": true},
+     "after_fetch": {"mark": "/run/llamavm/reached", "sleep": 30}}
     """
 
     def __init__(self, path: Path) -> None:
@@ -255,6 +256,9 @@ class Failpoints:
         point = self.points.pop(name, None)  # each fires once: never again in the rollback
         if not point:
             return
+        if point.get("mark"):  # tell a test the transaction got here
+            with contextlib.suppress(OSError):
+                Path(str(point["mark"])).touch()
         if point.get("sleep"):
             time.sleep(float(point["sleep"]))
         if point.get("kill"):

@@ -221,6 +221,7 @@ class Transaction:
         # The new model's bytes are made local while the old model keeps serving.
         self.host.failpoint("before_fetch")
         fetched = self.host.fetch(target, source, {m.name for m in running})
+        self.host.failpoint("after_fetch")
         previous = next((m for m in running if m.name != target.name), None)
         return self._serve(target, previous, running, state, fetched=fetched)
 

@@ -13,11 +13,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llamavm import REPO_ROOT, catalog, testbed
-from tests.integration.helpers import TESTBED_CATALOG, invoke
+from tests.integration.helpers import TESTBED_CATALOG, VM_INVENTORY, invoke
 
 VENV_BIN = Path(sys.executable).parent
 INVENTORY = REPO_ROOT / "inventories" / "local"
@@ -108,3 +109,24 @@ def provisioned(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
     if result.returncode != 0:
         pytest.fail(f"invoke provision failed:\n{result.stdout[-6000:]}\n{result.stderr}")
     return testbed_info
+
+
+@pytest.fixture(scope="session")
+def vm(testbed_info: testbed.TestbedInfo) -> Any:
+    """The embedded VMs provisioned (`invoke provision -i local-vm`); the model VM's spec."""
+    from llamavm import vmspec
+
+    result = invoke("provision", "-i", VM_INVENTORY, timeout=3600)
+    if result.returncode != 0:
+        pytest.fail(
+            f"invoke provision -i {VM_INVENTORY} failed:\n{result.stdout[-6000:]}\n{result.stderr}"
+        )
+    return vmspec.from_inventory(VM_INVENTORY)[0]
+
+
+@pytest.fixture(scope="session")
+def nas(vm: Any) -> Any:
+    """The embedded NFS server VM's spec (provisioned with the model VM)."""
+    from llamavm import vmspec
+
+    return vmspec.from_inventory(VM_INVENTORY, only="llamavm-nas")[0]

@@ -20,6 +20,10 @@ INVOKE = Path(sys.executable).parent / "invoke"
 TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
 SHARE = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "models"
 FAILPOINTS = "/run/llamavm/failpoints.json"
+#: The embedded VM inventory (a model VM and an NFS server VM), and how tests reach the VMs.
+VM_INVENTORY = "local-vm"
+VM_KEY = "/var/lib/llamavm/vm/id_ed25519"
+VM_KNOWN_HOSTS = "/var/lib/llamavm/vm/known_hosts"
 
 
 def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -114,3 +118,16 @@ def catalog_with(tmp_path: Path, extra_models: list[dict[str, Any]], **settings:
     path = tmp_path / "models.extra.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def ssh_from_lan(vm: Any, command: str, *extra: str, timeout: float = 120) -> Any:
+    """SSH to a VM's bridged address from the LAN client's namespace (`vm`: a VmSpec)."""
+    return testbed.client_run(
+        ["ssh", "-i", VM_KEY, "-o", "IdentitiesOnly=yes",
+         "-o", f"UserKnownHostsFile={VM_KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "ConnectTimeout=10", *extra,
+         f"{vm.admin_user}@{vm.network.ip}", command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -1,5 +1,6 @@
-"""How a model's bytes reach its server, on the test bed: staged copies (the default) and
-models read from the share without mmap; a file replaced on the share while it is served.
+"""How a model's bytes reach its server, on the test bed: staged copies (the default, tiny-one)
+and models read from the share without mmap (tiny-two); a file replaced on the share while it
+is served.
 
 The test bed's share is a read-only bind mount of a controller folder, so "the server replaced
 the file" is a rename in that folder. Kernel NFS (a server that goes away) runs in the VM suite.
@@ -10,15 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 
 import pytest
-import yaml
 
 from llamavm import catalog, tinymodel
 from tests.integration.helpers import (
     SHARE,
-    TESTBED_CATALOG,
     host_run,
     http_code,
     invoke,
@@ -32,30 +30,11 @@ STAGE_DIR = "/var/cache/llamavm/models"
 
 
 @pytest.fixture(scope="module")
-def loading_catalog(provisioned, models, tmp_path_factory) -> Iterator[catalog.Catalog]:
-    """The test bed's models plus one that is read from the share ('load: share')."""
-    folder = SHARE / "loading"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    shutil.copy(SHARE / models.default.gguf, folder / "shared.gguf")
-    data = yaml.safe_load(TESTBED_CATALOG.read_text())
-    data["models"].append(
-        {
-            "name": "shared",
-            "gguf": "loading/shared.gguf",
-            "port": 8021,
-            "ctx_size": 1024,
-            "health_timeout_s": 60,
-            "load": "share",
-        }
-    )
-    path = tmp_path_factory.mktemp("catalog") / "models.loading.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = invoke("provision", "--catalog", str(path))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
-    yield catalog.load(path)
-    assert invoke("provision").returncode == 0
-    shutil.rmtree(folder, ignore_errors=True)
+def loading_catalog(provisioned, models) -> catalog.Catalog:
+    """The test bed's catalog: tiny-one is staged (the default mode), tiny-two read from the
+    share."""
+    assert [models.load_mode(m) for m in models.models] == ["stage", "share"]
+    return models
 
 
 def _switch(cat: catalog.Catalog, name: str) -> str:
@@ -88,7 +67,7 @@ def _completes(host: str, model: catalog.Model) -> bool:
 
 
 def test_a_staged_model_serves_a_verified_local_copy(loading_catalog, models, host) -> None:
-    one, two = models.default, next(m for m in models.models if m != models.default)
+    two, one = models.default, next(m for m in models.models if m != models.default)
     _switch(loading_catalog, one.name)
     host_run(f"rm -f {STAGE_DIR}/{two.name}.gguf {STAGE_DIR}/{two.name}.gguf.json")
     first = _switch(loading_catalog, two.name)
@@ -110,13 +89,14 @@ def test_a_staged_model_serves_a_verified_local_copy(loading_catalog, models, ho
 
 
 def test_a_share_model_is_read_without_mmap(loading_catalog, host) -> None:
-    shared = loading_catalog.resolve("shared")
+    shared = next(m for m in loading_catalog.models if loading_catalog.load_mode(m) == "share")
     _switch(loading_catalog, shared.name)
     argv = _cmdline(shared.unit)
-    assert argv[argv.index("--model") + 1] == "/srv/models/loading/shared.gguf"
+    assert argv[argv.index("--model") + 1] == f"/srv/models/{shared.gguf}"
     assert argv[argv.index("--load-mode") + 1] == "none"
     pid = main_pid(shared.unit)
-    assert host_run(f"grep -c shared.gguf /proc/{pid}/maps").stdout.strip() == "0"
+    name = shared.gguf.rsplit("/", 1)[-1]
+    assert host_run(f"grep -c {name} /proc/{pid}/maps").stdout.strip() == "0"
     assert _status(loading_catalog)[shared.name]["file"] == "share"
 
 
@@ -125,11 +105,8 @@ def test_a_file_replaced_on_the_share_while_served_does_not_crash_it(
     loading_catalog, models, host, name
 ) -> None:
     """Replaced the way a download tool does it: a new file renamed over the old one."""
-    model = (
-        loading_catalog.resolve("shared")
-        if name == "shared"
-        else next(m for m in models.models if m != models.default)
-    )
+    mode = "share" if name == "shared" else "stage"
+    model = next(m for m in loading_catalog.models if loading_catalog.load_mode(m) == mode)
     _switch(loading_catalog, model.name)
     pid = main_pid(model.unit)
     original = SHARE / model.gguf
@@ -138,7 +115,7 @@ def test_a_file_replaced_on_the_share_while_served_does_not_crash_it(
     try:
         fresh = original.with_name(original.name + ".new")
         if name == "shared":  # other weights: a different file altogether
-            tinymodel.write(tinymodel.TinySpec("shared", seed=99), fresh)
+            tinymodel.write(tinymodel.TinySpec(model.name, seed=99), fresh)
         else:  # the catalog pins nothing here, but keep the bytes: only the inode changes
             shutil.copy(original, fresh)
         os.replace(fresh, original)
@@ -146,7 +123,8 @@ def test_a_file_replaced_on_the_share_while_served_does_not_crash_it(
             assert _completes(host, model)
         assert main_pid(model.unit) == pid, "the server restarted"
         if name == "staged":  # the next switch sees a new file version and stages it anew
-            _switch(loading_catalog, models.default.name)
+            other = next(m for m in loading_catalog.models if m != model)
+            _switch(loading_catalog, other.name)
             again = _switch(loading_catalog, model.name)
             assert "staged " in again, again
     finally:

@@ -13,37 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, hostpkg, provision, testbed, vmbuild, vmspec
-from tests.integration.helpers import client_curl, http_code, invoke
+from llamavm import REPO_ROOT, hostpkg, provision, vmbuild, vmspec
+from tests.integration.helpers import (
+    VM_INVENTORY as INVENTORY,
+)
+from tests.integration.helpers import (
+    client_curl,
+    http_code,
+    invoke,
+    ssh_from_lan,
+)
 
 pytestmark = [pytest.mark.testbed, pytest.mark.vm]
-
-INVENTORY = "local-vm"
-KEY = "/var/lib/llamavm/vm/id_ed25519"
-KNOWN_HOSTS = "/var/lib/llamavm/vm/known_hosts"
-
-
-@pytest.fixture(scope="module")
-def vm(testbed_info) -> vmspec.VmSpec:
-    """The embedded VM, provisioned: `invoke provision -i local-vm`."""
-    result = invoke("provision", "-i", INVENTORY, timeout=3600)
-    if result.returncode != 0:
-        pytest.fail(
-            f"invoke provision -i {INVENTORY} failed:\n{result.stdout[-6000:]}\n{result.stderr}"
-        )
-    return vmspec.from_inventory(INVENTORY)[0]
-
-
-def ssh_from_lan(vm: vmspec.VmSpec, command: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """SSH to the VM's bridged address from the LAN client's namespace."""
-    return testbed.client_run(
-        ["ssh", "-i", KEY, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
-         "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10", *extra,
-         f"{vm.admin_user}@{vm.network.ip}", command],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
 
 
 def test_cloud_init_finished_with_the_rendered_seed(vm) -> None:
@@ -114,15 +95,17 @@ def test_vm_list_shows_it_running(vm) -> None:
     result = invoke("vm.list", "-i", INVENTORY, "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
+    nas = vmspec.from_inventory(INVENTORY, only="llamavm-nas")[0]
     assert rows == [
         {
-            "vm": vm.name,
-            "host": vm.host,
+            "vm": spec.name,
+            "host": spec.host,
             "hypervisor": "localhost",
             "state": "running",
-            "address": vm.network.ip,
+            "address": spec.network.ip,
             "restart_needed": False,
         }
+        for spec in (vm, nas)
     ]
 
 
@@ -144,7 +127,9 @@ def test_a_changed_spec_is_stored_and_waits_for_a_restart(vm, tmp_path) -> None:
     try:
         _vm_playbook(changed)
         rows = json.loads(invoke("vm.list", "-i", str(changed), "--json").stdout)
+        assert rows[0]["vm"] == vm.name
         assert rows[0]["state"] == "running" and rows[0]["restart_needed"] is True
+        assert rows[1]["restart_needed"] is False  # the NFS server's spec did not change
         stored = subprocess.run(
             ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", vm.name],
             capture_output=True, text=True, check=True,

@@ -153,6 +153,21 @@ CASES = [
         ["(alpha).cache_type", "not a KV cache type"],
     ),
     (
+        "bad load mode",
+        _set("models.0.load", "mmap"),
+        ["(alpha).load", "'mmap' is not a loading mode", "use stage"],
+    ),
+    (
+        "bad default load mode",
+        _set("settings.loading", {"default": "nfs"}),
+        ["settings.loading.default", "not a loading mode"],
+    ),
+    (
+        "stage cap zero",
+        _set("settings.loading", {"stage_cap_gib": 0}),
+        ["settings.loading.stage_cap_gib: 0 is below 1"],
+    ),
+    (
         "ctx not multiple",
         _set("models.0.parallel", 3),
         ["(alpha).ctx_size", "multiple of parallel"],
