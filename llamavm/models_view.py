@@ -38,6 +38,8 @@ def as_table(catalog: Catalog) -> str:
         f"share: {s.share_path}   default: {s.default_model}   "
         f"VRAM budget: {s.vram.budget_mib} MiB - reserve {s.vram.reserve_mib} MiB "
         f"= {s.vram.budget_mib - s.vram.reserve_mib} MiB",
+        "loading: stage = a verified local copy, share = read from the share; where each "
+        "model's bytes are now and its last loads: invoke status",
         "",
     ]
     header = (
@@ -47,6 +49,7 @@ def as_table(catalog: Catalog) -> str:
         "CTX",
         "NGL",
         "CPU-MOE",
+        "LOAD",
         "WEIGHTS",
         "KV",
         "TOTAL",
@@ -54,7 +57,7 @@ def as_table(catalog: Catalog) -> str:
     )
     table = [header]
     notes: list[str] = []
-    for entry, est in rows(catalog):
+    for model, (entry, est) in zip(catalog.models, rows(catalog), strict=True):
         verdict = est.verdict
         if est.source == "override":
             verdict += " (override)"
@@ -66,6 +69,7 @@ def as_table(catalog: Catalog) -> str:
                 str(entry["ctx_size"]),
                 str(entry["n_gpu_layers"]),
                 str(entry["n_cpu_moe"]),
+                catalog.load_mode(model),
                 _mib(est.weights_mib),
                 _mib(est.kv_mib),
                 _mib(est.total_mib),

@@ -387,7 +387,14 @@ class Transaction:
         def undo() -> None:
             self._restore_unit(model, str(backup) if backup else None)
 
-        self._serve(model, model, [model], state, before_start=install, undo=undo, backup=backup)
+        # The new unit may read other bytes (say, a staged copy where it read the share): make
+        # them local first, while the model still serves from its old unit.
+        source = checks.preflight(self.contract, model, self.host.progress)
+        fetched = self.host.fetch(model, source, {model.name})
+        self._serve(
+            model, model, [model], state,
+            before_start=install, undo=undo, backup=backup, fetched=fetched,
+        )  # fmt: skip
 
     def _restore_unit(self, model: Model | None, backup: str | None) -> None:
         if model is None or not backup:

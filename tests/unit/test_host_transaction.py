@@ -320,6 +320,20 @@ def test_apply_restarts_the_serving_model_through_the_transaction(world) -> None
     assert "/bin/server b" in (contract.paths.units_live / "llamavm-model-one.service").read_text()
 
 
+def test_apply_fetches_the_new_units_bytes_before_it_stops_the_model(world) -> None:
+    """A unit that now reads a staged copy: the copy is made while the old unit serves."""
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name, arg="b")
+    order: list[str] = []
+    stop = fake.stop
+    host.fetch = lambda model, source, keep: order.append(f"fetch {model.name}") or {}
+    fake.stop = lambda units: order.append("stop") or stop(units)  # type: ignore[method-assign]
+    Transaction(host, "ap4", "apply").apply()
+    assert order[:2] == ["fetch one", "stop"]
+
+
 def test_apply_rolls_back_to_the_old_unit_when_the_new_one_fails(world) -> None:
     contract, fake, host, _ = world
     old = _stage(contract, "one", live=True)
