@@ -62,7 +62,7 @@ def _load(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "-"
     fetched = entry.get("read_bytes", 0)
-    fetch = f"{entry.get('fetch_s', 0):.1f}s for {fetched / 2**30:.2f} GiB + " if fetched else ""
+    fetch = f"{entry.get('fetch_s', 0):.2f}s for {fetched / 2**30:.2f} GiB + " if fetched else ""
     return f"{fetch}{entry.get('load_s', 0):.2f}s load"
 
 

@@ -158,3 +158,12 @@ def test_host_config_errors_name_the_key(tmp_path) -> None:
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(LlamavmError, match=fragment):
             contract.load_host_config(path)
+
+
+def test_the_role_expects_the_contract_version_the_host_reads() -> None:
+    from llamavm import REPO_ROOT
+
+    role_vars = yaml.safe_load(
+        (REPO_ROOT / "ansible/roles/model_services/vars/main.yml").read_text()
+    )
+    assert role_vars["__model_services_contract_version"] == host_contract.VERSION
