@@ -269,6 +269,7 @@ def _copy(source: Path, partial: Path, want_sha: bool) -> Callable[[Report], dic
         done = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(partial, flags, 0o644)
+        os.fchmod(out, 0o644)  # whatever the umask: the service user reads it
         try:
             with source.open("rb", buffering=0) as handle:
                 with contextlib.suppress(OSError, AttributeError):
