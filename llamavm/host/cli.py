@@ -47,6 +47,7 @@ from llamavm.host import status as status_mod
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.systemd import Systemd
 from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
+from llamavm.host.watch import poll_interval
 
 TX_RE = re.compile(r"[a-z0-9]{6,32}")
 MUTATING = ("switch", "stop", "apply")
@@ -250,14 +251,15 @@ def gate(contract: Contract, name: str) -> int:
     """Active only once /health answers 200; give up as soon as the server process is gone."""
     model = contract.resolve(name)
     pid = os.environ.get("MAINPID", "")
-    deadline = time.monotonic() + model.health_timeout_s
+    began = time.monotonic()
+    deadline = began + model.health_timeout_s
     while time.monotonic() < deadline:
         if pid and not os.path.exists(f"/proc/{pid}"):
             print(f"llamavm-gate: main process {pid} exited while loading", file=sys.stderr)
             return 1
         if http.status_of(model.health_url, timeout=2) == 200:
             return 0
-        time.sleep(0.01)
+        time.sleep(poll_interval(time.monotonic() - began))
     print(
         f"llamavm-gate: {model.health_url} not healthy after {model.health_timeout_s}s",
         file=sys.stderr,

@@ -156,7 +156,7 @@ class Host:
                 last_note = elapsed
                 if elapsed >= 5:
                     self.progress(f"loading {model.name}: {elapsed:.0f}s")
-            self.sleep(0.01)
+            self.sleep(watch_mod.poll_interval(elapsed))
 
     def verify(self, model: Model) -> None:
         """/props shows the configured slots and context; a one-token completion answers;
