@@ -320,14 +320,15 @@ def test_an_empty_api_key_is_refused_and_the_model_keeps_serving(keyed, models, 
 
 
 def test_catalog_values_reach_llama_server_exactly_as_written(provisioned, host, tmp_path) -> None:
-    """Quotes, %, $, backslashes and spaces in a GGUF path: systemd must pass them verbatim."""
+    """Quotes, %, $, backslashes and spaces in a GGUF path: systemd must pass them verbatim
+    (read from the share, so the odd path itself is on the command line)."""
     odd = 'odd dir/we "ird" 100% $HOME \\x.gguf'
     target = SHARE / odd
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes((SHARE / "tiny" / "tiny-one.gguf").read_bytes())
     path = catalog_with(
         tmp_path,
-        [{"name": "odd-path", "gguf": odd, "port": 8041,
+        [{"name": "odd-path", "gguf": odd, "port": 8041, "load": "share",
           "extra_args": ["--chat-template-kwargs", '{"x": "a b"}']}],
     )  # fmt: skip
     try:

@@ -75,8 +75,11 @@ def test_unit_is_hardened_and_runs_unprivileged(serving_one, models) -> None:
         "Restart=on-failure",
     ):
         assert expected in props, props
-    mounts = next(line for line in props.splitlines() if line.startswith("RequiresMountsFor="))
-    assert "/srv/models" in mounts.split("=", 1)[1].split(), props
+    # Each unit needs the file system its server reads: the share, or the staged copies' disk.
+    for model in models.models:
+        wanted = "/srv/models" if models.load_mode(model) == "share" else "/var/cache/llamavm/models"
+        mounts = host_run(f"systemctl show {model.unit} -p RequiresMountsFor --value").stdout
+        assert wanted in mounts.split(), (model.name, mounts)
     others = [m.unit for m in models.models if m != models.default]
     assert all(other in props for other in others), props
     owner = host_run(f"ps -o user= -p $(systemctl show -p MainPID --value {unit})").stdout
