@@ -77,7 +77,8 @@ def test_unit_is_hardened_and_runs_unprivileged(serving_one, models) -> None:
         assert expected in props, props
     # Each unit needs the file system its server reads: the share, or the staged copies' disk.
     for model in models.models:
-        wanted = "/srv/models" if models.load_mode(model) == "share" else "/var/cache/llamavm/models"
+        share = models.load_mode(model) == "share"
+        wanted = "/srv/models" if share else "/var/cache/llamavm/models"
         mounts = host_run(f"systemctl show {model.unit} -p RequiresMountsFor --value").stdout
         assert wanted in mounts.split(), (model.name, mounts)
     others = [m.unit for m in models.models if m != models.default]
