@@ -220,20 +220,39 @@ def resident_fraction(path: Path, size: int) -> float | None:
 # --- share mode: read it through once -------------------------------------------------------------
 
 
-def _read_through(path: Path, want_sha: bool) -> Callable[[Report], dict[str, Any]]:
+def _stream(
+    source: Path, want_sha: bool, partial: Path | None = None
+) -> Callable[[Report], dict[str, Any]]:
+    """Read `source` through once (into the page cache), hashing it if asked, and copying it
+    to `partial` (fsynced, mode 0644) when given."""
+
     def work(report: Report) -> dict[str, Any]:
         digest = hashlib.sha256() if want_sha else None
         done = 0
-        with path.open("rb", buffering=0) as handle:
-            with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while n := handle.readinto(buffer):
-                if digest:
-                    digest.update(view[:n])
-                done += n
-                report(done)
+        out = None
+        if partial is not None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            out = os.open(partial, flags, 0o644)
+            os.fchmod(out, 0o644)  # whatever the umask: the service user reads it
+        try:
+            with source.open("rb", buffering=0) as handle:
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                buffer = bytearray(CHUNK)
+                view = memoryview(buffer)
+                while n := handle.readinto(buffer):
+                    if digest:
+                        digest.update(view[:n])
+                    written = 0
+                    while out is not None and written < n:
+                        written += os.write(out, view[written:n])
+                    done += n
+                    report(done)
+            if out is not None:
+                os.fsync(out)
+        finally:
+            if out is not None:
+                os.close(out)
         return {"bytes": done, "sha256": digest.hexdigest() if digest else None}
 
     return work
@@ -261,35 +280,6 @@ def staged_record(contract: Contract, model: Model) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("local_key") != file_key(info):
         return None
     return record
-
-
-def _copy(source: Path, partial: Path, want_sha: bool) -> Callable[[Report], dict[str, Any]]:
-    def work(report: Report) -> dict[str, Any]:
-        digest = hashlib.sha256() if want_sha else None
-        done = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        out = os.open(partial, flags, 0o644)
-        os.fchmod(out, 0o644)  # whatever the umask: the service user reads it
-        try:
-            with source.open("rb", buffering=0) as handle:
-                with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                buffer = bytearray(CHUNK)
-                view = memoryview(buffer)
-                while n := handle.readinto(buffer):
-                    if digest:
-                        digest.update(view[:n])
-                    written = 0
-                    while written < n:
-                        written += os.write(out, view[written:n])
-                    done += n
-                    report(done)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        return {"bytes": done, "sha256": digest.hexdigest() if digest else None}
-
-    return work
 
 
 def _staged_models(contract: Contract) -> Iterator[tuple[Model, Path, int, float]]:
@@ -379,7 +369,7 @@ def fetch(
         return {"cold": False, "read_bytes": 0, "seconds": 0.0, "from": "page cache"}
     want_sha = bool(model.sha256) and not sha_known
     result = bounded(
-        _read_through(model.source, want_sha),
+        _stream(model.source, want_sha),
         what=f"pre-warming {model.name}",
         stall_s=stall,
         total=source["size"],
@@ -430,7 +420,7 @@ def _fetch_staged(
     progress(f"staging {model.name} ({source['size'] / 2**30:.2f} GiB) to {target}")
     try:
         result = bounded(
-            _copy(model.source, partial, True),
+            _stream(model.source, True, partial),
             what=f"staging {model.name}",
             stall_s=contract.share_stall_s,
             total=source["size"],
