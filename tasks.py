@@ -372,9 +372,47 @@ def vm_destroy(c, vm, inventory=None, purge=False, dry=False):
         say(f"llamavm: {line}")
 
 
+@task(
+    name="rotate",
+    help={
+        "inventory": INVENTORY_HELP,
+        "host": "only this host (default: every host of the inventory)",
+        "catalog": CATALOG_HELP,
+        "show": "print the new key (it is never printed otherwise)",
+        "json": "print JSON",
+    },
+)
+@errors_to_exit
+def key_rotate(c, inventory=None, catalog=None, host=None, show=False, json=False):
+    """Give the hosts a new API key; the serving model restarts with it (front door waits)."""
+    cat, targets = _targets(inventory, catalog, host)
+    results = {}
+    for target in targets:
+        code, answer = remote.transaction(target, "rotate-key", [], stream=not json)
+        if code:
+            raise LlamavmError(
+                f"{target.name}: key rotation failed: {answer.get('error') or 'no reason given'}",
+                code=code,
+            )
+        if show:
+            read = remote.run(target, ["cat", cat.settings.api_key.file], stream=False, timeout=60)
+            answer["key"] = read.stdout.strip()
+        results[target.name] = answer
+        if not json:
+            restarted = answer.get("restarted")
+            where = f": {answer['key']}" if show else f" (sudo cat {cat.settings.api_key.file})"
+            say(
+                f"llamavm: {target.name}: new API key{where}"
+                + (f"; {restarted} restarted with it" if restarted else "")
+            )
+    if json:
+        say(jsonlib.dumps(results, indent=2))
+
+
 testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
+key_ns = Collection("key", key_rotate)
 vm_ns = Collection("vm", vm_render, vm_list, vm_console, vm_destroy)
 ns = Collection(
-    models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns, vm_ns
+    models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns, vm_ns, key_ns
 )
 ns.configure({"run": {"echo": False}})

@@ -151,6 +151,8 @@ def main() -> int:
         f"({fetch.get('read_bytes', 0) / 2**30:.2f} GiB while tiny-one served), "
         f"downtime {down:.2f} s, switch {answer['switch_seconds']:.2f} s (wall {wall:.2f} s)"
     )
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in (answer.get("phases") or {}).items())
+    print(f"   its phases: {phases}")
     print(f"goal: cold NFS load rate / raw rate = {(size / cold) / rate:.2f} (>= 0.90)")
     print(f"goal: switch downtime / warm load   = {down / warm:.2f} (<= 1.20)")
     return 0

@@ -13,6 +13,7 @@ and what to do, raised as CatalogError (exit code 2 at the CLI edge).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,23 @@ class LoadingSettings:
 
 
 @dataclass(frozen=True)
+class FrontDoorSettings:
+    enabled: bool
+    wait_s: int
+    drain_s: int
+    tls: bool
+
+
+@dataclass(frozen=True)
+class ExposeSettings:
+    firewall: bool
+    allow_from: tuple[str, ...]
+    metrics: bool
+    metrics_interval_s: int
+    front_door: FrontDoorSettings
+
+
+@dataclass(frozen=True)
 class Settings:
     share_path: str
     controller_share_path: str | None
@@ -68,6 +86,7 @@ class Settings:
     vram: VramSettings
     api_key: ApiKeySettings
     loading: LoadingSettings
+    expose: ExposeSettings
 
 
 @dataclass(frozen=True)
@@ -208,7 +227,7 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
             f"{vram['reserve_mib']} leaves nothing of budget_mib {vram['budget_mib']}",
             "make the reserve smaller than the budget",
         )
-    reserved = settings.get("reserved_ports", {"ssh": 22})
+    reserved = with_defaults(settings, schema()["$defs"]["settings"])["reserved_ports"]
     owners: dict[str, str] = {}
     ports: dict[int, str] = {}
     for i, model in enumerate(data["models"]):
@@ -247,6 +266,36 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
                 "give every model its own port",
             )
         ports[model["port"]] = model["name"]
+    expose = settings.get("expose", {})
+    for i, cidr in enumerate(expose.get("allow_from", [])):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise check.fail(
+                ["settings", "expose", "allow_from", i],
+                f"{cidr!r} is not a network",
+                "use CIDR form, e.g. 192.168.1.0/24 or fd00::/64",
+            ) from None
+    if expose.get("metrics", True) and "node_exporter" not in reserved:
+        raise check.fail(
+            ["settings", "reserved_ports"],
+            "has no node_exporter port, and settings.expose.metrics is on",
+            "add `node_exporter: 9100` (or set settings.expose.metrics: false)",
+        )
+    front_door = expose.get("front_door", {})
+    if front_door.get("enabled") and expose.get("firewall", True) is False:
+        raise check.fail(
+            ["settings", "expose", "front_door", "enabled"],
+            "needs settings.expose.firewall: true (the front door follows the serving model "
+            "through the firewall's nftables table)",
+            "turn the firewall on, or the front door off",
+        )
+    if front_door.get("enabled") and "proxy" not in reserved:
+        raise check.fail(
+            ["settings", "reserved_ports"],
+            "has no proxy port, and settings.expose.front_door is on",
+            "add `proxy: 8443` (the front door's port)",
+        )
     if settings["default_model"] not in owners:
         raise check.fail(
             ["settings", "default_model"],
@@ -261,6 +310,12 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
     vram = with_defaults(raw["vram"], defs["settings"]["properties"]["vram"])
     api = with_defaults(raw["api_key"], defs["settings"]["properties"]["api_key"])
     loading = with_defaults(raw["loading"], defs["settings"]["properties"]["loading"])
+    expose = with_defaults(raw["expose"], defs["settings"]["properties"]["expose"])
+    expose["allow_from"] = tuple(
+        str(ipaddress.ip_network(cidr, strict=False)) for cidr in expose["allow_from"]
+    )
+    front = defs["settings"]["properties"]["expose"]["properties"]["front_door"]
+    expose["front_door"] = FrontDoorSettings(**with_defaults(expose["front_door"], front))
     settings = Settings(
         share_path=raw["share_path"],
         controller_share_path=raw["controller_share_path"],
@@ -270,6 +325,7 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
         vram=VramSettings(**vram),
         api_key=ApiKeySettings(**api),
         loading=LoadingSettings(**loading),
+        expose=ExposeSettings(**expose),
     )
     models = []
     for entry in data["models"]:

@@ -25,6 +25,14 @@ UNITS_LIVE = "/etc/systemd/system"
 BOOT_UNIT = "llamavm-boot.service"
 SWITCH_NAME = "llamavm-switch"
 PACKAGE_NAME = "llamavm-host.pyz"
+#: The nftables table and set the firewall unit loads and the switch keeps current.
+FIREWALL_TABLE = "llamavm"
+FIREWALL_SET = "model_ports"
+FIREWALL_UNIT = "llamavm-firewall.service"
+#: The nftables map that sends the front door's internal port to the serving model's port.
+FRONT_DOOR_MAP = "front_door"
+FRONT_DOOR_UNIT = "caddy.service"
+METRICS_UNIT = "llamavm-metrics.service"
 #: Where systemd puts the service's credentials: `%d` in a unit. Never quoted.
 CREDENTIAL_DIR = "%d"
 _PATH_RE = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
@@ -41,10 +49,12 @@ class HostConfig:
     llama_cpp_prefix: str
     lib_dir: str
     bin_dir: str
+    textfile_dir: str
     user: str
     group: str
     lock_timeout_s: int
     api_key_min_length: int
+    front_door_port: int
 
 
 def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
@@ -59,11 +69,17 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         raise LlamavmError(f"{path}: cannot read it ({exc}) — restore it from git") from None
     if not isinstance(data, dict):
         raise fail("(top level)", "is not a mapping", "restore it from git")
-    sections = {k: data.get(k) for k in ("paths", "service", "switch", "api_key")}
+    sections = {k: data.get(k) for k in ("paths", "service", "switch", "api_key", "front_door")}
     if not all(isinstance(v, dict) for v in sections.values()):
-        raise fail("(top level)", "needs paths, service, switch and api_key", "restore it from git")
+        raise fail(
+            "(top level)", "needs paths, service, switch, api_key and front_door",
+            "restore it from git",
+        )  # fmt: skip
     values: dict[str, Any] = {}
-    for key in ("state_dir", "stage_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir"):
+    for key in (
+        "state_dir", "stage_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir",
+        "textfile_dir",
+    ):  # fmt: skip
         value = sections["paths"].get(key)
         if not isinstance(value, str) or not _PATH_RE.fullmatch(value):
             raise fail(f"paths.{key}", f"{value!r} is not an absolute path", "use plain /a/b")
@@ -73,14 +89,15 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
             raise fail(f"service.{key}", f"{value!r} is not an account name", "use e.g. llama")
         values[key] = value
-    for section, key, low, high in (
-        ("switch", "lock_timeout_s", 1, 86400),
-        ("api_key", "min_length", 16, 4096),
+    for section, key, low, high, field in (
+        ("switch", "lock_timeout_s", 1, 86400, "lock_timeout_s"),
+        ("api_key", "min_length", 16, 4096, "api_key_min_length"),
+        ("front_door", "internal_port", 1, 65535, "front_door_port"),
     ):
         value = sections[section].get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise fail(f"{section}.{key}", f"{value!r} is not in {low}-{high}", "fix the number")
-        values["api_key_min_length" if key == "min_length" else key] = value
+        values[field] = value
     return HostConfig(**values)
 
 
@@ -148,6 +165,47 @@ def exec_line(args: list[str]) -> str:
     return " ".join(words)
 
 
+def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
+    """What the model host's nftables rule set opens: SSH always, the active model's port
+    (kept in a set by the switch), the enabled services; the model and service ports only to
+    `allow_from` when it lists networks."""
+    s = catalog.settings
+    networks = [ipaddress.ip_network(n) for n in s.expose.allow_from]
+    services = {}
+    if s.expose.metrics:
+        services["node_exporter"] = s.reserved_ports["node_exporter"]
+    front = s.expose.front_door.enabled
+    if front:
+        services["front_door"] = s.reserved_ports["proxy"]
+        clash = next((m for m in catalog.models if m.port == cfg.front_door_port), None)
+        if clash:
+            raise LlamavmError(
+                f"{catalog.path}: models: {clash.name}: port {clash.port} is the front door's "
+                f"internal port (config/host.yaml front_door.internal_port) — pick another port"
+            )
+    return {
+        "enabled": s.expose.firewall,
+        "unit": FIREWALL_UNIT,
+        "table": FIREWALL_TABLE,
+        "set": FIREWALL_SET,
+        "ssh_port": s.reserved_ports.get("ssh", 22),
+        "service_ports": services,
+        "model_ports": sorted(m.port for m in catalog.models),
+        # The front door proxies to 127.0.0.1:internal_port; the map redirects it (table inet
+        # llamavm, output nat) to the serving model's port, switched with the open port.
+        "front_door": {
+            "enabled": front,
+            "map": FRONT_DOOR_MAP,
+            "chain": f"{FRONT_DOOR_MAP}_nat",
+            "internal_port": cfg.front_door_port,
+        },
+        "allow_from": {
+            "ipv4": [str(n) for n in networks if n.version == 4],
+            "ipv6": [str(n) for n in networks if n.version == 6],
+        },
+    }
+
+
 def build(
     catalog: Catalog,
     vram: dict[str, dict[str, Any]],
@@ -176,6 +234,7 @@ def build(
         "progress": f"{cfg.run_dir}/tx",
         "lock": f"{cfg.run_dir}/lock/switch.lock",
         "failpoints": f"{cfg.run_dir}/failpoints.json",
+        "counters": f"{cfg.state_dir}/counters.json",
         "llama_server": llama_server,
         "switch": switch,
     }
@@ -258,5 +317,24 @@ def build(
         },
         "default_model": catalog.default.name,
         "boot_unit": BOOT_UNIT,
+        "firewall": firewall(catalog, cfg),
+        "front_door": {
+            "enabled": settings.expose.front_door.enabled,
+            "unit": FRONT_DOOR_UNIT,
+            "port": settings.reserved_ports.get("proxy"),
+            "internal_port": cfg.front_door_port,
+            "wait_s": settings.expose.front_door.wait_s,
+            "drain_s": settings.expose.front_door.drain_s,
+            "tls": settings.expose.front_door.tls,
+        },
+        "metrics": {
+            "enabled": settings.expose.metrics,
+            "port": settings.reserved_ports.get("node_exporter")
+            if settings.expose.metrics
+            else None,
+            "textfile": f"{cfg.textfile_dir}/llamavm.prom",
+            "interval_s": settings.expose.metrics_interval_s,
+            "unit": METRICS_UNIT,
+        },
         "models": models,
     }

@@ -166,9 +166,9 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     default = catalog.default
     lines = []
-    if inv.is_local:
-        from llamavm import testbed
+    from llamavm import remote, testbed
 
+    if inv.is_local:
         host = testbed.status()["addresses"]["host"]
         lines += [
             f"web UI and API of {default.name}: http://{host}:{default.port}/ "
@@ -177,13 +177,28 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
             "  invoke status | invoke switch --model NAME | invoke testbed.ssh",
         ]
     else:
-        from llamavm import remote
-
         for host in remote.hosts(inv.path):
             lines.append(
                 f"web UI and API of {default.name} on {host.name}: "
                 f"http://{host.address}:{default.port}/"
             )
+    front = catalog.settings.expose.front_door
+    if front.enabled:
+        port = catalog.settings.reserved_ports["proxy"]
+        scheme = "https" if front.tls else "http"
+        hosts = (
+            [testbed.status()["addresses"]["host"]]
+            if inv.is_local
+            else [h.address for h in remote.hosts(inv.path)]
+        )
+        for address in hosts:
+            lines.append(
+                f"front door (whichever model serves, through switches): {scheme}://{address}:{port}/"
+            )
+    metrics = catalog.settings.expose.metrics
+    if metrics:
+        port = catalog.settings.reserved_ports["node_exporter"]
+        lines.append(f"metrics for Prometheus: node_exporter on port {port} (/metrics)")
     api = catalog.settings.api_key
     if api.policy == "required":
         lines.append(

@@ -50,7 +50,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 gpu,
             )
         )
-    return "\n".join([*_table(rows), "", *_table(_files(results)), *problems])
+    return "\n".join(
+        [*_table(rows), "", *_table(_files(results)), "", *_table(_resources(results)), *problems]
+    )
 
 
 def _table(rows: list[tuple[Any, ...]]) -> list[str]:
@@ -82,3 +84,40 @@ def _files(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
                 )
             )
     return rows
+
+
+def _resources(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Per host: CPU load, memory, the serving model's process, and each GPU."""
+    rows: list[tuple[Any, ...]] = [("HOST", "CPU LOAD", "RAM", "MODEL PROCESS", "GPU")]
+    for host, answer in results.items():
+        if not answer.get("ok", True):
+            continue
+        system = answer.get("system") or {}
+        load = system.get("load") or []
+        cpu = f"{load[0]:.2f} / {system.get('cpus')} CPUs" if load else "-"
+        total, free = system.get("mem_total_mib"), system.get("mem_available_mib")
+        ram = f"{(total - free) / 1024:.1f}/{total / 1024:.1f} GiB used" if total and free else "-"
+        running = answer.get("running", [])
+        active = next((m for m in answer.get("models", []) if m["name"] in running), {})
+        process = (
+            f"{active['name']}: {active['rss_mib']} MiB RSS, {active.get('cpu_s', 0):.0f} CPU s"
+            if "rss_mib" in active
+            else "-"
+        )
+        gpus = answer.get("gpus")
+        rows.append((host, cpu, ram, process, _gpus(gpus)))
+    return rows
+
+
+def _gpus(gpus: list[dict[str, Any]] | None) -> str:
+    if gpus is None:
+        return "no GPU (nvidia-smi not answering)"
+    parts = []
+    for g in gpus:
+        bits = [f"{g['name']}: {g['used_mib']}/{g['total_mib']} MiB"]
+        for key, fmt in (("utilization_pct", "{:.0f}%"), ("temperature_c", "{:.0f}°C"),
+                         ("power_w", "{:.0f} W")):  # fmt: skip
+            if g.get(key) is not None:
+                bits.append(fmt.format(g[key]))
+        parts.append(" ".join(bits))
+    return "; ".join(parts) or "none"

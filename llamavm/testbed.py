@@ -688,6 +688,15 @@ def up() -> TestbedInfo:
     ensure_keypair(paths)
     lan.up(cfg.lan)
     pid = _read_pid(paths)
+    stamp = paths.machine / MACHINE_STAMP
+    if pid is not None and stamp.exists() and stamp.read_text().strip() != cfg.rootfs_key:
+        # The package list changed under a running test bed: boot the new machine.
+        print(
+            "llamavm testbed: the rootfs package set changed; stopping the running test bed",
+            flush=True,
+        )
+        _stop_nspawn(cfg, paths)
+        pid = None
     if pid is None:
         stale = _kill_stale(cfg)
         # SSH multiplexers (Ansible's ControlPersist) still talk to the dead container.

@@ -85,7 +85,10 @@ def base_disk(item: Rendered) -> str:
     """The base image's path on the hypervisor (the VM disk's backing file)."""
     image = item.spec.image
     if image.source == "offline":
-        return f"{item.placement.images_dir}/llamavm-{image.name}.qcow2"
+        # Keyed by the image's content: a new package list is a new file, never an overwrite
+        # of the backing file under existing VM disks.
+        key = vmimage.key_of(image.name)
+        return f"{item.placement.images_dir}/llamavm-{image.name}-{key}.qcow2"
     return f"{item.placement.images_dir}/{image.name}-{(image.sha256 or '')[:12]}.img"
 
 

@@ -4,7 +4,10 @@
     llamavm-switch stop [--json] [--tx ID]          stop whatever model runs
     llamavm-switch apply [--json] [--tx ID]         install staged units (invoke provision runs it)
     llamavm-switch check NAME [--json]              the pre-switch checks alone, nothing stopped
-    llamavm-switch status [--json]                  active model, health, uptime, loads, GPU memory
+    llamavm-switch status [--json]                  active model, health, uptime, loads, CPU/RAM/GPU
+    llamavm-switch rotate-key [--json] [--tx ID]    a new API key; the serving model restarts
+    llamavm-switch expose [--json]                  open the serving model's port in the firewall
+    llamavm-switch metrics                          write the llamavm/GPU series for node_exporter
     llamavm-switch result ID [--wait S] [--json]    the outcome of transaction ID (waits for it)
 
 switch, stop and apply run in a transient systemd unit (llamavm-tx-ID.service) that outlives
@@ -38,6 +41,8 @@ from llamavm.host import (
     EXIT_RUNNING,
     EXIT_UNKNOWN,
     http,
+    metrics,
+    share,
     store,
 )
 from llamavm.host import (
@@ -50,7 +55,7 @@ from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.watch import poll_interval
 
 TX_RE = re.compile(r"[a-z0-9]{6,32}")
-MUTATING = ("switch", "stop", "apply")
+MUTATING = ("switch", "stop", "apply", "rotate-key")
 #: How long a follower waits for `recover` after the transaction's unit vanished.
 RECOVER_GRACE_S = 60.0
 
@@ -113,6 +118,8 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
             result = transaction.stop()
         elif op == "apply":
             result = transaction.apply()
+        elif op == "rotate-key":
+            result = transaction.rotate_key()
         elif op == "boot":
             result = transaction.boot()
         elif op == "check":
@@ -134,7 +141,7 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
 
 def _save(contract: Contract, tx: str, op: str, outcome: dict[str, Any], began: float) -> None:
     outcome.update(tx=tx, op=op, seconds=round(time.time() - began, 3), at=time.time())
-    store.save_outcome(contract.paths.outcomes, tx, outcome)
+    store.save_outcome(contract.paths.outcomes, tx, outcome, contract.paths.counters)
 
 
 def recover(contract: Contract, tx: str) -> dict[str, Any]:
@@ -248,23 +255,31 @@ def _relay(line: str) -> None:
 
 
 def gate(contract: Contract, name: str) -> int:
-    """Active only once /health answers 200; give up as soon as the server process is gone."""
+    """Active only once /health answers 200; give up as soon as the server process is gone.
+
+    Meanwhile, when the model's file isn't in the page cache (a cold start), a child reads it
+    ahead of the server, so the disk or the share reads while the server does its CPU work
+    instead of before it."""
     model = contract.resolve(name)
     pid = os.environ.get("MAINPID", "")
     began = time.monotonic()
     deadline = began + model.health_timeout_s
-    while time.monotonic() < deadline:
-        if pid and not os.path.exists(f"/proc/{pid}"):
-            print(f"llamavm-gate: main process {pid} exited while loading", file=sys.stderr)
-            return 1
-        if http.status_of(model.health_url, timeout=2) == 200:
-            return 0
-        time.sleep(poll_interval(time.monotonic() - began))
-    print(
-        f"llamavm-gate: {model.health_url} not healthy after {model.health_timeout_s}s",
-        file=sys.stderr,
-    )
-    return 1
+    reader = share.read_ahead(model.gguf)
+    try:
+        while time.monotonic() < deadline:
+            if pid and not os.path.exists(f"/proc/{pid}"):
+                print(f"llamavm-gate: main process {pid} exited while loading", file=sys.stderr)
+                return 1
+            if http.status_of(model.health_url, timeout=2) == 200:
+                return 0
+            time.sleep(poll_interval(time.monotonic() - began))
+        print(
+            f"llamavm-gate: {model.health_url} not healthy after {model.health_timeout_s}s",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        share.stop_reader(reader)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -281,11 +296,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         if name == "switch":
             p.add_argument("--tx", default=None)
-    for name in ("stop", "apply"):
+    for name in ("stop", "apply", "rotate-key"):
         p = sub.add_parser(name)
         p.add_argument("--json", action="store_true")
         p.add_argument("--tx", default=None)
     sub.add_parser("status").add_argument("--json", action="store_true")
+    sub.add_parser("expose").add_argument("--json", action="store_true")
+    sub.add_parser("metrics")
     p = sub.add_parser("result")
     p.add_argument("tx")
     p.add_argument("--wait", type=float, default=0.0)
@@ -323,6 +340,11 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
             return _print(run(contract, tx, "boot", []), "boot", as_json)
         if args.command == "check":
             return _print(run_inline_check(contract, args.model), "check", as_json)
+        if args.command == "expose":
+            return _print(run_inline_expose(contract), "expose", as_json)
+        if args.command == "metrics":
+            metrics.write(contract, Systemd())
+            return 0
         if args.command == "result":
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -361,6 +383,13 @@ def run_inline_check(contract: Contract, name: str) -> dict[str, Any]:
         return {"ok": True, "code": 0, **Transaction(host, new_tx(), "check").check(name)}
 
 
+def run_inline_expose(contract: Contract) -> dict[str, Any]:
+    """The firewall follows what serves (the expose role runs this after loading it)."""
+    host = Host(contract, progress=store.Progress(None, ""))
+    with store.locked(contract.paths.lock, contract.lock_timeout_s):
+        return {"ok": True, "code": 0, **Transaction(host, new_tx(), "expose").sync_firewall()}
+
+
 def _print(result: dict[str, Any], command: str, as_json: bool) -> int:
     code = int(result.get("code", 0 if result.get("ok", True) else EXIT_FAILED))
     result.setdefault("ok", code == 0)
@@ -393,6 +422,12 @@ def human(command: str, result: dict[str, Any]) -> str:
         )
     if command == "check":
         return f"{result['model']}: ready to serve ({result.get('load')}: {result.get('file')})"
+    if command == "rotate-key":
+        restarted = result.get("restarted")
+        return "rotated the API key" + (f"; {restarted} serves with it" if restarted else "")
+    if command == "expose":
+        ports = ", ".join(map(str, result.get("open", []))) or "no model port"
+        return f"firewall: {ports} open" + ("" if result.get("changed") else " (unchanged)")
     return json.dumps(result, indent=2)
 
 

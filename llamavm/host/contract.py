@@ -12,7 +12,7 @@ from llamavm.host import EXIT_REFUSED
 
 #: The one path the host code knows without the contract: where the contract is.
 CONTRACT_PATH = Path("/etc/llamavm/contract.json")
-VERSION = 2
+VERSION = 3
 
 
 class HostError(Exception):
@@ -38,6 +38,8 @@ class Paths:
     failpoints: Path
     llama_server: Path
     switch: Path
+    #: Transactions by operation and result, and the last switch (the metrics' counters).
+    counters: Path
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,26 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Firewall:
+    """The nftables table whose set `set` holds the active model's port (None: no firewall),
+    and with a front door, the map that redirects its internal port to that model's port."""
+
+    unit: str
+    table: str
+    set: str
+    front_door_map: str = ""
+    front_door_port: int = 0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Where the sampler writes its series for node_exporter's textfile collector."""
+
+    textfile: Path
+    interval_s: float
+
+
+@dataclass(frozen=True)
 class Contract:
     paths: Paths
     service_user: str
@@ -81,6 +103,10 @@ class Contract:
     stage_dir: Path = Path("/var/cache/llamavm/models")
     stage_cap_bytes: int = 0
     share_stall_s: float = 30.0
+    firewall: Firewall | None = None
+    metrics: Metrics | None = None
+    #: With a front door: how long to wait for requests in flight before stopping a model.
+    drain_s: float = 0.0
 
     def resolve(self, name: str) -> Model:
         """The model called `name` (its name or an alias); refused (exit 2) otherwise."""
@@ -141,6 +167,26 @@ def parse(data: dict[str, Any]) -> Contract:
         stage_dir=Path(data["loading"]["stage_dir"]),
         stage_cap_bytes=int(data["loading"]["stage_cap_bytes"]),
         share_stall_s=float(data["loading"]["share_stall_s"]),
+        firewall=_firewall(data["firewall"]),
+        metrics=(
+            Metrics(Path(data["metrics"]["textfile"]), float(data["metrics"]["interval_s"]))
+            if data["metrics"]["enabled"]
+            else None
+        ),
+        drain_s=float(data["front_door"]["drain_s"]) if data["front_door"]["enabled"] else 0.0,
+    )
+
+
+def _firewall(data: dict[str, Any]) -> Firewall | None:
+    if not data["enabled"]:
+        return None
+    front = data["front_door"]
+    return Firewall(
+        unit=str(data["unit"]),
+        table=str(data["table"]),
+        set=str(data["set"]),
+        front_door_map=str(front["map"]) if front["enabled"] else "",
+        front_door_port=int(front["internal_port"]) if front["enabled"] else 0,
     )
 
 

@@ -217,6 +217,46 @@ def resident_fraction(path: Path, size: int) -> float | None:
         return None
 
 
+def read_ahead(path: Path, resident_enough: float = 0.98) -> int | None:
+    """Fork a child that reads `path` sequentially into the page cache, ahead of a server that
+    loads it; its PID (None when the file is cached already or unreadable). The child reads
+    and drops what it read: nothing is kept but the page cache."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    fraction = resident_fraction(path, size)
+    if fraction is not None and fraction >= resident_enough:
+        return None
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(5)  # the server's own work comes first
+        with path.open("rb", buffering=0) as handle:
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            buffer = bytearray(CHUNK)
+            while handle.readinto(buffer):
+                pass
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def stop_reader(pid: int | None) -> None:
+    """Kill and reap a read_ahead child (done or not)."""
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 # --- share mode: read it through once -------------------------------------------------------------
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Any
 
-from llamavm.host import gpu, http, share, store
-from llamavm.host.contract import Contract
+from llamavm.host import gpu, http, metrics, share, store
+from llamavm.host.contract import Contract, HostError
 from llamavm.host.systemd import Systemd
 from llamavm.host.transaction import BUSY, Host
 
@@ -18,13 +20,17 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
     state = store.load_state(contract.paths.state, repair=False)
     props = systemd.show([m.unit for m in contract.models], _PROPS)
     host = Host(contract, systemd=systemd)
+    gpus = gpu.sample()
     running = [m for m in contract.models if props.get(m.unit, {}).get("ActiveState") in BUSY]
     result: dict[str, Any] = {
         "active": running[0].name if len(running) == 1 else None,
         "running": [m.name for m in running],
         "desired": state["desired"],
         "stopped_by_operator": state["stopped"],
-        "gpu": gpu.memory(),
+        "gpu": [{"used_mib": g["used_mib"], "total_mib": g["total_mib"]} for g in gpus or []],
+        "gpus": gpus,
+        "system": system(),
+        "firewall": _firewall(host),
         "transaction": _transaction(contract, state),
         "last": state["last"],
         "models": [],
@@ -51,8 +57,36 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
                 uptime_s=round(time.monotonic() - entered / 1e6, 1) if entered else None,
                 binary_current=host.runs_current_build(model),
             )
+            stats = metrics.process_stats(entry["pid"]) if entry["pid"] else None
+            if stats:
+                entry.update(rss_mib=round(stats[0] / metrics.MIB), cpu_s=round(stats[1], 1))
         result["models"].append(entry)
     return result
+
+
+def _firewall(host: Host) -> dict[str, Any] | None:
+    """Whether the firewall is on, and which model ports it lets in."""
+    if host.contract.firewall is None:
+        return None
+    if host.active_firewall() is None:
+        return {"active": False, "open": []}
+    try:
+        return {"active": True, "open": host.firewall_state(host.contract.firewall)}
+    except HostError as exc:
+        return {"active": True, "open": [], "error": str(exc)}
+
+
+def system() -> dict[str, Any]:
+    """CPUs, load average and memory of the host."""
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()]}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = {
+            line.split(":")[0]: int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+        }
+        info["mem_total_mib"] = meminfo["MemTotal"] // 1024
+        info["mem_available_mib"] = meminfo["MemAvailable"] // 1024
+    return info
 
 
 def _transaction(contract: Contract, state: dict[str, Any]) -> dict[str, Any] | None:

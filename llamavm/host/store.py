@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import EXIT_LOCK
+from llamavm.host import (
+    EXIT_FAILED,
+    EXIT_LOCK,
+    EXIT_REFUSED,
+    EXIT_ROLLBACK_FAILED,
+    EXIT_RUNNING,
+    EXIT_UNKNOWN,
+)
 from llamavm.host.contract import HostError
 
 #: Transaction outcomes kept on the host.
@@ -58,6 +65,24 @@ def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Replace `path` with `text`, root's alone (0600) from the first byte, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -187,8 +212,81 @@ def outcome_path(directory: Path, tx: str) -> Path:
     return directory / f"{tx}.json"
 
 
-def save_outcome(directory: Path, tx: str, outcome: dict[str, Any]) -> None:
+#: An outcome's exit code as the `result` label of the transaction counters.
+RESULTS = {
+    0: "ok",
+    EXIT_FAILED: "rolled_back",
+    EXIT_REFUSED: "refused",
+    EXIT_LOCK: "lock_timeout",
+    EXIT_ROLLBACK_FAILED: "rollback_failed",
+    EXIT_UNKNOWN: "unknown",
+    EXIT_RUNNING: "unknown",
+}
+
+
+def empty_counters() -> dict[str, Any]:
+    return {"transactions": {}, "last_switch": None, "last_ok_switch": None}
+
+
+def read_counters(path: Path) -> dict[str, Any]:
+    """The counters (never a traceback: a malformed file reads as empty)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        data = None
+    counters = empty_counters()
+    if isinstance(data, dict):
+        table = data.get("transactions")
+        if isinstance(table, dict):
+            counters["transactions"] = {
+                op: {r: n for r, n in results.items() if isinstance(n, int) and n >= 0}
+                for op, results in table.items()
+                if isinstance(op, str) and isinstance(results, dict)
+            }
+        for key in ("last_switch", "last_ok_switch"):
+            if isinstance(data.get(key), dict):
+                counters[key] = data[key]
+    return counters
+
+
+def count_outcome(path: Path, outcome: dict[str, Any]) -> None:
+    """Count a finished transaction by operation and result; remember the last switch and
+    the timings of the last one that served its model."""
+    op = str(outcome.get("op") or "unknown")
+    result = RESULTS.get(int(outcome.get("code", EXIT_UNKNOWN)), "unknown")
+    if result == "ok" and op in ("switch", "boot") and not outcome.get("changed"):
+        result = "unchanged"
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the lock-timeout outcome is saved outside the switch lock
+        counters = read_counters(path)
+        results = counters["transactions"].setdefault(op, {})
+        results[result] = results.get(result, 0) + 1
+        if op in ("switch", "boot") and result != "unchanged":
+            last = {"at": outcome.get("at", time.time()), "result": result}
+            counters["last_switch"] = last
+            if result == "ok":
+                counters["last_ok_switch"] = {
+                    **last,
+                    "model": outcome.get("model"),
+                    **{
+                        k: outcome[k]
+                        for k in ("switch_seconds", "load_seconds", "downtime_seconds")
+                        if isinstance(outcome.get(k), int | float)
+                    },
+                }
+        write_json(path, counters)
+    finally:
+        os.close(fd)
+
+
+def save_outcome(
+    directory: Path, tx: str, outcome: dict[str, Any], counters: Path | None = None
+) -> None:
+    """Record transaction `tx`'s outcome (and count it, given the counters file)."""
     secure_dir(directory, 0o755)
+    if counters is not None:
+        count_outcome(counters, outcome)
     write_json(outcome_path(directory, tx), outcome)
     old = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_OUTCOMES]
     for path in old:

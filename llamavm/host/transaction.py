@@ -12,6 +12,7 @@ finished by `recover` (the transient unit's ExecStopPost, and the boot unit).
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ from llamavm.host import (
     EXIT_ROLLBACK_FAILED,
     EXIT_UNKNOWN,
     checks,
+    firewall,
     gpu,
     http,
     share,
     store,
 )
 from llamavm.host import watch as watch_mod
-from llamavm.host.contract import Contract, HostError, Model
+from llamavm.host.contract import Contract, Firewall, HostError, Model
 from llamavm.host.systemd import Systemd
 
 #: systemd states in which a unit counts as running (it holds, or is about to hold, the GPU).
@@ -62,6 +64,9 @@ class Host:
     counters: Callable[[int], tuple[int, ...] | None] = watch_mod.process_counters
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    open_ports: Callable[[Firewall, list[int]], bool] = firewall.set_open
+    firewall_state: Callable[[Firewall], list[int]] = firewall.open_ports
+    front_door_hold: Callable[[Firewall], bool] = firewall.hold
 
     # --- what runs --------------------------------------------------------------------------
 
@@ -75,6 +80,80 @@ class Host:
     def fetch(self, model: Model, source: dict[str, Any] | None, keep: set[str]) -> dict[str, Any]:
         """Make `model`'s bytes local (stage or pre-warm) before anything is stopped."""
         return share.fetch(self.contract, model, source, keep, self.progress)
+
+    # --- the firewall -----------------------------------------------------------------------
+
+    def active_firewall(self) -> Firewall | None:
+        """The firewall to keep current: None without one in the contract, or while its unit
+        isn't active (before the expose role installed it — that role then opens the serving
+        model's port — or stopped by the operator, who turned filtering off)."""
+        fw = self.contract.firewall
+        if fw is None or self.systemd.props(fw.unit, "ActiveState").get("ActiveState") != "active":
+            return None
+        return fw
+
+    def check_firewall(self) -> None:
+        """Refuse a switch (nothing stopped) when the firewall it must update isn't loaded."""
+        fw = self.active_firewall()
+        if fw is not None:
+            self.firewall_state(fw)
+
+    def expose(self, model: Model | None) -> bool:
+        """Open `model`'s port to the LAN and close every other model port (None: all)."""
+        fw = self.active_firewall()
+        if fw is None:
+            return False
+        changed = self.open_ports(fw, [model.port] if model else [])
+        if changed:
+            self.progress(
+                f"firewall: port {model.port} ({model.name}) open, other model ports closed"
+                if model
+                else "firewall: every model port closed"
+            )
+        return changed
+
+    def hold_front_door(self) -> None:
+        """Front-door requests wait (in the front door) from now until a model is exposed."""
+        fw = self.active_firewall()
+        if fw is not None and fw.front_door_map and self.front_door_hold(fw):
+            self.progress("front door: new requests wait for the switch")
+
+    def in_flight(self, model: Model, key: str | None) -> int:
+        """Requests `model`'s server is processing now (its /metrics; 0 when it can't say)."""
+        try:
+            status, text = http.request(model.base_url + "/metrics", key=key, timeout=2)
+        except OSError:
+            return 0
+        if status != 200 or not isinstance(text, str):
+            return 0
+        for line in text.splitlines():
+            if line.startswith("llamacpp:requests_processing "):
+                try:
+                    return int(float(line.split()[1]))
+                except (IndexError, ValueError):
+                    return 0
+        return 0
+
+    def drain(self, models: list[Model]) -> None:
+        """Before a stop: wait, at most the contract's drain_s, for `models`' requests in
+        flight to finish (new front-door requests are held meanwhile)."""
+        if not models or self.contract.drain_s <= 0:
+            return
+        key = checks.api_key(self.contract)
+        deadline = self.clock() + self.contract.drain_s
+        told = False
+        while busy := sum(self.in_flight(m, key) for m in models):
+            if self.clock() >= deadline:
+                limit = self.contract.drain_s
+                self.progress(f"{busy} request(s) still in flight after {limit:.0f}s; stopping")
+                return
+            if not told:
+                told = True
+                self.progress(
+                    f"waiting for {busy} request(s) in flight on "
+                    f"{', '.join(m.name for m in models)} (at most {self.contract.drain_s:.0f}s)"
+                )
+            self.sleep(0.1)
 
     def healthy(self, model: Model) -> bool:
         return self.health(model.health_url) == 200
@@ -217,7 +296,9 @@ class Transaction:
             if state["desired"] != target.name or state["stopped"]:
                 state["desired"], state["stopped"] = target.name, False
                 self._save(state)
-            return {"changed": False, "model": target.name, "previous": target.name}
+            exposed = self.host.expose(target)
+            return {"changed": exposed, "model": target.name, "previous": target.name}
+        self.host.check_firewall()
         source = checks.preflight(self.contract, target, self.host.progress)
         # The new model's bytes are made local while the old model keeps serving.
         self.host.failpoint("before_fetch")
@@ -241,10 +322,18 @@ class Transaction:
     def stop(self) -> dict[str, Any]:
         running = self.host.running()
         self.host.stop_units(running)
+        closed = self.host.expose(None)
         state = self._state()
         state["desired"], state["stopped"] = None, True
         self._save(state)
-        return {"changed": bool(running), "stopped": [m.name for m in running]}
+        return {"changed": bool(running) or closed, "stopped": [m.name for m in running]}
+
+    def sync_firewall(self) -> dict[str, Any]:
+        """Open the port of the model that serves (healthy) and close the others."""
+        running = self.host.running()
+        serving = running[0] if len(running) == 1 and self.host.healthy(running[0]) else None
+        changed = self.host.expose(serving)
+        return {"changed": changed, "open": [serving.port] if serving else []}
 
     def boot(self) -> dict[str, Any]:
         """At boot: finish a transaction the reboot cut short, then serve the chosen model."""
@@ -283,6 +372,7 @@ class Transaction:
         try:
             if target and [m.name for m in running] == [target.name] and target != previous:
                 self.host.verify(target)
+                self.host.expose(target)
                 state["desired"], state["stopped"] = target.name, False
                 outcome = {"ok": True, "code": 0, "model": target.name, "changed": True}
             else:
@@ -296,7 +386,7 @@ class Transaction:
                 outcome = {"ok": False, "code": exc.code, "error": str(exc), "journal": exc.detail}
             state = self._state()
         outcome.update(tx=tx, op=pending.get("op", ""), recovered=why, at=time.time())
-        store.save_outcome(outcomes, tx, outcome)
+        store.save_outcome(outcomes, tx, outcome, self.contract.paths.counters)
         state["pending"] = None
         self._save(state)
         return {"changed": True, "recovered": tx, "outcome": outcome}
@@ -364,13 +454,52 @@ class Transaction:
             wanted = self.contract.find(state["desired"]) or self.contract.default
             result = self.switch(wanted.name)
             report["started"] = result["model"]
+        else:
+            report["firewall"] = self.sync_firewall()["changed"]
         report["changed"] = any(report[k] for k in ("installed", "restarted", "removed", "started"))
-        report["changed"] = report["changed"] or bool(report.get("disabled"))
+        report["changed"] = report["changed"] or bool(
+            report.get("disabled") or report.get("firewall")
+        )
         return report
 
     # --- the transaction core -----------------------------------------------------------------
 
-    def _restart(self, model: Model, new_text: str | None) -> None:
+    def rotate_key(self) -> dict[str, Any]:
+        """A new API key: written (0600, root), then the serving model restarted with it
+        through this transaction; a failed restart puts the old key back before the rollback
+        starts the model again."""
+        if self.contract.api_key_policy != "required":
+            raise HostError(
+                "the catalog's settings.api_key.policy is none: there is no key to rotate — "
+                "set it to required and run 'invoke provision'",
+                EXIT_REFUSED,
+            )
+        path = self.contract.api_key_file
+        try:
+            old = path.read_text()
+        except OSError:
+            old = None
+        store.write_secret(path, secrets.token_urlsafe(36) + "\n")
+        checks.api_key(self.contract)  # the new key passes the same checks
+        running = self.host.running()
+        serving = running[0] if len(running) == 1 else None
+
+        def restore() -> None:
+            if old is not None:
+                store.write_secret(path, old)
+
+        if serving is None:
+            return {"changed": True, "restarted": None}
+        self.host.progress(f"restarting {serving.name} with the new key")
+        self._restart(serving, None, also_undo=restore)
+        return {"changed": True, "restarted": serving.name}
+
+    def _restart(
+        self,
+        model: Model,
+        new_text: str | None,
+        also_undo: Callable[[], None] | None = None,
+    ) -> None:
         """Restart the serving `model` (with its new unit text, if any) as a transaction."""
         state = self._state()
         unit_path = self.contract.paths.units_live / model.unit
@@ -387,6 +516,8 @@ class Transaction:
 
         def undo() -> None:
             self._restore_unit(model, str(backup) if backup else None)
+            if also_undo:
+                also_undo()
 
         # The new unit may read other bytes (say, a staged copy where it read the share): make
         # them local first, while the model still serves from its old unit.
@@ -440,6 +571,10 @@ class Transaction:
             mark = now
 
         try:
+            if running:
+                host.hold_front_door()
+                host.drain(running)
+                phase("drain")
             host.stop_units(running)
             phase("stop")
             host.failpoint("after_stop")
@@ -451,6 +586,10 @@ class Transaction:
             host.progress(f"verifying {target.name}")
             host.verify(target)
             phase("verify")
+            # Only now may the LAN reach it: a half-loaded or failing model is never exposed.
+            host.failpoint("before_expose")
+            host.expose(target)
+            phase("expose")
         except BaseException as failure:  # every failure after the stop rolls back
             self._rollback(target, previous, running, state, failure, undo)
         store.record_load(state, target.name, load_s, fetched)
@@ -505,7 +644,9 @@ class Transaction:
             state["pending"] = None
             self._save(state)
             raise HostError(
-                f"{reason} — rolled back; nothing was serving before", EXIT_FAILED, detail
+                f"{reason} — rolled back; nothing was serving before{self._expose_after(None)}",
+                EXIT_FAILED,
+                detail,
             )
         try:
             if keep is None:
@@ -514,7 +655,8 @@ class Transaction:
             state["pending"] = None
             self._save(state)
             raise HostError(
-                f"{reason}; rollback to {fallback.name} failed too: {describe(second)[0]}",
+                f"{reason}; rollback to {fallback.name} failed too: {describe(second)[0]}"
+                + self._expose_after(None),
                 EXIT_ROLLBACK_FAILED,
                 detail,
             ) from None
@@ -526,7 +668,17 @@ class Transaction:
             if via_default
             else f"{fallback.name} is serving again"
         )
+        serves += self._expose_after(fallback)
         raise HostError(f"{reason} — rolled back, {serves}", EXIT_FAILED, detail)
+
+    def _expose_after(self, model: Model | None) -> str:
+        """The rollback's firewall update: what serves is what the LAN reaches. Its failure
+        is told, not raised: the model serves either way."""
+        try:
+            self.host.expose(model)
+        except HostError as exc:
+            return f" (but {exc})"
+        return ""
 
 
 def describe(failure: BaseException) -> tuple[str, str]:

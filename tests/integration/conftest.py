@@ -117,6 +117,12 @@ def vm(testbed_info: testbed.TestbedInfo) -> Any:
     from llamavm import vmspec
 
     result = invoke("provision", "-i", VM_INVENTORY, timeout=3600)
+    if result.returncode != 0 and "was made on" in result.stdout:
+        # The lab's image changed since its VMs were made (a new package list): recreate them,
+        # as its message tells an operator to.
+        for spec in vmspec.from_inventory(VM_INVENTORY):
+            invoke("vm.destroy", "-i", VM_INVENTORY, "--vm", spec.name, "--purge")
+        result = invoke("provision", "-i", VM_INVENTORY, timeout=3600)
     if result.returncode != 0:
         pytest.fail(
             f"invoke provision -i {VM_INVENTORY} failed:\n{result.stdout[-6000:]}\n{result.stderr}"

@@ -94,11 +94,15 @@ def test_switch_moves_the_port_and_manual_start_still_excludes(serving_one, mode
     assert f"http://{host}:{two.port}/" in result.stdout
     assert http_code(url(host, two, "/health")) == 200
     assert http_code(url(host, one, "/health")) is None
-    # An operator bypassing llamavm: systemd's Conflicts= still keeps one model.
+    # An operator bypassing llamavm: systemd's Conflicts= still keeps one model. The firewall
+    # follows transactions only: the LAN reaches the model once llamavm-switch has seen it.
     started = host_run(f"systemctl start {one.unit}")
     assert started.returncode == 0, started.stderr
     assert len(running_servers()) == 1
     assert active_units() == [one.unit]
+    assert host_run(f"curl -sf http://127.0.0.1:{one.port}/health").returncode == 0
+    assert http_code(url(host, one, "/health")) is None
+    assert host_run("llamavm-switch expose").returncode == 0
     assert http_code(url(host, one, "/health")) == 200
     assert http_code(url(host, two, "/health")) is None
 

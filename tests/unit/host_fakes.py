@@ -37,6 +37,7 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
         failpoints=run / "failpoints.json",
         llama_server=tmp_path / "llama-server",
         switch=tmp_path / "llamavm-switch",
+        counters=state / "counters.json",
     )
     top = {
         k: overrides.pop(k)
@@ -47,6 +48,8 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
             "stage_dir",
             "stage_cap_bytes",
             "share_stall_s",
+            "firewall",
+            "metrics",
         )
         if k in overrides
     }
@@ -87,6 +90,8 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
         stage_dir=top.get("stage_dir", tmp_path / "stage"),
         stage_cap_bytes=top.get("stage_cap_bytes", 1 << 40),
         share_stall_s=top.get("share_stall_s", 10.0),
+        firewall=top.get("firewall"),
+        metrics=top.get("metrics"),
     )
 
 
@@ -178,8 +183,9 @@ class FakeSystemd:
 
     def start(self, unit: str) -> str:
         self.calls.append(("start", unit))
-        for other, state in self.units.items():  # Conflicts=
-            if other != unit and state.active != "inactive":
+        models = set(self.ports.values())
+        for other, state in self.units.items():  # Conflicts= (between the model units)
+            if other != unit and other in models and state.active != "inactive":
                 state.active, state.sub, state.pid = "inactive", "dead", 0
         u = self.units.setdefault(unit, Unit())
         u.active, u.sub, u.pid = "activating", "start", next(_PIDS)
@@ -241,7 +247,11 @@ class FakeSystemd:
         return None
 
     def running_units(self) -> list[str]:
-        return [n for n, u in self.units.items() if u.active in ("active", "activating")]
+        """The model units that run (or start)."""
+        models = set(self.ports.values())
+        return [
+            n for n, u in self.units.items() if n in models and u.active in ("active", "activating")
+        ]
 
 
 def with_fields(model: contract_mod.Model, **changes: Any) -> contract_mod.Model:

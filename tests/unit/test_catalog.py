@@ -200,6 +200,21 @@ CASES = [
         ["reserved_ports.ssh: '22' is a string", "must be an integer"],
     ),
     ("empty models", _set("models", []), ["models", "empty"]),
+    (
+        "allow_from not a network",
+        _set("settings.expose", {"allow_from": ["10.0.0.0/8", "lan"]}),
+        ["settings.expose.allow_from[1]: 'lan' is not a network", "CIDR"],
+    ),
+    (
+        "firewall not a bool",
+        _set("settings.expose", {"firewall": "yes"}),
+        ["settings.expose.firewall: 'yes' is a string", "boolean"],
+    ),
+    (
+        "metrics without a port",
+        _set("settings.reserved_ports", {"ssh": 22}),
+        ["settings.reserved_ports: has no node_exporter port", "metrics: false"],
+    ),
 ]
 
 

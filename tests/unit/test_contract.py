@@ -167,3 +167,27 @@ def test_the_role_expects_the_contract_version_the_host_reads() -> None:
         (REPO_ROOT / "ansible/roles/model_services/vars/main.yml").read_text()
     )
     assert role_vars["__model_services_contract_version"] == host_contract.VERSION
+
+
+def test_the_firewall_opens_ssh_the_model_ports_and_the_metrics_port(tmp_path) -> None:
+    cat = _catalog(
+        tmp_path, expose={"allow_from": ["192.168.1.7/24", "fd00::/64"], "metrics": True}
+    )
+    fw = contract.build(cat, {})["firewall"]
+    assert fw["enabled"] is True
+    assert fw["ssh_port"] == 22
+    assert fw["service_ports"] == {"node_exporter": 9100}
+    assert fw["model_ports"] == sorted(m.port for m in cat.models)
+    # a host address written with its prefix is taken as its network
+    assert fw["allow_from"] == {"ipv4": ["192.168.1.0/24"], "ipv6": ["fd00::/64"]}
+    parsed = host_contract.parse(contract.build(cat, {}))
+    assert parsed.firewall is not None and parsed.firewall.set == "model_ports"
+    assert parsed.metrics is not None and parsed.metrics.textfile.name == "llamavm.prom"
+
+
+def test_with_the_firewall_and_metrics_off_the_host_gets_neither(tmp_path) -> None:
+    cat = _catalog(tmp_path, expose={"firewall": False, "metrics": False})
+    data = contract.build(cat, {})
+    assert data["firewall"]["service_ports"] == {}
+    parsed = host_contract.parse(data)
+    assert parsed.firewall is None and parsed.metrics is None

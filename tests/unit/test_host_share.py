@@ -209,3 +209,26 @@ def test_resident_fraction_sees_the_page_cache(tmp_path) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     assert share.resident_fraction(path, path.stat().st_size) < 0.5
+
+
+def test_read_ahead_reads_a_cold_file_in_a_child_and_skips_a_cached_one(tmp_path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(os.urandom(3 * 1024 * 1024))
+    # just written: in the page cache, so nothing to read ahead
+    assert share.read_ahead(path) is None
+    pid = share.read_ahead(path, resident_enough=1.01)  # as if it were cold
+    assert pid
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    share.stop_reader(pid)  # already reaped: no error
+    assert share.read_ahead(tmp_path / "missing.gguf", resident_enough=1.01) is None
+
+
+def test_stop_reader_kills_a_reader_that_hangs(tmp_path) -> None:
+    fifo = tmp_path / "hung.gguf"
+    os.mkfifo(fifo)  # a read that never returns, like a dead hard mount
+    pid = share.read_ahead(fifo, resident_enough=1.01)
+    assert pid
+    share.stop_reader(pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -63,3 +63,28 @@ def test_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert paths.rootfs("k") == Path("/c/rootfs/k")
     assert paths.models == Path("/c/models")
     assert paths.key == Path("/s/testbed/id_ed25519")
+
+
+def test_up_replaces_a_running_machine_whose_package_set_changed(monkeypatch, tmp_path) -> None:
+    """A package added to config/testbed.yaml reaches a test bed that is already running."""
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    paths = testbed.Paths.from_env()
+    paths.machine.mkdir(parents=True)
+    (paths.machine / testbed.MACHINE_STAMP).write_text("an-older-key\n")
+    events: list[str] = []
+    monkeypatch.setattr(testbed, "require_root", lambda: None)
+    monkeypatch.setattr(testbed, "ensure_host_tools", lambda: None)
+    monkeypatch.setattr(testbed, "ensure_rootfs", lambda cfg, p: (tmp_path / "rootfs", False))
+    monkeypatch.setattr(testbed, "ensure_keypair", lambda p: None)
+    monkeypatch.setattr(testbed.lan, "up", lambda lan: None)
+    monkeypatch.setattr(testbed, "_read_pid", lambda p: 4242)
+    monkeypatch.setattr(testbed, "_stop_nspawn", lambda cfg, p: events.append("stop"))
+    monkeypatch.setattr(testbed, "_kill_stale", lambda cfg: [])
+    monkeypatch.setattr(testbed, "_state_processes", lambda cfg, p: [])
+    monkeypatch.setattr(testbed, "ensure_machine", lambda cfg, p, r: events.append("machine"))
+    monkeypatch.setattr(testbed, "_start_nspawn", lambda cfg, p: events.append("boot") or 4343)
+    monkeypatch.setattr(testbed, "_wait_for_ssh", lambda cfg, p, pid: None)
+    info = testbed.up()
+    assert events == ["stop", "machine", "boot"]
+    assert info.pid == 4343

@@ -1,0 +1,117 @@
+"""The active model's port in the firewall: one nftables set the switch keeps current.
+
+The expose role loads the rule set (table inet llamavm, from /etc/llamavm/firewall.nft): SSH
+and the enabled services are open, a model port only while it is in the set `model_ports`.
+With a front door, the map `front_door` redirects its internal port (127.0.0.1 only) to the
+same model's port, so the front door always reaches the serving model and nothing else.
+Reloading that file keeps the set's elements, so only a transaction changes them: it opens the
+new model's port once that model is healthy and verified, and a rollback puts back the port
+of the model that serves again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable
+from typing import Any
+
+from llamavm.host import EXIT_REFUSED
+from llamavm.host.contract import Firewall, HostError
+
+NFT = "/usr/sbin/nft"
+
+
+def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [NFT, *args], input=stdin, capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostError(f"firewall: cannot run {NFT}: {exc}") from None
+
+
+def _missing(fw: Firewall, stderr: str) -> HostError:
+    return HostError(
+        f"firewall: the nftables set inet {fw.table} {fw.set} is not loaded "
+        f"({stderr.strip().splitlines()[-1] if stderr.strip() else 'no such set'}) — "
+        f"run 'systemctl restart {fw.unit}' or 'invoke provision' "
+        "(or set settings.expose.firewall: false)",
+        EXIT_REFUSED,
+    )
+
+
+def _listing(fw: Firewall) -> list[dict[str, Any]]:
+    run = _nft(["-j", "list", "table", "inet", fw.table])
+    if run.returncode != 0:
+        raise _missing(fw, run.stderr)
+    try:
+        return [item for item in json.loads(run.stdout)["nftables"] if isinstance(item, dict)]
+    except (ValueError, KeyError, TypeError):
+        raise HostError(f"firewall: nft list table answered {run.stdout[:200]!r}") from None
+
+
+def _elements(items: list[dict[str, Any]], kind: str, name: str) -> list[Any] | None:
+    found = next((i[kind] for i in items if i.get(kind, {}).get("name") == name), None)
+    return None if found is None else list(found.get("elem", []))
+
+
+def state(fw: Firewall) -> tuple[list[int], int | None]:
+    """(the model ports open now, the port the front door reaches or None); HostError
+    (refused) when the table isn't loaded."""
+    items = _listing(fw)
+    ports = _elements(items, "set", fw.set)
+    if ports is None:
+        raise _missing(fw, f"no set {fw.set}")
+    target = None
+    if fw.front_door_map:
+        pairs = _elements(items, "map", fw.front_door_map)
+        if pairs is None:
+            raise _missing(fw, f"no map {fw.front_door_map}")
+        target = next((int(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2), None)
+    return sorted(int(e) for e in ports if isinstance(e, int)), target
+
+
+def open_ports(fw: Firewall) -> list[int]:
+    """The model ports the firewall lets in now; HostError (refused) when it isn't loaded."""
+    return state(fw)[0]
+
+
+def batch(fw: Firewall, ports: Iterable[int], front_door: int | None = None) -> str:
+    """One nft transaction: the set holds exactly `ports`, the front door's map sends its
+    internal port to `front_door` (or nowhere: requests wait) — all of it, or nothing."""
+    lines = [f"flush set inet {fw.table} {fw.set}"]
+    wanted = sorted(set(ports))
+    if wanted:
+        lines.append(f"add element inet {fw.table} {fw.set} {{ {', '.join(map(str, wanted))} }}")
+    if fw.front_door_map:
+        lines.append(f"flush map inet {fw.table} {fw.front_door_map}")
+        if front_door:
+            lines.append(
+                f"add element inet {fw.table} {fw.front_door_map} "
+                f"{{ {fw.front_door_port} : {front_door} }}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _apply(fw: Firewall, ports: list[int], front_door: int | None) -> bool:
+    if state(fw) == (ports, front_door if fw.front_door_map else None):
+        return False
+    run = _nft(["-f", "-"], batch(fw, ports, front_door))
+    if run.returncode != 0:
+        raise HostError(f"firewall: nft refused the update: {run.stderr.strip()[-300:]}")
+    return True
+
+
+def set_open(fw: Firewall, ports: Iterable[int]) -> bool:
+    """Open exactly `ports` to the LAN and point the front door at the first (atomically);
+    True when that changed anything."""
+    wanted = sorted(set(ports))
+    return _apply(fw, wanted, wanted[0] if wanted else None)
+
+
+def hold(fw: Firewall) -> bool:
+    """The front door reaches no model (its requests wait); the open ports stay as they are."""
+    if not fw.front_door_map:
+        return False
+    return _apply(fw, open_ports(fw), None)
