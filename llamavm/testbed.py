@@ -518,6 +518,9 @@ def _start_nspawn(cfg: TestbedConfig, paths: Paths) -> int:
         "--keep-unit",
         f"--machine={cfg.name}",
         f"--network-namespace-path=/run/netns/{cfg.lan.ns_host}",
+        # The host's firewall (nftables) is part of what is provisioned; the capability acts on
+        # the container's own network namespace, never this machine's.
+        "--capability=CAP_NET_ADMIN",
         f"--bind-ro={paths.models}:{cfg.models_mount}",
         "--console=read-only",
     ]

@@ -346,7 +346,10 @@ def keyed_catalog(provisioned, tmp_path_factory) -> Iterator[tuple[catalog.Catal
     result = invoke("provision", "--catalog", str(path))
     try:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr
-        yield catalog.load(path), result.stdout + result.stderr
+        cat = catalog.load(path)
+        switched = invoke("switch", "--model", cat.default.name, "--catalog", str(path))
+        assert switched.returncode == 0, switched.stdout + switched.stderr
+        yield cat, result.stdout + result.stderr
     finally:
         clear_failpoints()
         restored = invoke("provision")
@@ -415,7 +418,7 @@ def test_rotating_the_key_changes_what_the_api_accepts(keyed_catalog, host) -> N
 
 def test_with_no_model_the_front_door_answers_503_with_retry_after(keyed_catalog, host) -> None:
     cat, _ = keyed_catalog
-    assert invoke("stop", "--catalog", str(cat.path)).returncode == 0
+    assert invoke("stop").returncode == 0
     try:
         began = time.monotonic()
         answer = client_curl(f"http://{host}:{FRONT_DOOR}/v1/models", "-i", timeout=30)
@@ -443,10 +446,13 @@ def test_the_web_ui_chats_through_the_front_door_in_a_real_browser(serving_defau
     shot.unlink(missing_ok=True)
     ns = testbed.load_config().lan.ns_client
     testbed.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
+    # With the key policy on, the page asks for the key: the browser types it in, as a user.
+    key = host_run("cat /etc/llamavm/api-key 2>/dev/null || true").stdout.strip()
     run = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, str(BROWSER),
          f"http://{host}:{FRONT_DOOR}/", str(shot), "Hello through the front door"],
         capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "LLAMAVM_UI_KEY": key},
     )  # fmt: skip
     assert run.returncode == 0, f"{run.stderr[-3000:]}\n(screenshot: {shot})"
     answer = json.loads(run.stdout.strip().splitlines()[-1])

@@ -12,6 +12,7 @@ Exit 1 (with the reason on stderr and a screenshot of the state) when any step d
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -52,16 +53,57 @@ def wait(what: str, predicate, timeout: float = 60.0):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+#: The API key, when the server wants one (from the environment: never on a command line).
+KEY = os.environ.get("LLAMAVM_UI_KEY", "")
+asked: list[bool] = []
+
+
+def _button(driver: webdriver.Chrome, label: str):
+    return next(
+        (b for b in driver.find_elements(By.TAG_NAME, "button")
+         if b.is_displayed() and label.lower() in b.text.lower()),
+        None,
+    )  # fmt: skip
+
+
+def enter_key(driver: webdriver.Chrome) -> None:
+    """Answer the web UI's "Access denied — Enter API Key" as a user would."""
+    asked.append(True)
+    _button(driver, "Enter API Key").click()
+
+    def visible_field():
+        fields = [e for e in driver.find_elements(By.TAG_NAME, "input") if e.is_displayed()]
+        return next((e for e in fields if e.get_attribute("type") in ("password", "text")), None)
+
+    field = wait("the API key field", visible_field, timeout=15)
+    field.send_keys(KEY)
+    field.send_keys(Keys.ENTER)
+    save = next(
+        (b for b in driver.find_elements(By.TAG_NAME, "button")
+         if b.is_displayed() and b.text.strip().lower() in ("save", "connect", "ok", "submit")),
+        None,
+    )  # fmt: skip
+    if save is not None:
+        save.click()
+
+
 def chat(driver: webdriver.Chrome, url: str, shot: str, message: str) -> int:
     try:
         driver.get(url)
-        box = wait(
-            "the message box",
-            lambda: next(
+
+        def ready():
+            """The message box, or the key prompt (then answered, once)."""
+            box = next(
                 (e for e in driver.find_elements(By.TAG_NAME, "textarea") if e.is_displayed()),
                 None,
-            ),
-        )
+            )
+            if box is not None:
+                return box
+            if KEY and not asked and _button(driver, "Enter API Key"):
+                enter_key(driver)
+            return None
+
+        box = wait("the message box", ready)
         before = driver.find_element(By.TAG_NAME, "body").text
         box.click()
         box.send_keys(message)
