@@ -102,4 +102,24 @@ def destroy(inventory: str | None, name: str, *, purge: bool, dry: bool) -> list
         if run.returncode != 0 and not benign:
             raise LlamavmError(f"{spec.hypervisor}: {line} failed: {run.stderr.strip()[:300]}")
         done.append(f"{spec.hypervisor}: {line}")
+    if purge:
+        # The VM's host key went with its disk: a VM made again under the same address would
+        # otherwise be refused as a man in the middle (after a long wait for SSH).
+        for known in known_hosts_files(inventory, spec):
+            argv = ["ssh-keygen", "-q", "-R", spec.network.ip, "-f", known]
+            if dry:
+                done.append(f"would run here: {' '.join(argv)}")
+                continue
+            subprocess.run(argv, capture_output=True, text=True, check=False)
+            done.append(f"here: forgot the host key of {spec.network.ip} in {known}")
     return done
+
+
+def known_hosts_files(inventory: str | None, spec: VmSpec) -> list[str]:
+    """The controller's known_hosts files that the inventory's SSH settings for the VM name."""
+    inv = inventory_mod.resolve(inventory)
+    files = []
+    for host in remote.hosts(inv.path, spec.host):
+        words = " ".join(host.ssh_args).replace("=", " ").split()
+        files += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "UserKnownHostsFile"]
+    return [f for f in files if f.startswith("/")]
