@@ -3,12 +3,14 @@ command on the test-bed host over SSH, curl from the LAN client's namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,27 @@ def set_failpoints(points: dict[str, Any]) -> None:
 
 def clear_failpoints() -> None:
     host_run(f"rm -f {FAILPOINTS}")
+
+
+@contextlib.contextmanager
+def port_opened(port: int) -> Iterator[None]:
+    """Let the LAN reach `port` on the test-bed host for a while: the host's firewall (the
+    expose role) refuses every port it doesn't know. No-op without the firewall's table."""
+    tag = f"llamavm-it-{port}"
+    added = (
+        host_run(
+            f"nft insert rule inet llamavm input tcp dport {port} accept comment '\"{tag}\"'"
+        ).returncode
+        == 0
+    )
+    try:
+        yield
+    finally:
+        if added:
+            host_run(
+                f"nft -a list chain inet llamavm input | awk '/{tag}/ {{print $NF}}' | "
+                "xargs -r -n1 nft delete rule inet llamavm input handle"
+            )
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> None:

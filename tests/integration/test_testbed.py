@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llamavm import REPO_ROOT, testbed
+from tests.integration.helpers import port_opened
 
 pytestmark = pytest.mark.testbed
 
@@ -131,7 +132,8 @@ def test_password_login_refused(provisioned_testbed: testbed.TestbedInfo, askpas
         "-o AuthenticationMethods=any && sleep 1",
     )
     try:
-        control = password_ssh(provisioned_testbed, askpass, CONTROL_SSHD_PORT)
+        with port_opened(CONTROL_SSHD_PORT):
+            control = password_ssh(provisioned_testbed, askpass, CONTROL_SSHD_PORT)
         assert control.returncode == 0, control.stderr
         assert "password-login-ok" in control.stdout
     finally:
@@ -192,9 +194,10 @@ def test_isolation_loopback_port_unreachable_wildcard_reachable(
     testbed_info: testbed.TestbedInfo,
 ) -> None:
     host = testbed_info.host_address
-    reachable = client_curl(f"http://{host}:{WILDCARD_PORT}/")
+    with port_opened(WILDCARD_PORT), port_opened(LOOPBACK_PORT):  # past the host's firewall
+        reachable = client_curl(f"http://{host}:{WILDCARD_PORT}/")
+        blocked = client_curl(f"http://{host}:{LOOPBACK_PORT}/")
     assert reachable.stdout == "200", reachable.stderr
-    blocked = client_curl(f"http://{host}:{LOOPBACK_PORT}/")
     assert blocked.returncode != 0 and blocked.stdout == "000"
     # ...while the loopback one does answer on the host itself.
     code = host_sh(
