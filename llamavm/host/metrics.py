@@ -8,7 +8,6 @@ scrape example in `docs/metrics/` use only these names (a test holds them to it)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -165,29 +164,13 @@ def collect(
     return out.text()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` (0644) so that node_exporter never reads half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write(contract: Contract, systemd: Systemd) -> Path | None:
     """One sample into the textfile collector's directory (None: metrics are off)."""
     if contract.metrics is None:
         return None
     text = collect(contract, systemd, gpu.sample())
-    write_atomic(contract.metrics.textfile, text)
+    # node_exporter never reads half a file; a lost sample is rewritten in seconds (no fsync).
+    store.write_text(contract.metrics.textfile, text, 0o644, durable=False)
     return contract.metrics.textfile
 
 

@@ -42,8 +42,9 @@ def secure_dir(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
-def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically and durably."""
+def write_text(path: Path, text: str, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `text` atomically (a reader sees the old file or the new one), with
+    `mode` from the first byte; `durable`: fsynced, file and directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with contextlib.suppress(FileNotFoundError):
@@ -51,38 +52,32 @@ def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
     fd = os.open(tmp, flags, mode)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # whatever the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True), mode)
 
 
 def write_secret(path: Path, text: str) -> None:
     """Replace `path` with `text`, root's alone (0600) from the first byte, atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, text, 0o600)
 
 
 def read_json(path: Path) -> Any:
