@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from llamavm import REPO_ROOT, catalog, testbed
-from tests.integration.helpers import TESTBED_CATALOG, VM_INVENTORY, invoke
+from tests.integration.helpers import (
+    TESTBED_CATALOG,
+    VM_INVENTORY,
+    invoke,
+    remove_stale_stubs,
+)
 
 VENV_BIN = Path(sys.executable).parent
 INVENTORY = REPO_ROOT / "inventories" / "local"
@@ -79,6 +84,7 @@ def testbed_info() -> Iterator[testbed.TestbedInfo]:
     """
     _skip_unless_possible()
     info = testbed.up()
+    remove_stale_stubs()
     yield info
     if os.environ.get("LLAMAVM_TESTBED_DOWN") == "1":
         testbed.down()

@@ -39,6 +39,19 @@ def invoke(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str
     )
 
 
+#: Marks a file a test put on the test bed as a stand-in (e.g. a recorded nvidia-smi); the
+#: session start removes any left behind by an interrupted run, so provision never believes it.
+STUB_MARK = "llamavm-test-stub"
+STUBS = ("/usr/local/bin/nvidia-smi",)
+
+
+def remove_stale_stubs() -> None:
+    """Remove the test stand-ins an interrupted run left on the test bed."""
+    for path in STUBS:
+        q = shlex.quote(path)
+        host_run(f"if grep -qs {shlex.quote(STUB_MARK)} {q}; then rm -f {q}; fi")
+
+
 def host_run(command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a shell command as root on the test-bed host (over SSH, as an operator would)."""
     cfg, paths = testbed.load_config(), testbed.Paths.from_env()

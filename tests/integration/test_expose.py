@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamavm import REPO_ROOT, catalog, testbed
 from tests.integration.helpers import (
     INVOKE,
+    STUB_MARK,
     clear_failpoints,
     client_curl,
     host_run,
@@ -151,7 +152,7 @@ def _scrape(host: str) -> dict[str, list]:
 def recorded_gpu(provisioned) -> Iterator[None]:
     """nvidia-smi on the test bed answers with a recorded H100 sample."""
     answer = (FIXTURES / "h100-busy.csv").read_text()
-    script = f"#!/bin/sh\nprintf '%s' {shlex.quote(answer)}\n"
+    script = f"#!/bin/sh\n# {STUB_MARK}\nprintf '%s' {shlex.quote(answer)}\n"
     put = host_run(
         f"printf '%s' {shlex.quote(script)} > /usr/local/bin/nvidia-smi && "
         "chmod 0755 /usr/local/bin/nvidia-smi"
@@ -187,6 +188,17 @@ def test_node_exporter_serves_llamavm_and_gpu_series_to_the_lan(
     missing = {n for n in wanted if n not in series}
     # the last switch's timings and the process series need a switch / a running server: both hold
     assert not missing, missing
+
+
+def test_an_nvidia_smi_that_answers_nonsense_stops_provision_before_it_builds(
+    serving_default, recorded_gpu, host
+) -> None:
+    # The recorded stub answers every query with its whole CSV row, never a bare compute_cap.
+    result = invoke("provision")
+    assert result.returncode != 0
+    assert "compute_cap" in result.stdout and "llama_cpp_backend: cpu" in result.stdout
+    assert "Configure and compile" not in result.stdout
+    assert http_code(f"http://{host}:{serving_default.port}/health") == 200
 
 
 def test_llama_server_metrics_are_scrapeable_with_the_dashboards_names(
