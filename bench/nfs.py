@@ -15,9 +15,9 @@ the server's disk image) dropped where a step says "cold":
 2. `bench-share` loaded from NFS, cold (`systemctl start`, which returns once /health is 200);
 3. the same, warm (the file in the VM's page cache);
 4. `bench-stage` loaded from its staged local copy (VM cache cold);
-5. `llamavm-switch switch bench-share` from tiny-one, everything cold: the pre-warm reads the
-   share while tiny-one serves; the downtime (old model stopped -> new one healthy) against the
-   whole switch.
+5. `llamavm-switch switch bench-share` from qwen3-coder-30b, everything cold: the pre-warm
+   reads the share while qwen3-coder-30b serves; the downtime (old model stopped -> new one
+   healthy) against the whole switch.
 
 Goals (issue 10): cold NFS load >= 90% of the raw read rate; switch downtime within 1.2x of
 the warm load. Ratios are against the baseline of this same run. `--keep` leaves the bench
@@ -123,12 +123,12 @@ def main() -> int:
         staged = timed(vm, "systemctl start llamavm-model-bench-stage.service")
         ssh(vm, "systemctl stop llamavm-model-bench-stage.service")
         # 5. a switch with pre-warm, from a serving model, everything cold
-        ssh(vm, "llamavm-switch switch tiny-one")
+        ssh(vm, "llamavm-switch switch qwen3-coder-30b")
         drop_caches(vm, nas)
         began = time.monotonic()
         answer = json.loads(ssh(vm, "llamavm-switch switch bench-share --json").stdout)
         wall = time.monotonic() - began
-        ssh(vm, "llamavm-switch switch tiny-one")
+        ssh(vm, "llamavm-switch switch qwen3-coder-30b")
         if not keep:
             provision(TESTBED_CATALOG)
     mib = size / 2**20
@@ -147,8 +147,8 @@ def main() -> int:
     fetch = answer.get("fetch") or {}
     down = float(answer["downtime_seconds"])
     print(
-        f"5. switch tiny-one -> bench-share, cold: pre-warm {fetch.get('seconds', 0):.2f} s "
-        f"({fetch.get('read_bytes', 0) / 2**30:.2f} GiB while tiny-one served), "
+        f"5. switch qwen3-coder-30b -> bench-share, cold: pre-warm {fetch.get('seconds', 0):.2f} s "
+        f"({fetch.get('read_bytes', 0) / 2**30:.2f} GiB while qwen3-coder-30b served), "
         f"downtime {down:.2f} s, switch {answer['switch_seconds']:.2f} s (wall {wall:.2f} s)"
     )
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in (answer.get("phases") or {}).items())

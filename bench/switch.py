@@ -4,11 +4,14 @@ Run on a provisioned test bed (`invoke provision` first), as root:
 
     .venv/bin/python bench/switch.py [--runs 7]
 
-Everything is measured on the host in one SSH call, in the same run: the baseline (bare
-llama-server, started by hand, until /health says 200), `llamavm-switch switch` between the two
-catalog models (stop old, checks, start new, health gate, /props and one-token verification),
-and llama.cpp's own router mode (`--models-max 1`) answering a one-token request for the other
-model (swap + 1 token). Prints medians, the overhead in ms, and ratios against the baseline.
+Measured on the host in one SSH call, in the same run: the baseline (bare llama-server, started
+by hand, until /health says 200), `llamavm-switch switch` between the two catalog models (stop
+old, checks, start new, health gate, /props and one-token verification), the control service's
+API switch (POST /switch), a routed request that names the other model (swap + 1 token through
+/v1/chat/completions), and llama.cpp's own router mode (`--models-max 1`, swap + 1 token). Then
+`invoke switch` end to end from the controller (SSH included). Prints medians and ratios
+against the baseline and against router mode (goals: the API switch and the routed swap within
+1.2x of router mode, `invoke switch` within 2x).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 
-from llamavm import testbed
+from llamavm import REPO_ROOT, testbed
+
+INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
 
 HOST_SCRIPT = r"""
 import json, os, statistics, subprocess, sys, time, urllib.request
@@ -53,7 +59,7 @@ def post(port, body):
         r.read()
 
 
-def bare(model, port=8090):
+def bare(model, port=8097):
     args = [server, "--model", model["gguf"], "--host", "127.0.0.1",
             "--port", str(port), "--ctx-size", str(model["ctx_size"]),
             "--parallel", str(model["parallel"]), "--fit", "off"]
@@ -71,6 +77,22 @@ def switch(model):
     out = subprocess.run([switch_tool, "switch", model["name"], "--json"],
                          capture_output=True, text=True, check=True)
     return time.monotonic() - t0, json.loads(out.stdout)
+
+
+CONTROL = contract.get("control") or {}
+HEADERS = {"Content-Type": "application/json"}
+if contract["api_key"]["policy"] == "required":
+    HEADERS["Authorization"] = "Bearer " + open(contract["api_key"]["file"]).read().strip()
+
+
+def control(path, body):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{CONTROL['port']}{path}", data=json.dumps(body).encode(),
+        headers=HEADERS)
+    t0 = time.monotonic()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        answer = json.loads(r.read())
+    return time.monotonic() - t0, answer
 
 
 def router(port=8095):
@@ -102,6 +124,19 @@ for i in range(RUNS):
     dt, answer = switch(b if i % 2 == 0 else a)
     switch_wall.append(dt)
     switch_load.append(answer["load_seconds"])
+api_times, routed_times = [], []
+if CONTROL.get("enabled"):
+    switch(a)
+    for i in range(RUNS):
+        api_times.append(control("/switch", {"model": (b if i % 2 == 0 else a)["name"]})[0])
+    if CONTROL.get("routing"):
+        switch(a)
+        hi = [{"role": "user", "content": "hi"}]
+        for i in range(RUNS):
+            m = b if i % 2 == 0 else a
+            routed_times.append(
+                control("/v1/chat/completions",
+                        {"model": m["name"], "messages": hi, "max_tokens": 1})[0])
 try:
     router_times = router()
 except Exception as exc:  # router mode missing from this build
@@ -109,7 +144,8 @@ except Exception as exc:  # router mode missing from this build
     print(f"router mode failed: {exc}", file=sys.stderr)
 switch(a)
 print(json.dumps({"bare": bare_times, "switch": switch_wall, "switch_load": switch_load,
-                  "router": router_times}))
+                  "api": api_times, "routed": routed_times, "router": router_times,
+                  "models": [a["name"], b["name"]]}))
 """
 
 
@@ -135,18 +171,36 @@ def main() -> int:
         ordered = sorted(values)
         return ordered[len(ordered) // 2] if ordered else float("nan")
 
+    # invoke switch end to end, from the controller (SSH, the controller's checks, the host)
+    invoke_times = []
+    for i in range(args.runs):
+        began = time.monotonic()
+        done = subprocess.run(
+            [str(INVOKE), "switch", "--model", data["models"][(i + 1) % 2]],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            print(done.stdout + done.stderr, file=sys.stderr)
+            return 1
+        invoke_times.append(time.monotonic() - began)
+    data["invoke"] = invoke_times
+
     bare, switch, router = median(data["bare"]), median(data["switch"]), median(data["router"])
     print(f"runs: {args.runs} each, medians, same host, same run")
-    print(f"bare llama-server start -> /health 200   {bare * 1000:8.0f} ms   1.00x")
-    print(
-        f"llamavm-switch (stop, check, start, gate) {switch * 1000:8.0f} ms   {switch / bare:.2f}x"
-        f"   overhead {(switch - bare) * 1000:+.0f} ms (target < 300 ms)"
-    )
-    if data["router"]:
+    rows = [
+        ("bare llama-server start -> /health 200", bare),
+        ("llamavm-switch on the host", switch),
+        ("control API POST /switch", median(data["api"])),
+        ("routed request naming the other model", median(data["routed"])),
+        ("llama.cpp router mode --models-max 1", router),
+        ("invoke switch from the controller", median(invoke_times)),
+    ]
+    for label, value in rows:
         print(
-            f"router mode --models-max 1 (swap+1 tok) {router * 1000:8.0f} ms   "
-            f"{router / bare:.2f}x"
+            f"{label:42s} {value * 1000:8.0f} ms   {value / bare:5.2f}x bare   "
+            f"{value / router:5.2f}x router"
         )
+    print("goals: API switch and routed swap <= 1.2x router mode; invoke switch <= 2x")
     print(f"raw: {json.dumps(data)}")
     return 0
 

@@ -68,6 +68,13 @@ class FrontDoorSettings:
 
 
 @dataclass(frozen=True)
+class ControlSettings:
+    enabled: bool
+    port: int
+    routing: bool
+
+
+@dataclass(frozen=True)
 class ExposeSettings:
     firewall: bool
     allow_from: tuple[str, ...]
@@ -87,6 +94,16 @@ class Settings:
     api_key: ApiKeySettings
     loading: LoadingSettings
     expose: ExposeSettings
+    control: ControlSettings
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A model's reasoning presets: the default effort, the ones a request may pick, the format."""
+
+    effort: str
+    presets: tuple[str, ...]
+    format: str
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,7 @@ class Model:
     sha256: str | None = None
     vram_mib: int | None = None
     load: str | None = None
+    reasoning: Reasoning | None = None
 
     @property
     def unit(self) -> str:
@@ -246,6 +264,16 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
                 f"{ctx} does not divide into {parallel} parallel slots",
                 "make ctx_size a multiple of parallel (each slot gets ctx_size / parallel)",
             )
+        reasoning = model.get("reasoning")
+        if reasoning is not None:
+            effort = reasoning.get("effort", "medium")
+            presets = reasoning.get("presets", ["low", "medium", "high"])
+            if effort not in presets:
+                raise check.fail(
+                    ["models", i, "reasoning", "effort"],
+                    f"{effort!r} is not one of its presets {presets}",
+                    "add it to reasoning.presets, or pick a default effort from them",
+                )
         try:
             flags.check(model.get("extra_args", []))
         except flags.FlagError as exc:
@@ -296,6 +324,18 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
             "has no proxy port, and settings.expose.front_door is on",
             "add `proxy: 8443` (the front door's port)",
         )
+    control = settings.get("control", {})
+    if control.get("enabled", True):
+        port = control.get("port", 8090)
+        taken = {p: f"reserved_ports.{what}" for what, p in reserved.items()} | {
+            p: f"model {name}" for p, name in ports.items()
+        }
+        if port in taken:
+            raise check.fail(
+                ["settings", "control", "port"],
+                f"{port} is already used by {taken[port]}",
+                "give the control service a port of its own",
+            )
     if settings["default_model"] not in owners:
         raise check.fail(
             ["settings", "default_model"],
@@ -314,6 +354,7 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
     expose["allow_from"] = tuple(
         str(ipaddress.ip_network(cidr, strict=False)) for cidr in expose["allow_from"]
     )
+    control = with_defaults(raw["control"], defs["settings"]["properties"]["control"])
     front = defs["settings"]["properties"]["expose"]["properties"]["front_door"]
     expose["front_door"] = FrontDoorSettings(**with_defaults(expose["front_door"], front))
     settings = Settings(
@@ -326,12 +367,17 @@ def _build(path: Path, data: dict[str, Any]) -> Catalog:
         api_key=ApiKeySettings(**api),
         loading=LoadingSettings(**loading),
         expose=ExposeSettings(**expose),
+        control=ControlSettings(**control),
     )
     models = []
     for entry in data["models"]:
         fields = with_defaults(entry, defs["model"])
         fields["aliases"] = tuple(fields["aliases"])
         fields["extra_args"] = tuple(fields["extra_args"])
+        if fields["reasoning"] is not None:
+            presets = with_defaults(fields["reasoning"], defs["model"]["properties"]["reasoning"])
+            presets["presets"] = tuple(presets["presets"])
+            fields["reasoning"] = Reasoning(**presets)
         if fields["sha256"]:
             fields["sha256"] = fields["sha256"].lower()
         models.append(Model(**fields))

@@ -33,6 +33,11 @@ FIREWALL_UNIT = "llamavm-firewall.service"
 FRONT_DOOR_MAP = "front_door"
 FRONT_DOOR_UNIT = "caddy.service"
 METRICS_UNIT = "llamavm-metrics.service"
+CONTROL_UNIT = "llamavm-control.service"
+#: The control service's privileged helper: one `llamavm-switch serve` per connection.
+HELPER_SOCKET_UNIT = "llamavm-switchd.socket"
+HELPER_SOCKET = "/run/llamavm-switchd.sock"
+CONTROL_USER = "llamavm-control"
 #: Where systemd puts the service's credentials: `%d` in a unit. Never quoted.
 CREDENTIAL_DIR = "%d"
 _PATH_RE = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
@@ -151,6 +156,11 @@ def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[s
     ]  # fmt: skip
     if s.api_key.policy == "required":
         args += ["--api-key-file", f"{CREDENTIAL_DIR}/api-key"]
+    if model.reasoning is not None:
+        args += [
+            "--reasoning-format", model.reasoning.format,
+            "--reasoning-effort", model.reasoning.effort,
+        ]  # fmt: skip
     return [*args, *model.extra_args, "--metrics"]
 
 
@@ -174,6 +184,8 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
     services = {}
     if s.expose.metrics:
         services["node_exporter"] = s.reserved_ports["node_exporter"]
+    if s.control.enabled:
+        services["control"] = s.control.port
     front = s.expose.front_door.enabled
     if front:
         services["front_door"] = s.reserved_ports["proxy"]
@@ -258,6 +270,12 @@ def build(
                 "load": load,
                 "base_url": base_url,
                 "health_url": f"{base_url}/health",
+                "description": model.description,
+                "reasoning": (
+                    {"effort": model.reasoning.effort, "presets": list(model.reasoning.presets)}
+                    if model.reasoning
+                    else None
+                ),
                 "ctx_size": model.ctx_size,
                 "parallel": model.parallel,
                 "health_timeout_s": model.health_timeout_s,
@@ -335,6 +353,16 @@ def build(
             "textfile": f"{cfg.textfile_dir}/llamavm.prom",
             "interval_s": settings.expose.metrics_interval_s,
             "unit": METRICS_UNIT,
+        },
+        "control": {
+            "enabled": settings.control.enabled,
+            "routing": settings.control.routing,
+            "port": settings.control.port if settings.control.enabled else None,
+            "bind_address": settings.bind_address,
+            "unit": CONTROL_UNIT,
+            "user": CONTROL_USER,
+            "helper_socket": HELPER_SOCKET,
+            "helper_socket_unit": HELPER_SOCKET_UNIT,
         },
         "models": models,
     }

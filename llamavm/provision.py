@@ -182,18 +182,31 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
                 f"web UI and API of {default.name} on {host.name}: "
                 f"http://{host.address}:{default.port}/"
             )
+    addresses = (
+        [testbed.status()["addresses"]["host"]]
+        if inv.is_local
+        else [h.address for h in remote.hosts(inv.path)]
+    )
     front = catalog.settings.expose.front_door
     if front.enabled:
         port = catalog.settings.reserved_ports["proxy"]
         scheme = "https" if front.tls else "http"
-        hosts = (
-            [testbed.status()["addresses"]["host"]]
-            if inv.is_local
-            else [h.address for h in remote.hosts(inv.path)]
-        )
-        for address in hosts:
+        for address in addresses:
             lines.append(
                 f"front door (whichever model serves, through switches): {scheme}://{address}:{port}/"
+            )
+    control = catalog.settings.control
+    if control.enabled:
+        for address in addresses:
+            lines.append(
+                f"model picker and control API: http://{address}:{control.port}/ "
+                f"(API docs: /docs"
+                + (
+                    f"; OpenAI clients that pick the model: http://{address}:{control.port}/v1"
+                    if control.routing
+                    else ""
+                )
+                + ")"
             )
     metrics = catalog.settings.expose.metrics
     if metrics:

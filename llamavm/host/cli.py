@@ -2,6 +2,7 @@
 
     llamavm-switch switch NAME [--json] [--tx ID]   serve NAME (name or alias); roll back on failure
     llamavm-switch stop [--json] [--tx ID]          stop whatever model runs
+    llamavm-switch restart [--json] [--tx ID]       restart the serving model (health-gated)
     llamavm-switch apply [--json] [--tx ID]         install staged units (invoke provision runs it)
     llamavm-switch check NAME [--json]              the pre-switch checks alone, nothing stopped
     llamavm-switch status [--json]                  active model, health, uptime, loads, CPU/RAM/GPU
@@ -17,7 +18,8 @@ its own, and `result ID` tells how it ended. Progress goes to stderr, best effor
 Exit codes: 0 done (or nothing to do), 1 failed and rolled back, 2 refused before anything was
 stopped, 3 lock timeout, 4 rollback failed too, 5 outcome unknown, 6 still running (result).
 Internal: `run` (the transaction itself), `recover` (its ExecStopPost), `boot` (the boot unit),
-`gate` (each model unit's ExecStartPost health gate).
+`gate` (each model unit's ExecStartPost health gate), `serve` (one request of the control
+service, on llamavm-switchd.socket), `control` (the control service itself).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.watch import poll_interval
 
 TX_RE = re.compile(r"[a-z0-9]{6,32}")
-MUTATING = ("switch", "stop", "apply", "rotate-key")
+MUTATING = ("switch", "stop", "restart", "apply", "rotate-key")
 #: How long a follower waits for `recover` after the transaction's unit vanished.
 RECOVER_GRACE_S = 60.0
 
@@ -120,6 +122,8 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
             result = transaction.apply()
         elif op == "rotate-key":
             result = transaction.rotate_key()
+        elif op == "restart":
+            result = transaction.restart()
         elif op == "boot":
             result = transaction.boot()
         elif op == "check":
@@ -174,6 +178,29 @@ def launch(contract: Contract, systemd: Systemd, tx: str, op: str, args: list[st
         "KillMode=mixed",
     ]
     return systemd.run_transient(tx_unit(tx), [switch, "run", tx, op, *args], properties)
+
+
+def start_and_follow(
+    contract: Contract,
+    op: str,
+    args: list[str],
+    relay: Callable[[str], None],
+    tx: str | None = None,
+) -> dict[str, Any]:
+    """Run `op` as a new transaction in its own unit and follow it to its outcome.
+
+    The one way a transaction starts, for `llamavm-switch` over SSH and the control service."""
+    tx = tx or new_tx()
+    if (
+        store.read_outcome(contract.paths.outcomes, tx)
+        or store.progress_path(contract.paths.progress, tx).exists()
+    ):
+        raise HostError(f"transaction id {tx} was used before — use a new one", EXIT_REFUSED)
+    systemd = Systemd()
+    error = launch(contract, systemd, tx, op, args)
+    if error:
+        raise HostError(f"could not start the transaction unit: {error}", EXIT_REFUSED)
+    return follow(contract, systemd, tx, float("inf"), relay)
 
 
 def follow(
@@ -296,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         if name == "switch":
             p.add_argument("--tx", default=None)
-    for name in ("stop", "apply", "rotate-key"):
+    for name in ("stop", "restart", "apply", "rotate-key"):
         p = sub.add_parser(name)
         p.add_argument("--json", action="store_true")
         p.add_argument("--tx", default=None)
@@ -314,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recover").add_argument("tx")
     sub.add_parser("boot")
     sub.add_parser("gate").add_argument("model")
+    sub.add_parser("serve")
+    sub.add_parser("control")
     return parser
 
 
@@ -350,23 +379,21 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             outcome = follow(contract, Systemd(), args.tx, args.wait, _relay)
             return _print(outcome, outcome.get("op", "result"), as_json)
-        # switch, stop, apply: detached, then followed
+        if args.command == "serve":
+            from llamavm.host import helper
+
+            return helper.serve(contract, sys.stdin.buffer, sys.stdout.buffer)
+        if args.command == "control":
+            from llamavm.host import control
+
+            return control.main(contract)
+        # switch, stop, restart, apply, rotate-key: detached, then followed
         if args.command == "switch":
             contract.resolve(args.model)  # an unknown name is refused before any unit starts
-        tx = args.tx or new_tx()
-        if (
-            store.read_outcome(contract.paths.outcomes, tx)
-            or store.progress_path(contract.paths.progress, tx).exists()
-        ):
-            raise HostError(f"transaction id {tx} was used before — use a new one", EXIT_REFUSED)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        systemd = Systemd()
         op_args = [args.model] if args.command == "switch" else []
-        error = launch(contract, systemd, tx, args.command, op_args)
-        if error:
-            raise HostError(f"could not start the transaction unit: {error}", EXIT_REFUSED)
-        outcome = follow(contract, systemd, tx, float("inf"), _relay)
+        outcome = start_and_follow(contract, args.command, op_args, _relay, args.tx)
         return _print(outcome, args.command, as_json)
     except HostError as exc:
         return _print(

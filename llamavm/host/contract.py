@@ -12,7 +12,7 @@ from llamavm.host import EXIT_REFUSED
 
 #: The one path the host code knows without the contract: where the contract is.
 CONTRACT_PATH = Path("/etc/llamavm/contract.json")
-VERSION = 3
+VERSION = 4
 
 
 class HostError(Exception):
@@ -61,6 +61,9 @@ class Model:
     load: str = "share"
     #: The GGUF on the model share (None: the same as `gguf`).
     source_path: Path | None = None
+    description: str = ""
+    #: Reasoning presets: {"effort": default, "presets": [...]}, or None.
+    reasoning: dict[str, Any] | None = None
 
     @property
     def source(self) -> Path:
@@ -88,6 +91,17 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Control:
+    """The control service: its port, whether it routes /v1 requests, its helper's socket."""
+
+    port: int
+    bind_address: str
+    routing: bool
+    helper_socket: Path
+    unit: str = "llamavm-control.service"
+
+
+@dataclass(frozen=True)
 class Contract:
     paths: Paths
     service_user: str
@@ -107,6 +121,7 @@ class Contract:
     metrics: Metrics | None = None
     #: With a front door: how long to wait for requests in flight before stopping a model.
     drain_s: float = 0.0
+    control: Control | None = None
 
     def resolve(self, name: str) -> Model:
         """The model called `name` (its name or an alias); refused (exit 2) otherwise."""
@@ -150,6 +165,8 @@ def parse(data: dict[str, Any]) -> Contract:
             vram=dict(m["vram"]),
             load=str(m["load"]),
             source_path=Path(m["source"]),
+            description=str(m["description"]),
+            reasoning=dict(m["reasoning"]) if m["reasoning"] else None,
         )
         for m in data["models"]
     )
@@ -174,6 +191,19 @@ def parse(data: dict[str, Any]) -> Contract:
             else None
         ),
         drain_s=float(data["front_door"]["drain_s"]) if data["front_door"]["enabled"] else 0.0,
+        control=_control(data["control"]),
+    )
+
+
+def _control(data: dict[str, Any]) -> Control | None:
+    if not data["enabled"]:
+        return None
+    return Control(
+        port=int(data["port"]),
+        bind_address=str(data["bind_address"]),
+        routing=bool(data["routing"]),
+        helper_socket=Path(data["helper_socket"]),
+        unit=str(data["unit"]),
     )
 
 

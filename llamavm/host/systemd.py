@@ -41,6 +41,10 @@ class Systemd:
         if units:
             self._run("systemctl", "stop", *units, timeout=600)
 
+    def try_restart(self, unit: str) -> None:
+        """Restart `unit` if it runs (queued, no waiting); nothing if it doesn't."""
+        self._run("systemctl", "try-restart", "--no-block", unit)
+
     def reset_failed(self, units: Sequence[str]) -> None:
         if units:
             self._run("systemctl", "reset-failed", *units)

@@ -328,6 +328,16 @@ class Transaction:
         self._save(state)
         return {"changed": bool(running) or closed, "stopped": [m.name for m in running]}
 
+    def restart(self) -> dict[str, Any]:
+        """Restart the serving model through the transaction (gated; rolled back on failure)."""
+        running = self.host.running()
+        if len(running) != 1:
+            raise HostError("no model serves, so none restarts — switch to one first", EXIT_REFUSED)
+        self.host.check_firewall()
+        self.host.progress(f"restarting {running[0].name}")
+        result = self._restart(running[0], None)
+        return {**result, "changed": True, "restarted": running[0].name}
+
     def sync_firewall(self) -> dict[str, Any]:
         """Open the port of the model that serves (healthy) and close the others."""
         running = self.host.running()
@@ -488,18 +498,19 @@ class Transaction:
             if old is not None:
                 store.write_secret(path, old)
 
-        if serving is None:
-            return {"changed": True, "restarted": None}
-        self.host.progress(f"restarting {serving.name} with the new key")
-        self._restart(serving, None, also_undo=restore)
-        return {"changed": True, "restarted": serving.name}
+        if serving is not None:
+            self.host.progress(f"restarting {serving.name} with the new key")
+            self._restart(serving, None, also_undo=restore)
+        if self.contract.control is not None:  # it reads the key at start (a credential)
+            self.host.systemd.try_restart(self.contract.control.unit)
+        return {"changed": True, "restarted": serving.name if serving else None}
 
     def _restart(
         self,
         model: Model,
         new_text: str | None,
         also_undo: Callable[[], None] | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Restart the serving `model` (with its new unit text, if any) as a transaction."""
         state = self._state()
         unit_path = self.contract.paths.units_live / model.unit
@@ -523,7 +534,7 @@ class Transaction:
         # them local first, while the model still serves from its old unit.
         source = checks.preflight(self.contract, model, self.host.progress)
         fetched = self.host.fetch(model, source, {model.name})
-        self._serve(
+        return self._serve(
             model, model, [model], state,
             before_start=install, undo=undo, backup=backup, fetched=fetched,
         )  # fmt: skip

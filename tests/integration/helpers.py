@@ -156,6 +156,36 @@ def catalog_with(tmp_path: Path, extra_models: list[dict[str, Any]], **settings:
     return path
 
 
+def keyed_catalog_file(tmp_path: Path, **front_door: Any) -> Path:
+    """The test bed's catalog with the API key policy on (and front-door changes), as a file."""
+    data = yaml.safe_load(TESTBED_CATALOG.read_text())
+    data["settings"]["api_key"] = {"policy": "required", "file": "/etc/llamavm/api-key"}
+    data["settings"]["expose"]["front_door"].update(front_door)
+    path = tmp_path / "models.keyed.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def keyed_testbed(tmp_path: Path, **front_door: Any) -> Iterator[tuple[Any, str]]:
+    """The test bed provisioned with the key policy on, its default model serving:
+    (catalog, provision's output). Provisioned back to its own catalog afterwards."""
+    from llamavm import catalog
+
+    path = keyed_catalog_file(tmp_path, **front_door)
+    result = invoke("provision", "--catalog", str(path))
+    try:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+        cat = catalog.load(path)
+        switched = invoke("switch", "--model", cat.default.name, "--catalog", str(path))
+        assert switched.returncode == 0, switched.stdout + switched.stderr
+        yield cat, result.stdout + result.stderr
+    finally:
+        clear_failpoints()
+        restored = invoke("provision")
+        assert restored.returncode == 0, restored.stdout[-4000:] + restored.stderr
+
+
 def ssh_from_lan(vm: Any, command: str, *extra: str, timeout: float = 120) -> Any:
     """SSH to a VM's bridged address from the LAN client's namespace (`vm`: a VmSpec)."""
     return testbed.client_run(

@@ -346,26 +346,10 @@ def test_a_stream_through_the_front_door_finishes_before_the_switch_stops_its_mo
 def keyed_catalog(provisioned, tmp_path_factory) -> Iterator[tuple[catalog.Catalog, str]]:
     """The test bed with the key policy on and a 3 s front-door wait; (catalog, provision's
     output). Provisioned back to the test bed's own catalog afterwards."""
-    import yaml
+    from tests.integration.helpers import keyed_testbed
 
-    from tests.integration.helpers import TESTBED_CATALOG
-
-    data = yaml.safe_load(TESTBED_CATALOG.read_text())
-    data["settings"]["api_key"] = {"policy": "required", "file": "/etc/llamavm/api-key"}
-    data["settings"]["expose"]["front_door"]["wait_s"] = 3
-    path = tmp_path_factory.mktemp("keyed") / "models.keyed.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = invoke("provision", "--catalog", str(path))
-    try:
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr
-        cat = catalog.load(path)
-        switched = invoke("switch", "--model", cat.default.name, "--catalog", str(path))
-        assert switched.returncode == 0, switched.stdout + switched.stderr
-        yield cat, result.stdout + result.stderr
-    finally:
-        clear_failpoints()
-        restored = invoke("provision")
-        assert restored.returncode == 0, restored.stdout[-4000:] + restored.stderr
+    with keyed_testbed(tmp_path_factory.mktemp("keyed"), wait_s=3) as keyed:
+        yield keyed
 
 
 def test_the_key_guards_the_api_through_the_front_door_and_direct(keyed_catalog, host) -> None:

@@ -217,7 +217,7 @@ def test_adding_a_model_and_provisioning_does_not_interrupt_the_serving_model(
     poller.start()
     try:
         path = catalog_with(
-            tmp_path, [{"name": "tiny-extra", "gguf": "tiny/tiny-two.gguf", "port": 8021}]
+            tmp_path, [{"name": "tiny-extra", "gguf": "tiny/gpt-oss-120b-tiny.gguf", "port": 8021}]
         )
         result = invoke("provision", "--catalog", str(path))
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr
@@ -325,7 +325,7 @@ def test_catalog_values_reach_llama_server_exactly_as_written(provisioned, host,
     odd = 'odd dir/we "ird" 100% $HOME \\x.gguf'
     target = SHARE / odd
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes((SHARE / "tiny" / "tiny-one.gguf").read_bytes())
+    target.write_bytes((SHARE / "tiny" / "qwen3-coder-30b.gguf").read_bytes())
     path = catalog_with(
         tmp_path,
         [{"name": "odd-path", "gguf": odd, "port": 8041, "load": "share",
@@ -344,7 +344,7 @@ def test_catalog_values_reach_llama_server_exactly_as_written(provisioned, host,
         assert argv[len(want) :] == ["--load-mode", "none"]
         assert f"/srv/models/{odd}" in argv
     finally:
-        invoke("switch", "--model", "tiny-one", "--catalog", str(path))
+        invoke("switch", "--model", "qwen3-coder-30b", "--catalog", str(path))
         assert invoke("provision").returncode == 0
         target.unlink()
         target.parent.rmdir()

@@ -1,6 +1,6 @@
-"""How a model's bytes reach its server, on the test bed: staged copies (the default, tiny-one)
-and models read from the share without mmap (tiny-two); a file replaced on the share while it
-is served.
+"""How a model's bytes reach its server, on the test bed: staged copies (the default,
+qwen3-coder-30b) and models read from the share without mmap (gpt-oss-120b); a file replaced on
+the share while it is served.
 
 The test bed's share is a read-only bind mount of a controller folder, so "the server replaced
 the file" is a rename in that folder. Kernel NFS (a server that goes away) runs in the VM suite.
@@ -31,8 +31,8 @@ STAGE_DIR = "/var/cache/llamavm/models"
 
 @pytest.fixture(scope="module")
 def loading_catalog(provisioned, models) -> catalog.Catalog:
-    """The test bed's catalog: tiny-one is staged (the default mode), tiny-two read from the
-    share."""
+    """The test bed's catalog: qwen3-coder-30b is staged (the default mode), gpt-oss-120b read
+    from the share."""
     assert [models.load_mode(m) for m in models.models] == ["stage", "share"]
     return models
 

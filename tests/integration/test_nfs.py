@@ -1,6 +1,6 @@
 """The GGUF share over real kernel NFS: the embedded NFS server VM (nfs_server role, kernel nfsd)
 exports the model folder; the model VM mounts it (model_share role, systemd automount). Marker
-`vm` (minutes under TCG). tiny-one is staged from the share, tiny-two is read from it."""
+`vm` (minutes under TCG). qwen3-coder-30b is staged from the share, gpt-oss-120b is read from it."""
 
 from __future__ import annotations
 

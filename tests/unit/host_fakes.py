@@ -198,6 +198,9 @@ class FakeSystemd:
             u = self.units.setdefault(unit, Unit())
             u.active, u.sub, u.pid = "inactive", "dead", 0
 
+    def try_restart(self, unit: str) -> None:
+        self.calls.append(("try-restart", unit))
+
     def reset_failed(self, units: Any) -> None:
         self.calls.append(("reset-failed", *units))
         for unit in units:

@@ -176,7 +176,7 @@ def test_allowed_extra_args_pass(tmp_path) -> None:
     data = _data()
     data["models"][0]["extra_args"] = [
         "--jinja", "--flash-attn", "on", "--temp=0.6", "--seed", "-1", "-ub", "1024",
-        "--reasoning-format", "deepseek", "--threads", "8",
+        "--reasoning-budget", "0", "--threads", "8",
     ]  # fmt: skip
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -242,3 +242,34 @@ def test_hostile_yaml_through_the_cli(tmp_path, invoke_cli, case) -> None:
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("llamavm: ") and fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "fragment"),
+    [
+        ({"effort": "extreme"}, "reasoning.effort: 'extreme' is not a reasoning effort"),
+        ({"effort": "high", "presets": ["low"]}, "'high' is not one of its presets"),
+        ({"presets": []}, "reasoning.presets"),
+        ({"format": "harmony"}, "is not a reasoning format"),
+        ({"budget": 3}, "reasoning"),
+        ("high", "reasoning"),
+    ],
+)
+def test_bad_reasoning_presets_are_refused_in_one_line(tmp_path, reasoning, fragment) -> None:
+    data = _data()
+    data["models"][0]["reasoning"] = reasoning
+    assert fragment in _load(tmp_path, data)
+
+
+def test_reasoning_flags_in_extra_args_point_at_the_catalog_key(tmp_path) -> None:
+    data = _data()
+    data["models"][0]["extra_args"] = ["--reasoning-effort", "low"]
+    assert "use the catalog key reasoning.effort" in _load(tmp_path, data)
+
+
+@pytest.mark.parametrize("port", [8001, 8443])
+def test_the_control_port_may_not_be_a_models_or_a_reserved_port(tmp_path, port) -> None:
+    data = _data()
+    data["settings"]["control"] = {"port": port}
+    message = _load(tmp_path, data)
+    assert f"settings.control.port: {port} is already used by" in message

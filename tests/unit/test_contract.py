@@ -176,7 +176,7 @@ def test_the_firewall_opens_ssh_the_model_ports_and_the_metrics_port(tmp_path) -
     fw = contract.build(cat, {})["firewall"]
     assert fw["enabled"] is True
     assert fw["ssh_port"] == 22
-    assert fw["service_ports"] == {"node_exporter": 9100}
+    assert fw["service_ports"] == {"node_exporter": 9100, "control": 8090}
     assert fw["model_ports"] == sorted(m.port for m in cat.models)
     # a host address written with its prefix is taken as its network
     assert fw["allow_from"] == {"ipv4": ["192.168.1.0/24"], "ipv6": ["fd00::/64"]}
@@ -186,8 +186,33 @@ def test_the_firewall_opens_ssh_the_model_ports_and_the_metrics_port(tmp_path) -
 
 
 def test_with_the_firewall_and_metrics_off_the_host_gets_neither(tmp_path) -> None:
-    cat = _catalog(tmp_path, expose={"firewall": False, "metrics": False})
+    cat = _catalog(
+        tmp_path, expose={"firewall": False, "metrics": False}, control={"enabled": False}
+    )
     data = contract.build(cat, {})
     assert data["firewall"]["service_ports"] == {}
     parsed = host_contract.parse(data)
-    assert parsed.firewall is None and parsed.metrics is None
+    assert parsed.firewall is None and parsed.metrics is None and parsed.control is None
+
+
+def test_the_control_service_gets_its_port_routing_and_helper_socket(tmp_path) -> None:
+    cat = _catalog(tmp_path, control={"port": 9090, "routing": True})
+    parsed = host_contract.parse(contract.build(cat, {}))
+    assert parsed.control is not None
+    assert (parsed.control.port, parsed.control.routing) == (9090, True)
+    assert parsed.control.helper_socket.is_absolute()
+
+
+def test_reasoning_presets_become_the_servers_flags(tmp_path) -> None:
+    data = copy.deepcopy(VALID)
+    data["models"][0]["reasoning"] = {"effort": "high", "presets": ["low", "high"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cat = catalog.load(path)
+    assert cat.models[0].reasoning == catalog.Reasoning("high", ("low", "high"), "auto")
+    assert cat.models[1].reasoning is None
+    built = contract.build(cat, {})
+    alpha, beta = (m["argv"] for m in built["models"])
+    assert alpha[alpha.index("--reasoning-effort") + 1] == "high"
+    assert alpha[alpha.index("--reasoning-format") + 1] == "auto"
+    assert "--reasoning-effort" not in beta and "--reasoning-format" not in beta

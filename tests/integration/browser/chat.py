@@ -24,16 +24,21 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 
-def main() -> int:
-    url, shot = sys.argv[1], sys.argv[2]
-    message = sys.argv[3] if len(sys.argv) > 3 else "Hello from the LAN"
+def browser(height: int = 900) -> webdriver.Chrome:
+    """Debian's headless Chromium, its console log kept."""
     options = Options()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--disable-gpu", "--window-size=1280,900"):  # fmt: skip
+                "--disable-gpu", f"--window-size=1280,{height}"):  # fmt: skip
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def main() -> int:
+    url, shot = sys.argv[1], sys.argv[2]
+    message = sys.argv[3] if len(sys.argv) > 3 else "Hello from the LAN"
+    driver = browser()
     try:
         return chat(driver, url, shot, message)
     finally:

@@ -1,0 +1,98 @@
+"""The privileged half of the control service: one request per connection on a unix socket.
+
+systemd's llamavm-switchd.socket (root:llamavm-control, 0660, Accept=yes) starts one
+`llamavm-switch serve` per connection, as root, with the connection as stdin and stdout. The
+control service (unprivileged, on the LAN) writes one JSON request line; this answers with JSON
+lines: `{"event": "progress", "message": ...}` while a transaction runs, then one
+`{"event": "outcome", ...}` — the same outcome `llamavm-switch` prints with --json.
+
+Requests: {"op": "status"} · {"op": "switch", "model": NAME} · {"op": "stop"} ·
+{"op": "restart"} · {"op": "check", "model": NAME} · {"op": "result", "tx": ID}.
+switch, stop and restart run exactly as `llamavm-switch switch/stop/restart` do: in their own
+transient unit, under the switch lock, so they finish (or roll back) even when the caller goes
+away mid-way. Nothing else is accepted; a malformed request gets an outcome with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from typing import IO, Any
+
+from llamavm.host import EXIT_REFUSED
+from llamavm.host import status as status_mod
+from llamavm.host.contract import Contract, HostError
+from llamavm.host.systemd import Systemd
+
+#: A request is one short line; anything longer is refused unread.
+MAX_REQUEST = 4096
+OPS = ("status", "switch", "stop", "restart", "check", "result")
+
+
+def parse(line: bytes) -> dict[str, Any]:
+    """The request in `line`, checked: its op, and a model name or tx id where one is needed."""
+    if not line.endswith(b"\n") or len(line) > MAX_REQUEST:
+        raise HostError(f"a request is one JSON line of at most {MAX_REQUEST} bytes", EXIT_REFUSED)
+    try:
+        request = json.loads(line)
+    except ValueError:
+        raise HostError("the request is not JSON", EXIT_REFUSED) from None
+    if not isinstance(request, dict) or request.get("op") not in OPS:
+        raise HostError(f"the request needs an op, one of: {', '.join(OPS)}", EXIT_REFUSED)
+    for key in ("model", "tx"):
+        if key in request and not isinstance(request[key], str):
+            raise HostError(f"{key} must be a string", EXIT_REFUSED)
+    if request["op"] in ("switch", "check") and not request.get("model"):
+        raise HostError(f"{request['op']} needs a model", EXIT_REFUSED)
+    if request["op"] == "result" and not request.get("tx"):
+        raise HostError("result needs a tx", EXIT_REFUSED)
+    return request
+
+
+def serve(contract: Contract, reader: IO[bytes], writer: IO[bytes]) -> int:
+    """Answer the one request on `reader`; the outcome's exit code."""
+    from llamavm.host import cli  # the CLI's launch/follow: one implementation
+
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    gone = False
+
+    def emit(event: str, payload: dict[str, Any]) -> None:
+        nonlocal gone
+        if gone:
+            return
+        try:
+            writer.write(json.dumps({"event": event, **payload}).encode() + b"\n")
+            writer.flush()
+        except (OSError, ValueError):  # the caller went away: the transaction goes on
+            gone = True
+
+    try:
+        request = parse(reader.readline(MAX_REQUEST + 1))
+        op = request["op"]
+        if op == "status":
+            outcome: dict[str, Any] = {"ok": True, **status_mod.report(contract, Systemd())}
+        elif op == "check":
+            outcome = cli.run_inline_check(contract, request["model"])
+        elif op == "result":
+            if not cli.TX_RE.fullmatch(request["tx"]):
+                raise HostError(f"{request['tx']!r} is not a transaction id", EXIT_REFUSED)
+            outcome = cli.follow(contract, Systemd(), request["tx"], 0.0, lambda _line: None)
+        else:
+            args = [contract.resolve(request["model"]).name] if op == "switch" else []
+            outcome = cli.start_and_follow(
+                contract, op, args, lambda line: emit("progress", {"message": line})
+            )
+    except HostError as exc:
+        outcome = {"ok": False, "code": exc.code, "error": str(exc)}
+    outcome.setdefault("code", 0 if outcome.get("ok", True) else 1)
+    outcome.setdefault("ok", outcome["code"] == 0)
+    emit("outcome", outcome)
+    with contextlib.suppress(OSError):
+        writer.close()
+    return int(outcome["code"])
+
+
+def request_line(op: str, **fields: str) -> bytes:
+    """A request as the control service writes it."""
+    return json.dumps({"op": op, **fields}).encode() + b"\n"

@@ -1,0 +1,263 @@
+"""The control service on the test bed, from the LAN client's namespace: every endpoint with and
+without the key, a switch with server-sent progress, concurrent switches through the API and
+the CLI, the `openai` client through the routing endpoint, a burst naming two models, and the
+picker page in headless Chromium. The module runs with the key policy on (and routing, as the
+test bed's catalog has it), then provisions the test bed back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamavm import REPO_ROOT, catalog, testbed
+from tests.integration.helpers import (
+    client_curl,
+    host_run,
+    http_code,
+    invoke,
+    keyed_testbed,
+)
+
+pytestmark = pytest.mark.testbed
+
+HERE = Path(__file__).resolve().parent
+SHOTS = Path(os.environ.get("LLAMAVM_TEST_ARTIFACTS", "/var/tmp/llamavm-test-artifacts"))
+
+
+def _answers() -> dict[str, dict]:
+    entries = yaml.safe_load((REPO_ROOT / "config" / "tiny-models.yaml").read_text())
+    return {e["name"]: e for e in entries}
+
+
+@pytest.fixture(scope="module")
+def keyed(provisioned, tmp_path_factory) -> Iterator[tuple[catalog.Catalog, str]]:
+    """The test bed with the key policy on: (catalog, key). Provisioned back afterwards."""
+    with keyed_testbed(tmp_path_factory.mktemp("control")) as (cat, _):
+        key = host_run("cat /etc/llamavm/api-key").stdout.strip()
+        assert len(key) >= 32
+        yield cat, key
+
+
+def _base(host: str, cat: catalog.Catalog) -> str:
+    return f"http://{host}:{cat.settings.control.port}"
+
+
+def _call(url: str, key: str | None, *args: str, timeout: float = 300) -> tuple[int, str]:
+    headers = ["-H", f"Authorization: Bearer {key}"] if key else []
+    answer = client_curl(url, *headers, *args, timeout=timeout)
+    assert answer.returncode == 0, answer.stderr
+    body, code = answer.stdout.rsplit("\n", 1)
+    return int(code), body
+
+
+def _post(url: str, key: str | None, body: dict | None = None, *args: str) -> tuple[int, str]:
+    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body or {})]
+    return _call(url, key, "-X", "POST", *data, *args)
+
+
+def _serving(host: str, cat: catalog.Catalog, key: str) -> str | None:
+    code, body = _call(f"{_base(host, cat)}/status", key)
+    assert code == 200, body
+    return json.loads(body)["active"]
+
+
+def _servers() -> int:
+    return int(host_run("pgrep -c -x llama-server || true").stdout.strip() or 0)
+
+
+ENDPOINTS = [
+    ("GET", "/models", None),
+    ("GET", "/status", None),
+    ("POST", "/switch", {"model": "qwen"}),
+    ("POST", "/restart", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user",
+                                                                    "content": "hi"}]}),
+    ("POST", "/v1/completions", {"model": "qwen", "prompt": "hi", "max_tokens": 2}),
+    ("POST", "/stop", None),
+]  # fmt: skip
+
+
+def test_every_endpoint_wants_the_key_and_works_with_it(keyed, host) -> None:
+    cat, key = keyed
+    base = _base(host, cat)
+    for method, path, body in ENDPOINTS:
+        for given in (None, "not-the-key"):
+            if method == "GET":
+                code, _ = _call(base + path, given)
+            else:
+                code, _ = _post(base + path, given, body)
+            assert code == 401, (path, given)
+        code, answer = _call(base + path, key) if method == "GET" else _post(base + path, key, body)
+        assert code == 200, (path, answer)
+    assert _serving(host, cat, key) is None  # the last one was /stop
+    assert _servers() == 0
+    # public by design (documented): health, the picker page and the API docs
+    for path in ("/health", "/", "/docs", "/openapi.json"):
+        assert http_code(base + path) == 200, path
+    assert _post(f"{base}/switch", key, {"model": "qwen"})[0] == 200
+
+
+def test_the_key_is_in_no_unit_file_and_no_command_line(keyed) -> None:
+    _, key = keyed
+    units = host_run("systemctl cat llamavm-control.service llamavm-switchd.socket").stdout
+    assert "LoadCredential=api-key:" in units and key not in units
+    assert key not in host_run("ps -eo args").stdout
+    assert key not in host_run("journalctl -u llamavm-control --no-pager -n 200").stdout
+    user = host_run("systemctl show -p User --value llamavm-control.service").stdout.strip()
+    assert user == "llamavm-control"
+    pid = host_run("systemctl show -p MainPID --value llamavm-control.service").stdout.strip()
+    assert host_run(f"ps -o user= -p {pid}").stdout.strip() == "llamavm-control"
+
+
+def test_a_switch_through_the_api_streams_its_progress(keyed, host) -> None:
+    cat, key = keyed
+    target = "gpt-oss-120b" if _serving(host, cat, key) != "gpt-oss-120b" else "qwen3-coder-30b"
+    code, body = _post(
+        f"{_base(host, cat)}/switch?stream=true", key, {"model": target}, "-N",
+        "-H", "Accept: text/event-stream",
+    )  # fmt: skip
+    assert code == 200, body
+    events = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((lines["event"], json.loads(lines["data"])))
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "outcome" and kinds.count("progress") >= 2, kinds
+    assert events[-1][1]["ok"] is True and events[-1][1]["model"] == target
+    assert _serving(host, cat, key) == target
+
+
+def test_a_bad_switch_request_harms_nothing(keyed, host) -> None:
+    cat, key = keyed
+    before = _serving(host, cat, key)
+    base = _base(host, cat)
+    assert _post(f"{base}/switch", key, {"model": "no-such-model"})[0] == 404
+    assert _post(f"{base}/switch", key, {"model": ["qwen"]})[0] == 422
+    assert _call(f"{base}/switch", key, "-X", "POST", "-d", "{not json")[0] == 422
+    assert _post(f"{base}/v1/chat/completions", key, {"model": "gpt-oss:extreme"})[0] == 400
+    assert _serving(host, cat, key) == before
+
+
+def _api_switch(base: str, key: str, name: str) -> subprocess.Popen:
+    """POST /switch from the LAN client, in the background; its stdout is the HTTP status."""
+    ns = testbed.load_config().lan.ns_client
+    argv = [
+        "ip", "netns", "exec", ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+        "--max-time", "600", "-X", "POST", "-H", f"Authorization: Bearer {key}",
+        "-H", "Content-Type: application/json", "-d", json.dumps({"model": name}),
+        f"{base}/switch",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def test_concurrent_api_and_cli_switches_leave_exactly_one_model(keyed, host) -> None:
+    cat, key = keyed
+    base = _base(host, cat)
+    for api_names, cli_name in ((("qwen", "gpt-oss"), "gpt-oss"), (("gpt-oss", "qwen"), "qwen")):
+        api = [_api_switch(base, key, name) for name in api_names]
+        cli = invoke("switch", "--model", cli_name, "--catalog", str(cat.path))
+        codes = [p.communicate(timeout=600)[0] for p in api]
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert codes == ["200", "200"], codes
+        serving = _serving(host, cat, key)
+        assert serving in ("qwen3-coder-30b", "gpt-oss-120b")
+        assert _servers() == 1
+        model = cat.resolve(serving)
+        # and what serves answers, through the open port
+        assert http_code(f"http://{host}:{model.port}/health") == 200
+
+
+def _client(script: str, *args: str, key: str = "") -> dict:
+    ns = testbed.load_config().lan.ns_client
+    run = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, str(HERE / "clients" / script), *args],
+        capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "LLAMAVM_KEY": key},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_openai_client_gets_answers_from_two_models_in_a_row(keyed, host) -> None:
+    cat, key = keyed
+    answers = _answers()
+    result = _client("routing.py", f"{_base(host, cat)}/v1", "two", "qwen", "gpt-oss", key=key)
+    assert {"qwen3-coder-30b", "gpt-oss-120b", "gpt-oss-120b:high"} <= set(result["ids"])
+    qwen, oss = result["answers"]
+    assert qwen["content"] == answers["qwen3-coder-30b"]["answer"]
+    assert oss["content"] == answers["gpt-oss-120b"]["answer"]
+    assert oss["reasoning"] == answers["gpt-oss-120b"]["reasoning"]
+    assert _serving(host, cat, key) == "gpt-oss-120b"
+
+
+def test_a_burst_naming_two_models_all_succeeds_with_one_model_alive(keyed, host) -> None:
+    cat, key = keyed
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_servers())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = _client(
+            "routing.py", f"{_base(host, cat)}/v1", "burst", "qwen", "gpt-oss", key=key
+        )
+    finally:
+        done.set()
+        sampler.join(timeout=30)
+    failed = [r for r in result["results"] if not r["ok"]]
+    assert not failed, failed
+    assert len(result["results"]) == 20
+    assert samples and max(samples) <= 1, samples
+
+
+def test_the_picker_page_switches_by_click_in_a_real_browser(keyed, host) -> None:
+    for tool in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not Path(tool).exists():
+            pytest.skip(f"{tool} is missing (scripts/bootstrap test installs it)")
+    cat, key = keyed
+    target = "qwen3-coder-30b" if _serving(host, cat, key) != "qwen3-coder-30b" else "gpt-oss-120b"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "picker-page-switch.png"
+    shot.unlink(missing_ok=True)
+    testbed.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
+    ns = testbed.load_config().lan.ns_client
+    run = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, str(HERE / "browser" / "picker.py"),
+         f"{_base(host, cat)}/", str(shot), target],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "LLAMAVM_UI_KEY": key},
+    )  # fmt: skip
+    assert run.returncode == 0, f"{run.stderr[-3000:]}\n(screenshot: {shot})"
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert any("serving on port" in line or target in line for line in answer["progress"])
+    assert target in answer["serving"]
+    assert _serving(host, cat, key) == target
+    assert shot.stat().st_size > 20_000, f"{shot} looks blank"
+
+
+def test_restart_through_the_api_restarts_the_serving_model(keyed, host) -> None:
+    cat, key = keyed
+    serving = _serving(host, cat, key)
+    assert serving is not None
+    unit = cat.resolve(serving).unit
+    pid = host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+    code, body = _post(f"{_base(host, cat)}/restart", key)
+    assert code == 200, body
+    assert json.loads(body)["restarted"] == serving
+    assert host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip() != pid
+    assert _serving(host, cat, key) == serving

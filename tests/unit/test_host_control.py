@@ -1,0 +1,339 @@
+"""The control service (llamavm/host/control.py) against a fake privileged helper and fake
+model servers: the key on every endpoint, outcomes as HTTP, server-sent progress, and the
+router that keeps one model serving while requests name two. The real helper, systemd and
+llama-server are exercised on the test bed (tests/integration/test_control.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from llamavm import catalog, contract
+from llamavm.host import control, helper
+from llamavm.host.contract import HostError
+from llamavm.host.contract import parse as parse_contract
+from tests.unit.test_catalog import VALID
+
+KEY = "k" * 40
+
+
+class FakeHelper:
+    """The privileged helper's side: a host serving one model, switches that take a moment."""
+
+    def __init__(self, serving: str | None = "alpha", fail: dict[str, Any] | None = None):
+        self.serving = serving
+        self.fail = fail
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.in_switch = False
+
+    async def events(self, op: str, **fields: str) -> AsyncIterator[dict[str, Any]]:
+        self.calls.append((op, fields))
+        if op == "status":
+            yield {"event": "outcome", "ok": True, "code": 0, "active": self.serving,
+                   "models": [{"name": "alpha", "loads": [0.5]}, {"name": "beta", "loads": []}],
+                   "gpus": [], "system": {"cpus": 2}}  # fmt: skip
+            return
+        if self.fail:
+            yield {"event": "outcome", **self.fail}
+            return
+        assert not self.in_switch, "two transactions at once"
+        self.in_switch = True
+        yield {"event": "progress", "message": f"{op} begins"}
+        self.serving = None
+        await asyncio.sleep(0.01)
+        self.serving = fields.get("model") if op in ("switch", "restart") else None
+        if op == "restart":
+            self.serving = "alpha"
+        self.in_switch = False
+        yield {"event": "progress", "message": f"{op} done"}
+        yield {"event": "outcome", "ok": True, "code": 0, "model": self.serving, "changed": True}
+
+    async def call(self, op: str, **fields: str) -> dict[str, Any]:
+        return await control.Helper.call(self, op, **fields)  # type: ignore[arg-type]
+
+
+def _contract(tmp_path, routing: bool = True, policy: str = "required", presets=True):
+    data = copy.deepcopy(VALID)
+    data["settings"]["api_key"]["policy"] = policy
+    data["settings"]["control"] = {"routing": routing}
+    if presets:
+        data["models"][1]["reasoning"] = {"effort": "low", "presets": ["low", "high"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return parse_contract(contract.build(catalog.load(path), {}))
+
+
+class Upstream:
+    """The model servers: answer only on the port of the model the fake host serves."""
+
+    def __init__(self, fake: FakeHelper, host_contract) -> None:
+        self.fake = fake
+        self.ports = {m.port: m.name for m in host_contract.models}
+        self.seen: list[tuple[str, dict[str, Any], str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        name = self.ports.get(request.url.port)
+        if name != self.fake.serving:
+            raise httpx.ConnectError("connection refused", request=request)
+        body = json.loads(request.content)
+        self.seen.append((name, body, request.headers.get("authorization", "")))
+        return httpx.Response(200, json={"model": name, "choices": [{"text": "hi"}]})
+
+
+def _app(tmp_path, fake=None, key=KEY, **kwargs):
+    host = _contract(tmp_path, **kwargs)
+    fake = fake or FakeHelper()
+    upstream = Upstream(fake, host)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    return control.create_app(host, fake, key, upstream=client), fake, upstream
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROTECTED = [
+    ("get", "/models", None),
+    ("get", "/status", None),
+    ("post", "/switch", {"model": "beta"}),
+    ("post", "/stop", None),
+    ("post", "/restart", None),
+    ("get", "/v1/models", None),
+    ("post", "/v1/chat/completions", {"model": "alpha", "messages": []}),
+    ("post", "/v1/completions", {"model": "alpha", "prompt": "x"}),
+    ("post", "/v1/embeddings", {"model": "alpha", "input": "x"}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
+def test_every_endpoint_but_the_public_ones_wants_the_key(tmp_path, method, path, body) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Api-Key": "wrong"}):
+            answer = client.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 401, (path, headers)
+            assert answer.headers["www-authenticate"] == "Bearer"
+        for headers in (AUTH, {"X-Api-Key": KEY}):
+            answer = client.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 200, (path, answer.text)
+
+
+@pytest.mark.parametrize("path", ["/health", "/", "/openapi.json", "/docs"])
+def test_health_the_page_and_the_docs_are_public(tmp_path, path) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        assert client.get(path).status_code == 200
+
+
+def test_without_a_key_policy_nothing_asks_for_one(tmp_path) -> None:
+    app, _, _ = _app(tmp_path, key=None, policy="none")
+    with TestClient(app) as client:
+        assert client.get("/models").status_code == 200
+
+
+def test_models_lists_the_catalog_with_verdicts_presets_and_what_serves(tmp_path) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        answer = client.get("/models", headers=AUTH).json()
+    assert answer["active"] == "alpha"
+    names = {m["name"]: m for m in answer["models"]}
+    assert names["alpha"]["active"] and not names["beta"]["active"]
+    assert names["beta"]["reasoning"] == {"effort": "low", "presets": ["low", "high"]}
+    assert names["alpha"]["loads"] == [0.5] and names["alpha"]["aliases"] == ["a"]
+
+
+def test_a_switch_runs_one_transaction_and_answers_its_outcome(tmp_path) -> None:
+    app, fake, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        answer = client.post("/switch", json={"model": "b"}, headers=AUTH)
+    assert answer.status_code == 200 and answer.json()["model"] == "beta"
+    assert fake.calls == [("switch", {"model": "beta"})]  # the alias resolved to the name
+
+
+def test_a_switch_streams_its_progress_as_server_sent_events(tmp_path) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        answer = client.post("/switch?stream=true", json={"model": "beta"}, headers=AUTH)
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    events = [
+        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("data: ", 1)[1]))
+        for block in answer.text.strip().split("\n\n")
+    ]
+    assert [kind for kind, _ in events] == ["progress", "progress", "outcome"]  # one outcome
+    assert events[-1][1]["ok"] is True and events[-1][1]["model"] == "beta"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"),
+    [
+        ({"ok": False, "code": 2, "error": "checks failed: the file is gone"}, 409),
+        ({"ok": False, "code": 3, "error": "lock timeout"}, 409),
+        ({"ok": False, "code": 1, "error": "the new model failed; rolled back"}, 500),
+        ({"ok": False, "code": 5, "error": "unknown"}, 500),
+    ],
+)
+def test_a_failed_transaction_reads_as_an_http_error(tmp_path, outcome, status) -> None:
+    app, _, _ = _app(tmp_path, fake=FakeHelper(fail=outcome))
+    with TestClient(app) as client:
+        answer = client.post("/switch", json={"model": "beta"}, headers=AUTH)
+    assert answer.status_code == status and answer.json()["error"] == outcome["error"]
+
+
+@pytest.mark.parametrize("body", [{"model": "nope"}, {"model": ""}, {}, {"model": 3}, []])
+def test_a_bad_switch_request_is_refused_before_the_helper(tmp_path, body) -> None:
+    app, fake, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        answer = client.post("/switch", json=body, headers=AUTH)
+    assert answer.status_code in (404, 422), answer.text
+    assert fake.calls == []
+
+
+def test_an_unreachable_helper_is_a_clear_error(tmp_path) -> None:
+    host = _contract(tmp_path)
+    app = control.create_app(host, control.Helper(tmp_path / "absent.sock"), KEY)
+    with TestClient(app) as client:
+        answer = client.post("/stop", headers=AUTH)
+    assert answer.status_code == 500 and "llamavm-switchd.socket" in answer.json()["error"]
+
+
+def test_with_routing_off_v1_says_how_to_turn_it_on(tmp_path) -> None:
+    app, fake, _ = _app(tmp_path, routing=False)
+    with TestClient(app) as client:
+        answer = client.post("/v1/chat/completions", json={"model": "beta"}, headers=AUTH)
+    assert answer.status_code == 404
+    assert "settings.control.routing" in answer.json()["error"]["message"]
+    assert not [c for c in fake.calls if c[0] == "switch"]
+
+
+def test_v1_models_lists_every_model_and_its_presets(tmp_path) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        ids = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
+    assert ids == ["alpha", "beta", "beta:low", "beta:high"]
+
+
+def test_a_request_naming_another_model_switches_first(tmp_path) -> None:
+    app, fake, upstream = _app(tmp_path)
+    with TestClient(app) as client:
+        body = {"model": "b:high", "messages": [{"role": "user", "content": "hi"}]}
+        answer = client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "beta"
+        answer = client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "alpha"
+    assert [c for c in fake.calls if c[0] == "switch"] == [
+        ("switch", {"model": "beta"}),
+        ("switch", {"model": "alpha"}),
+    ]
+    name, sent, auth = upstream.seen[0]
+    assert name == "beta" and sent["model"] == "beta" and sent["reasoning_effort"] == "high"
+    assert auth == f"Bearer {KEY}"  # the model servers want the key too
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "fragment"),
+    [("nope", 404, "no model named"), ("beta:extreme", 400, "no reasoning preset"),
+     ("alpha:low", 400, "no reasoning preset"), (7, 400, "must be a string")],
+)  # fmt: skip
+def test_a_bad_routed_model_is_refused_without_a_switch(tmp_path, model, status, fragment) -> None:
+    app, fake, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        answer = client.post("/v1/chat/completions", json={"model": model}, headers=AUTH)
+    assert answer.status_code == status and fragment in answer.json()["error"]["message"]
+    assert not [c for c in fake.calls if c[0] == "switch"]
+
+
+def test_a_request_body_that_is_not_a_json_object_is_a_400(tmp_path) -> None:
+    app, _, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        for content in (b"{", b"[1, 2]"):
+            answer = client.post("/v1/completions", content=content, headers=AUTH)
+            assert answer.status_code == 400
+
+
+def test_a_burst_naming_two_models_all_succeeds_with_few_switches(tmp_path) -> None:
+    app, fake, upstream = _app(tmp_path)
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/completions", json={"model": ("alpha", "beta")[i % 2]}, headers=AUTH
+                    )
+                    for i in range(20)
+                )
+            )
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers] == [200] * 20
+    assert [a.json()["model"] for a in answers] == [("alpha", "beta")[i % 2] for i in range(20)]
+    switches = [c for c in fake.calls if c[0] == "switch"]
+    assert 1 <= len(switches) <= 4, switches  # waiting requests go through together
+    assert len(upstream.seen) == 20
+
+
+def test_a_switch_behind_the_routers_back_is_followed(tmp_path) -> None:
+    app, fake, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
+        fake.serving = "beta"  # say, `invoke switch` from the CLI
+        answer = client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH)
+    assert answer.status_code == 200 and answer.json()["model"] == "alpha"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"", b"{}\n", b"not json\n", b'{"op": "reboot"}\n', b'{"op": "switch"}\n',
+     b'{"op": "switch", "model": 3}\n', b'{"op": "result"}\n', b"[1]\n",
+     b'{"op": "status"' + b" " * 5000 + b"}\n"],
+)  # fmt: skip
+def test_the_helper_refuses_a_malformed_request(line) -> None:
+    with pytest.raises(HostError) as caught:
+        helper.parse(line)
+    assert caught.value.code == 2
+
+
+def test_the_helper_accepts_its_requests() -> None:
+    assert helper.parse(helper.request_line("switch", model="qwen")) == {
+        "op": "switch",
+        "model": "qwen",
+    }
+    assert helper.parse(b'{"op": "status"}\n') == {"op": "status"}
+
+
+def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> None:
+    """control.Helper against a unix socket that speaks the helper's protocol."""
+    sock = tmp_path / "helper.sock"
+    host = _contract(tmp_path)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = helper.parse(await reader.readline())
+        for message in ("stopping alpha", "starting beta"):
+            writer.write(json.dumps({"event": "progress", "message": message}).encode() + b"\n")
+        outcome = {"event": "outcome", "ok": True, "code": 0, "model": request["model"]}
+        writer.write(json.dumps(outcome).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        server = await asyncio.start_unix_server(answer, path=str(sock))
+        app = control.create_app(host, control.Helper(sock), KEY)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
+            body = {"model": "beta"}
+            streamed = await client.post("/switch?stream=true", json=body, headers=AUTH)
+            plain = await client.post("/switch", json=body, headers=AUTH)
+        server.close()
+        return streamed, plain
+
+    streamed, plain = asyncio.run(run())
+    assert streamed.text.count("event: outcome") == 1, streamed.text
+    assert streamed.text.count("event: progress") == 2
+    assert '"ok": true' in streamed.text.split("event: outcome")[1]
+    assert plain.status_code == 200 and plain.json()["model"] == "beta"
