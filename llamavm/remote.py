@@ -2,11 +2,17 @@
 
 Connection settings come from the inventory itself (`ansible-inventory --list`), so whatever
 Ansible uses to reach a host — address, user, port, key, extra SSH options — is what we use.
+`ansible-inventory` takes about 0.4 s to start, most of a quick `invoke switch` that isn't the
+model load: the hosts it yields are kept (0600, root's cache) under a digest of every inventory
+file, ansible.cfg and the ANSIBLE_* environment, and asked again when any of them changes.
+Inventories with plugins, scripts or vaulted files are asked every time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import shlex
 import subprocess
@@ -81,11 +87,80 @@ def host_names(data: dict[str, Any], inventory: Path, only: str | None = None) -
 
 def hosts(inventory: Path, only: str | None = None) -> list[Host]:
     """The hosts of GROUP in `inventory` (or just `only`)."""
+    digest = _static_digest(inventory)
+    cache = _cache_dir() / f"{digest}.json" if digest else None
+    if cache is not None:
+        try:
+            found = [Host(**{**h, "ssh_args": tuple(h["ssh_args"])}) for h in _read(cache)]
+        except (OSError, ValueError, TypeError, KeyError):
+            found = None
+        if found is not None:
+            return _only(found, inventory, only)
     data = inventory_data(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
-    return [
-        host_from_vars(name, hostvars.get(name, {})) for name in host_names(data, inventory, only)
-    ]
+    found = [host_from_vars(name, hostvars.get(name, {})) for name in host_names(data, inventory)]
+    if cache is not None:
+        _write(cache, [{**h.__dict__, "ssh_args": list(h.ssh_args)} for h in found])
+    return _only(found, inventory, only)
+
+
+def _only(found: list[Host], inventory: Path, only: str | None) -> list[Host]:
+    if only is None:
+        return found
+    picked = [h for h in found if h.name == only]
+    if not picked:
+        names = ", ".join(h.name for h in found)
+        raise LlamavmError(f"{inventory}: no host {only!r} in {GROUP} — hosts: {names}")
+    return picked
+
+
+#: What makes an inventory answer differently with the same files.
+_DYNAMIC = (b"$ANSIBLE_VAULT", b"plugin:", b"lookup(", b"query(")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "inventory"
+
+
+def _static_digest(inventory: Path) -> str | None:
+    """A digest of everything `ansible-inventory` reads for a static inventory; None when
+    the inventory could say something else next time (a plugin, a script, a vault)."""
+    files = sorted(p for p in inventory.rglob("*") if p.is_file()) if inventory.is_dir() else []
+    if inventory.is_file():
+        files = [inventory]
+    digest = hashlib.sha256()
+    for path in [*files, REPO_ROOT / "ansible" / "ansible.cfg"]:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if path in files and (os.access(path, os.X_OK) or any(word in data for word in _DYNAMIC)):
+            return None
+        digest.update(f"{path}\0{len(data)}\0".encode() + data)
+    for key in sorted(k for k in os.environ if k.startswith("ANSIBLE_")):
+        digest.update(f"{key}={os.environ[key]}\0".encode())
+    digest.update(f"{GROUP}\0{sys.executable}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list) or not data:
+        raise ValueError("empty")
+    return data
+
+
+def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Keep the hosts for next time; a cache that can't be written is no error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(entries, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def group_hosts(data: dict[str, Any], group: str) -> list[str]:

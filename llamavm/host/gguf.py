@@ -28,6 +28,23 @@ def check_header(path: Path, size: int) -> None:
                 raise ValueError("implausible string length")
             handle.seek(length, os.SEEK_CUR)
 
+        def skip_strings(count: int) -> None:
+            """Skip `count` length-prefixed strings (a vocab: 150k+ of them) in 4 MiB reads."""
+            base, pos, buf = handle.tell(), 0, b""
+            length_at = struct.Struct("<Q").unpack_from
+            for _ in range(count):
+                if pos + 8 > len(buf):
+                    base += pos
+                    handle.seek(base)
+                    buf, pos = handle.read(1 << 22), 0
+                    if len(buf) < 8:
+                        raise ValueError("file ends inside the header")
+                (length,) = length_at(buf, pos)
+                if length > 1 << 24:
+                    raise ValueError("implausible string length")
+                pos += 8 + length
+            handle.seek(base + pos)
+
         def skip_value(kind: int, depth: int = 0) -> None:
             if kind in _SCALAR:
                 read(_SCALAR[kind])
@@ -39,6 +56,8 @@ def check_header(path: Path, size: int) -> None:
                     raise ValueError("implausible array length")
                 if item in _SCALAR:
                     handle.seek(_SCALAR[item] * count, os.SEEK_CUR)
+                elif item == 8:
+                    skip_strings(count)
                 else:
                     for _ in range(count):
                         skip_value(item, depth + 1)
