@@ -325,7 +325,7 @@ def test_catalog_values_reach_llama_server_exactly_as_written(provisioned, host,
     odd = 'odd dir/we "ird" 100% $HOME \\x.gguf'
     target = SHARE / odd
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes((SHARE / "tiny" / "qwen3-coder-30b.gguf").read_bytes())
+    target.write_bytes((SHARE / "tiny" / "qwen3-coder-30b-a3b-tiny.gguf").read_bytes())
     path = catalog_with(
         tmp_path,
         [{"name": "odd-path", "gguf": odd, "port": 8041, "load": "share",
