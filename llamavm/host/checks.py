@@ -71,7 +71,12 @@ def preflight(
     _vram(model.vram, name)
     api_key(contract)
     try:
-        info = share.inspect(path, contract.service_user, contract.share_stall_s)
+        info = share.inspect(
+            path,
+            contract.service_user,
+            contract.share_stall_s,
+            header_checked=share.header_checked(contract, path),
+        )
     except share.ShareError as exc:
         if exc.errno_name == "ENOENT":
             raise HostError(
@@ -100,6 +105,7 @@ def preflight(
             f"{name}: GGUF {path} is corrupt ({info['header']}) — re-download or re-convert it",
             EXIT_REFUSED,
         )
+    share.remember_header(contract, path, info)
     known = share.cached_sha(contract, path, info)
     if model.sha256 and known and known != model.sha256:
         raise HostError(

@@ -35,26 +35,27 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamavm.host import (
     EXIT_FAILED,
     EXIT_REFUSED,
     EXIT_RUNNING,
     EXIT_UNKNOWN,
-    http,
-    metrics,
-    share,
     store,
 )
 from llamavm.host import (
     contract as contract_mod,
 )
-from llamavm.host import status as status_mod
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.systemd import Systemd
-from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
-from llamavm.host.watch import poll_interval
+
+if TYPE_CHECKING:
+    from llamavm.host.transaction import Transaction
+
+# The transaction, the share, status and metrics are imported where they are used: the
+# follower (`switch` over SSH, the control service's helper) and the health gate start on
+# every switch, and needn't load what only the transaction process runs.
 
 TX_RE = re.compile(r"[a-z0-9]{6,32}")
 MUTATING = ("switch", "stop", "restart", "apply", "rotate-key")
@@ -75,6 +76,8 @@ def tx_unit(tx: str) -> str:
 
 def run(contract: Contract, tx: str, op: str, args: list[str]) -> dict[str, Any]:
     """Run transaction `tx` under the lock; always record its outcome; return it."""
+    from llamavm.host.transaction import Host, Interrupted, Transaction
+
     paths = contract.paths
     progress = store.Progress(paths.progress, tx)
     host = Host(contract, progress=progress, failpoint=store.Failpoints(paths.failpoints))
@@ -113,6 +116,8 @@ def run(contract: Contract, tx: str, op: str, args: list[str]) -> dict[str, Any]
 
 
 def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, Any]:
+    from llamavm.host.transaction import Deferred
+
     try:
         if op == "switch":
             result = transaction.switch(args[0])
@@ -150,6 +155,8 @@ def _save(contract: Contract, tx: str, op: str, outcome: dict[str, Any], began: 
 
 def recover(contract: Contract, tx: str) -> dict[str, Any]:
     """ExecStopPost of a transaction unit: finish it if its process died without an outcome."""
+    from llamavm.host.transaction import Host, Transaction
+
     if store.read_outcome(contract.paths.outcomes, tx):
         return {"ok": True, "changed": False}
     if Systemd().system_state() == "stopping":  # nothing can start now: the boot finishes it
@@ -287,6 +294,9 @@ def gate(contract: Contract, name: str) -> int:
     Meanwhile, when the model's file isn't in the page cache (a cold start), a child reads it
     ahead of the server, so the disk or the share reads while the server does its CPU work
     instead of before it."""
+    from llamavm.host import http, share
+    from llamavm.host.watch import poll_interval
+
     model = contract.resolve(name)
     pid = os.environ.get("MAINPID", "")
     began = time.monotonic()
@@ -354,6 +364,8 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "gate":
             return gate(contract, args.model)
         if args.command == "status":
+            from llamavm.host import status as status_mod
+
             return _print(status_mod.report(contract, Systemd()), args.command, as_json)
         tx = getattr(args, "tx", None)
         if tx is not None and not TX_RE.fullmatch(tx):
@@ -372,6 +384,8 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "expose":
             return _print(run_inline_expose(contract), "expose", as_json)
         if args.command == "metrics":
+            from llamavm.host import metrics
+
             metrics.write(contract, Systemd())
             return 0
         if args.command == "result":
@@ -405,6 +419,8 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
 
 def run_inline_check(contract: Contract, name: str) -> dict[str, Any]:
     """The pre-switch checks under the lock (they may write the sha256 cache); nothing stops."""
+    from llamavm.host.transaction import Host, Transaction
+
     host = Host(contract, progress=store.Progress(None, ""))
     with store.locked(contract.paths.lock, contract.lock_timeout_s):
         return {"ok": True, "code": 0, **Transaction(host, new_tx(), "check").check(name)}
@@ -412,6 +428,8 @@ def run_inline_check(contract: Contract, name: str) -> dict[str, Any]:
 
 def run_inline_expose(contract: Contract) -> dict[str, Any]:
     """The firewall follows what serves (the expose role runs this after loading it)."""
+    from llamavm.host.transaction import Host, Transaction
+
     host = Host(contract, progress=store.Progress(None, ""))
     with store.locked(contract.paths.lock, contract.lock_timeout_s):
         return {"ok": True, "code": 0, **Transaction(host, new_tx(), "expose").sync_firewall()}

@@ -177,6 +177,23 @@ class Router:
             return False
         return self.batch == 0 or not self.waiting.get(self.serving or "", 0)
 
+    async def observe(self, op: str, outcome: dict[str, Any]) -> None:
+        """Follow what an API switch, stop or restart, or a status, said of the serving model:
+        a routed request after an API switch then goes straight through."""
+        async with self.cond:
+            if self.switching:  # the router's own switch says what serves
+                return
+            if not outcome.get("ok"):
+                self.known = op == "status" and self.known
+            elif op == "status" or (op == "switch" and outcome.get("model")):
+                self.serving = outcome.get("active") if op == "status" else outcome["model"]
+                self.known = True
+            elif op == "stop":
+                self.serving, self.known = None, True
+            if op != "status":
+                self.batch = 0
+            self.cond.notify_all()
+
     async def release(self, stale: bool = False) -> None:
         async with self.cond:
             self.in_flight -= 1
@@ -320,7 +337,14 @@ def create_app(
     async def sse(op: str, **fields: str) -> AsyncIterator[bytes]:
         async for event in helper.events(op, **fields):
             kind = event.pop("event", "progress")
+            if kind == "outcome":
+                await router.observe(op, event)
             yield f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode()
+
+    async def call(op: str, **fields: str) -> dict[str, Any]:
+        outcome = await helper.call(op, **fields)
+        await router.observe(op, outcome)
+        return outcome
 
     async def transaction(request: Request, op: str, stream: bool, **fields: str) -> Any:
         if wants_stream(request, stream):
@@ -329,7 +353,7 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
             )
-        return outcome_response(await helper.call(op, **fields))
+        return outcome_response(await call(op, **fields))
 
     @app.get("/health", tags=["public"])
     async def health() -> dict[str, str]:
@@ -341,14 +365,14 @@ def create_app(
 
     @app.get("/models", dependencies=[Depends(authorized)])
     async def models() -> Any:
-        status = await helper.call("status")
+        status = await call("status")
         if not status.get("ok"):
             return outcome_response(status)
         return {"active": status.get("active"), "models": catalog_view(contract, status)}
 
     @app.get("/status", dependencies=[Depends(authorized)])
     async def status() -> Any:
-        answer = await helper.call("status")
+        answer = await call("status")
         return answer if answer.get("ok") else outcome_response(answer)
 
     @app.post("/switch", dependencies=[Depends(authorized)])
@@ -381,7 +405,7 @@ def create_app(
     async def v1_models() -> Any:
         if not routing:
             return openai_error(404, "routing is off: set settings.control.routing: true")
-        status = await helper.call("status")
+        status = await call("status")
         return model_list(contract, status.get("active"))
 
     async def route(request: Request, path: str) -> Any:

@@ -139,17 +139,20 @@ def bounded(
 
 
 def _reap(pid: int) -> None:
-    """Kill the child if it still runs and collect it (give up on it after 10 s)."""
+    """Kill the child if it still runs and collect it (give up on it after 10 s: a reader
+    stuck in a dead hard mount can't die)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
+    pause = 0.0005
     while time.monotonic() < deadline:
         try:
             if os.waitpid(pid, os.WNOHANG)[0]:
                 return
         except ChildProcessError:
             return
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def rate_line(what: str, done: int, total: int, seconds: float) -> str:
@@ -161,8 +164,13 @@ def rate_line(what: str, done: int, total: int, seconds: float) -> str:
 # --- looking at a file on the share ---------------------------------------------------------------
 
 
-def inspect(path: Path, service_user: str, stall_s: float) -> dict[str, Any]:
-    """stat, readability by the service user, the GGUF header — in a watched child."""
+def inspect(
+    path: Path, service_user: str, stall_s: float, header_checked: str | None = None
+) -> dict[str, Any]:
+    """stat, readability by the service user, the GGUF header — in a watched child.
+
+    `header_checked`: the version of the file (file_key) whose header passed before; that
+    version's header is not read again (a 152k-token vocab takes ~40 ms)."""
     from llamavm.host.checks import readable_by
 
     def work(report: Report) -> dict[str, Any]:
@@ -173,7 +181,8 @@ def inspect(path: Path, service_user: str, stall_s: float) -> dict[str, Any]:
         readable = readable_by(path, service_user)
         header = ""
         try:
-            gguf.check_header(path, info.st_size)
+            if file_key(info) != header_checked:
+                gguf.check_header(path, info.st_size)
         except (ValueError, struct.error) as exc:
             header = str(exc)
         return {
@@ -510,16 +519,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def cached_sha(contract: Contract, path: Path, source: dict[str, Any]) -> str | None:
+def _file_records(contract: Contract) -> dict[str, Any]:
+    """What is known of each model file's versions (the sha256 cache): {path: entry}."""
     try:
         data = store.read_json(contract.paths.sha_cache) or {}
     except (OSError, ValueError):
-        return None
-    entry = data.get(str(path)) if isinstance(data, dict) else None
-    if isinstance(entry, dict) and entry.get("key") == file_key(source):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _file_record(contract: Contract, path: Path) -> dict[str, Any]:
+    entry = _file_records(contract).get(str(path))
+    return entry if isinstance(entry, dict) else {}
+
+
+def _update_file_record(contract: Contract, path: Path, **fields: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        data = _file_records(contract)
+        entry = data.get(str(path))
+        data[str(path)] = {**(entry if isinstance(entry, dict) else {}), **fields}
+        store.write_json(contract.paths.sha_cache, data)
+
+
+def cached_sha(contract: Contract, path: Path, source: dict[str, Any]) -> str | None:
+    entry = _file_record(contract, path)
+    if entry.get("key") == file_key(source):
         value = entry.get("sha256")
         return value if isinstance(value, str) else None
     return None
+
+
+def header_checked(contract: Contract, path: Path) -> str | None:
+    """The version of `path` (file_key) whose GGUF header passed the last check."""
+    value = _file_record(contract, path).get("header")
+    return value if isinstance(value, str) else None
+
+
+def remember_header(contract: Contract, path: Path, source: dict[str, Any]) -> None:
+    if header_checked(contract, path) != file_key(source):
+        _update_file_record(contract, path, header=file_key(source))
 
 
 def _verify_sha(
@@ -527,12 +565,7 @@ def _verify_sha(
 ) -> None:
     if digest is None:
         return
-    with contextlib.suppress(OSError, ValueError):
-        data = store.read_json(contract.paths.sha_cache) or {}
-        if not isinstance(data, dict):
-            data = {}
-        data[str(path)] = {"key": file_key(source), "sha256": digest}
-        store.write_json(contract.paths.sha_cache, data)
+    _update_file_record(contract, path, key=file_key(source), sha256=digest)
     if model.sha256 and digest != model.sha256:
         raise HostError(
             f"{model.name}: GGUF {path} does not match the catalog's sha256 — re-download the "

@@ -144,3 +144,32 @@ def test_unreadable_for_service_user_is_refused(tiny, tmp_path) -> None:
     contract = contract_for(tmp_path, copy, service_user="nobody")
     with pytest.raises(HostError, match="not readable by the service user nobody"):
         _preflight(contract)
+
+
+def test_a_header_that_passed_is_not_read_again_until_the_file_changes(
+    tiny, tmp_path, monkeypatch
+) -> None:
+    path = tmp_path / "share" / "tiny" / "t.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(tiny.read_bytes())
+    contract = contract_for(tmp_path, path)
+    marker = tmp_path / "header-read"  # the check runs in a forked child: it leaves a file
+    real = share.gguf.check_header
+
+    def marked(file: Path, size: int) -> None:
+        marker.write_text("read")
+        real(file, size)
+
+    monkeypatch.setattr(share.gguf, "check_header", marked)
+    _preflight(contract)
+    assert marker.exists()  # the first check reads the header
+    marker.unlink()
+    _preflight(contract)
+    assert not marker.exists()  # the same version of the file: not again
+    # A new version (here damaged, same size) is read again, and refused.
+    data = bytearray(path.read_bytes())
+    data[:4] = b"GGUX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(HostError, match="no GGUF magic"):
+        _preflight(contract)
+    assert marker.exists()

@@ -287,6 +287,36 @@ def test_a_switch_behind_the_routers_back_is_followed(tmp_path) -> None:
     assert answer.status_code == 200 and answer.json()["model"] == "alpha"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_after_an_api_switch_a_routed_request_goes_straight_through(tmp_path, stream) -> None:
+    app, fake, _ = _app(tmp_path)
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
+        switched = client.post(f"/switch?stream={str(stream).lower()}", json={"model": "beta"},
+                               headers=AUTH)  # fmt: skip
+        assert switched.status_code == 200
+        fake.calls.clear()
+        answer = client.post("/v1/completions", json={"model": "beta"}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "beta"
+        assert fake.calls == []  # no status asked, no second transaction
+        assert client.post("/stop", headers=AUTH).is_success
+        answer = client.post("/v1/completions", json={"model": "beta"}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "beta"
+    assert [c[0] for c in fake.calls] == ["stop", "switch"]
+
+
+def test_a_failed_api_switch_makes_the_router_ask_again(tmp_path) -> None:
+    fake = FakeHelper()
+    app, fake, _ = _app(tmp_path, fake=fake)
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
+        fake.fail = {"ok": False, "code": 1, "error": "rolled back"}
+        assert client.post("/switch", json={"model": "beta"}, headers=AUTH).status_code == 500
+        fake.fail, fake.calls = None, []
+        assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
+    assert [c[0] for c in fake.calls] == ["status"]
+
+
 @pytest.mark.parametrize(
     "line",
     [b"", b"{}\n", b"not json\n", b'{"op": "reboot"}\n', b'{"op": "switch"}\n',
