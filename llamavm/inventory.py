@@ -33,7 +33,9 @@ def resolve(name: str | None = None) -> Inventory:
     """An inventory by short name (a folder under inventories/) or by path."""
     name = name or DEFAULT_INVENTORY
     candidates = [Path(name), REPO_ROOT / "inventories" / name]
-    path = next((c for c in candidates if c.exists()), None)
+    found = next((c for c in candidates if c.exists()), None)
+    # Absolute: ansible-inventory runs in ansible/, where a relative path would find nothing.
+    path = found.absolute() if found is not None else None
     if path is None:
         known = ", ".join(
             sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())

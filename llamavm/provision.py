@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, contract, hostpkg, source, tinymodel, vmbuild, vram
+from llamavm import REPO_ROOT, contract, hostpkg, proxmox, source, tinymodel, vmbuild, vram
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
 from llamavm.errors import LlamavmError
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "provision.yml"
 VM_PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "vm.yml"
+READY_PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "vm_ready.yml"
 ANSIBLE_CFG = REPO_ROOT / "ansible" / "ansible.cfg"
 _RECAP_RE = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
@@ -153,6 +154,14 @@ def provision(
         if rc != 0:
             raise LlamavmError(f"ansible-playbook vm.yml failed (exit {rc}) — see above")
         total.merge(recap)
+        # Proxmox VE's VMs: through its API once the hosts are prepared for passthrough.
+        if any(vm["kind"] == "proxmox" for vm in vms):
+            hosts = proxmox.create_vms(inventory, say, check=check)
+            ready = {"llamavm_ready_hosts": hosts}
+            rc, recap = run_playbook(READY_PLAYBOOK, inv.path, ready, check=check)
+            if rc != 0:
+                raise LlamavmError(f"ansible-playbook vm_ready.yml failed (exit {rc}) — see above")
+            total.merge(recap)
     rc, recap = run_playbook(PLAYBOOK, inv.path, extra, limit=limit, check=check)
     if rc != 0:
         raise LlamavmError(f"ansible-playbook failed (exit {rc}) — see the task output above")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import cloudinit, libvirt_domain, remote, vmimage, vmspec
+from llamavm import cloudinit, libvirt_domain, proxmox, remote, vmimage, vmspec
 from llamavm import inventory as inventory_mod
 from llamavm.vmspec import VmSpec
 
@@ -105,10 +105,16 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
         localhv.up()
     out = render_dir(inv)
     rendered = render_all(inventory, out)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
     vms = []
     for item in rendered:
         spec, where = item.spec, item.placement
+        kind = "libvirt"
+        if proxmox.is_proxmox(hostvars.get(spec.hypervisor, {})):
+            proxmox.validate(str(inv.path), spec, hostvars[spec.hypervisor])
+            kind = "proxmox"
         entry: dict[str, Any] = {
+            "kind": kind,
             "name": spec.name,
             "host": spec.host,
             "hypervisor": spec.hypervisor,
@@ -129,7 +135,7 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
                 {"pci": list(spec.gpu.pci), "mmio64_mib": spec.gpu.mmio64_mib} if spec.gpu else None
             ),
         }
-        if spec.image.source == "offline":
+        if spec.image.source == "offline" and kind == "libvirt":
             image = vmimage.ensure_offline(spec.image.name)
             entry["offline_files"] = [
                 {"src": str(image.disk), "dest": entry["base_disk"]},

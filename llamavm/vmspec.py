@@ -68,6 +68,12 @@ class Gpu:
 
 
 @dataclass(frozen=True)
+class ProxmoxVm:
+    vmid: int
+    pci_mapping: str | None  # a Proxmox PCI resource mapping (the API may then pass the GPU)
+
+
+@dataclass(frozen=True)
 class VmSpec:
     host: str  # the inventory host this VM is
     name: str  # the libvirt domain (and the guest's hostname)
@@ -86,9 +92,13 @@ class VmSpec:
     gpu: Gpu | None
     hugepages: str | None  # page size: 2M or 1G
     cpu_pinning: tuple[int, ...] | None
+    proxmox: ProxmoxVm | None = None  # where the hypervisor is Proxmox VE
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.proxmox is None:  # the digest of a libvirt VM's spec stays what it was
+            del data["proxmox"]
+        return data
 
     @property
     def digest(self) -> str:
@@ -310,6 +320,11 @@ def parse(label: str, host: str, data: Any, known: dict[str, Image] | None = Non
         gpu=gpu,
         hugepages=hugepages,
         cpu_pinning=pinning,
+        proxmox=(
+            ProxmoxVm(vmid=raw["proxmox"]["vmid"], pci_mapping=raw["proxmox"].get("pci_mapping"))
+            if raw["proxmox"]
+            else None
+        ),
     )
 
 

@@ -157,3 +157,11 @@ def test_the_cli_gives_one_line_and_exit_2(tmp_path, invoke_cli, path, value, fr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llamavm: ") and fragment in lines[0]
     assert "host gpu-box-1.lan" in lines[0]
+
+
+def test_a_relative_inventory_path_finds_its_hosts(monkeypatch) -> None:
+    # ansible-inventory runs in ansible/: a path relative to the caller's directory found
+    # an empty inventory there ("no hosts in group llamavm_hosts").
+    monkeypatch.chdir(REPO_ROOT)
+    hosts = [s.host for s in vmspec.from_inventory("inventories/example-lab")]
+    assert hosts == ["gpu-box-1.lan", "gpu-box-2.lan"]
