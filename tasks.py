@@ -409,10 +409,51 @@ def key_rotate(c, inventory=None, catalog=None, host=None, show=False, json=Fals
         say(jsonlib.dumps(results, indent=2))
 
 
+@task(
+    name="build",
+    help={
+        "inventory": INVENTORY_HELP,
+        "host": "only this WSL host of the inventory",
+        "out": "write the tarball, user-data and PowerShell script here "
+        "(default: /var/cache/llamavm/wsl/<inventory>/)",
+    },
+)
+@errors_to_exit
+def wsl_build(c, inventory=None, host=None, out=None):
+    """Build each WSL host's distro: rootfs tarball, cloud-init user-data, PowerShell script."""
+    from llamavm import wsl
+
+    inv = inventory_mod.resolve(inventory)
+    folder = Path(out) if out else wsl.build_dir(inv)
+    for spec in wsl.from_inventory(inventory, host):
+        built = wsl.build(spec, folder)
+        state = "built" if built.rebuilt else "up to date"
+        say(f"llamavm: {spec.host}: WSL distro {spec.name} ({spec.image.name}) {state}:")
+        for path in (built.tarball, *built.files.values()):
+            say(f"llamavm:   {path}")
+        say(
+            f"llamavm: on the Windows PC, in an elevated PowerShell next to these files: "
+            f"powershell -ExecutionPolicy Bypass -File .\\install-{spec.name}.ps1"
+        )
+
+
 testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
 key_ns = Collection("key", key_rotate)
 vm_ns = Collection("vm", vm_render, vm_list, vm_console, vm_destroy)
+wsl_ns = Collection("wsl", wsl_build)
 ns = Collection(
-    models, doctor, provision, switch, stop, status, logs, lint, test, testbed_ns, vm_ns, key_ns
+    models,
+    doctor,
+    provision,
+    switch,
+    stop,
+    status,
+    logs,
+    lint,
+    test,
+    testbed_ns,
+    vm_ns,
+    key_ns,
+    wsl_ns,
 )
 ns.configure({"run": {"echo": False}})

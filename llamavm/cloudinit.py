@@ -179,6 +179,23 @@ def _first_error(schema: dict[str, Any], data: Any) -> str | None:
     return f"{where}: {error.message[:200]}"
 
 
+def validate_user_data(text: str, version: str, label: str) -> None:
+    """Raise SeedError unless `text` is #cloud-config that passes cloud-init `version`'s
+    schema (the WSL build's user-data uses this alone)."""
+    if not text.startswith("#cloud-config\n"):
+        raise SeedError(f"{label}: user-data must begin with #cloud-config")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SeedError(f"{label}: user-data is not valid YAML: {exc}") from None
+    problem = _first_error(schemas(version)[CLOUD_CONFIG_SCHEMA], doc)
+    if problem:
+        raise SeedError(
+            f"{label}: user-data fails cloud-init {version}'s schema at {problem} — fix "
+            "cloud-init/user-data.yaml.j2 or the spec"
+        )
+
+
 def validate(seed: Seed, version: str, label: str) -> None:
     """Raise SeedError unless the seed passes cloud-init `version`'s schemas."""
     found = schemas(version)
@@ -188,14 +205,7 @@ def validate(seed: Seed, version: str, label: str) -> None:
             docs[name] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SeedError(f"{label}: {name} is not valid YAML: {exc}") from None
-    if not seed.user_data.startswith("#cloud-config\n"):
-        raise SeedError(f"{label}: user-data must begin with #cloud-config")
-    problem = _first_error(found[CLOUD_CONFIG_SCHEMA], docs["user-data"])
-    if problem:
-        raise SeedError(
-            f"{label}: user-data fails cloud-init {version}'s schema at {problem} — fix "
-            "cloud-init/user-data.yaml.j2 or the spec"
-        )
+    validate_user_data(seed.user_data, version, label)
     network = docs["network-config"]
     if NETWORK_V2_SCHEMA in found:
         v2 = found[NETWORK_V2_SCHEMA]
