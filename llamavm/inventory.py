@@ -14,6 +14,14 @@ from llamavm.errors import LlamavmError
 DEFAULT_INVENTORY = "local"
 #: What a model host can be: a VM (libvirt, Proxmox), a WSL 2 distro, a container (the test bed).
 PLATFORMS = ("vm", "wsl", "container")
+#: Platforms operators ask for that can't give a Linux model host the GPU, and the way that can.
+NO_GPU_PATH = {
+    "hyperv": "Hyper-V passes a GPU to a VM only by discrete device assignment, on Windows "
+    "Server; Windows 10/11 have none for Linux guests — use llamavm_platform: wsl (WSL 2 uses "
+    "the Windows driver), or a Linux hypervisor (llamavm_platform: vm)",
+    "multipass": "Multipass has no GPU passthrough — use llamavm_platform: wsl on Windows, or a "
+    "libvirt or Proxmox VE VM (llamavm_platform: vm) on Linux",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,10 @@ def resolve(name: str | None = None) -> Inventory:
     if isinstance(catalog, str) and not Path(catalog).is_absolute():
         catalog = str(REPO_ROOT / catalog)
     platform = settings.get("llamavm_platform", "vm")
+    if platform in NO_GPU_PATH:
+        raise LlamavmError(
+            f"{path}: llamavm_platform: {platform!r}: {NO_GPU_PATH[platform]}", code=2
+        )
     if platform not in PLATFORMS:
         raise LlamavmError(
             f"{path}: llamavm_platform: {platform!r} is not a platform — use one of: "

@@ -147,6 +147,21 @@ def up(cfg: LanConfig) -> None:
     netns.ip("addr", "replace", cfg.cidr(cfg.client), "dev", cfg.client_if, ns=cfg.ns_client)
 
 
+def attach(cfg: LanConfig, ns: str, inner: str, port: str, address: str) -> None:
+    """One more host on the LAN: namespace `ns` with veth `inner` (address `address`) whose
+    peer `port` is on the bridge. Idempotent. (The test bed's LAN must be up.)"""
+    netns.ns_ensure(ns)
+    _ensure_port(cfg, inner, port, ns)
+    netns.ip("addr", "replace", cfg.cidr(address), "dev", inner, ns=ns)
+
+
+def detach(cfg: LanConfig, ns: str, port: str) -> None:
+    """Undo attach(): the namespace (and its veth) and the bridge port go."""
+    netns.ns_delete(ns)
+    if netns.link_exists(port, ns=cfg.ns_lan):
+        netns.ip("link", "delete", port, ns=cfg.ns_lan)
+
+
 def down(cfg: LanConfig) -> None:
     """Delete the controller's veth and the namespaces (with everything in them). Idempotent."""
     if netns.link_exists(cfg.controller_if):

@@ -7,7 +7,8 @@
 # `prepare` puts the source tarball (sdist tree + prebuilt web UI, from llamavm.source) and a
 # tiny GGUF into .cache/gpu-check/ (git-ignored; carry it to the GPU machine, ~32 MB).
 # `run` then, with the same cmake flags as the llama_cpp role's CUDA build:
-#   1. checks the toolchain (nvidia-smi, nvcc + cuBLAS, cmake, a C++ compiler) and fails fast;
+#   1. checks the toolchain (nvidia-smi, nvcc + cuBLAS, cmake, a C++ compiler) and fails fast,
+#      and the gpu role's verification: its card table's plan against nvidia-smi (gpu-role.json);
 #   2. configures + compiles llama-server with GGML_CUDA=ON for the GPU's compute capability
 #      (9.0 -> sm_90 on an H100; LLAMAVM_CUDA_ARCH overrides), FlashAttention kernels on;
 #   3. canary: `llama-server --version` and `--list-devices` must show CUDA0; ldd resolves all;
@@ -48,6 +49,9 @@ prepare() {
 from pathlib import Path
 from llamavm import tinymodel
 tinymodel.write(tinymodel.TinySpec(name='gpu-check'), Path('${DATA}/tiny.gguf'))
+import json, yaml
+cards = yaml.safe_load(Path('ansible/roles/gpu/vars/main.yml').read_text())['__gpu_cards']
+Path('${DATA}/gpu-cards.json').write_text(json.dumps(cards))
 ")
     ls -la "${DATA}"
     log "carry .cache/gpu-check to the GPU machine, then: scripts/gpu-check.sh run"
@@ -74,6 +78,22 @@ run() {
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')
     arch=${LLAMAVM_CUDA_ARCH:-${cap/./}}
     echo "${arch}" >"${OUT}/arch.txt"
+    # The gpu role's verification: nvidia-smi answers, and the compute capability the role's
+    # card table plans for this card (ansible/roles/gpu/vars/main.yml) is the card's own.
+    if [ -f "${DATA}/gpu-cards.json" ]; then
+        nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader | python3 -c '
+import json, re, sys
+cards = json.load(open(sys.argv[1]))
+rows = []
+for line in sys.stdin:
+    name, cap = [f.strip() for f in line.rsplit(",", 1)]
+    planned = next((c["capability"] for c in cards if re.search(c["match"], name)), "")
+    rows.append({"card": name, "nvidia_smi": cap, "planned": planned,
+                 "cuda_architectures": planned.replace(".", ""), "matches": planned == cap})
+json.dump(rows, open(sys.argv[2], "w"), indent=2)
+print("gpu role plan:", json.dumps(rows), file=sys.stderr)
+' "${DATA}/gpu-cards.json" "${OUT}/gpu-role.json" || log "gpu role table check failed"
+    fi
     nvcc=$(find_nvcc) || die "no nvcc (set CUDACXX)"
     "${nvcc}" --version | tail -2 | tee "${OUT}/nvcc.txt" >&2
     local cuda_root

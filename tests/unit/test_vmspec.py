@@ -120,11 +120,29 @@ def _inventory(tmp_path: Path, platform: str, host_vars: dict[str, Any]) -> Path
 
 
 def test_an_unknown_platform_is_one_line(tmp_path, invoke_cli) -> None:
-    inv = _inventory(tmp_path, "hyperv", {})
+    inv = _inventory(tmp_path, "proxmox", {})
     result = invoke_cli("vm.render", "--inventory", str(inv), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "llamavm_platform: 'hyperv' is not a platform" in lines[0]
+    assert len(lines) == 1 and "llamavm_platform: 'proxmox' is not a platform" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("platform", "fragment"),
+    [
+        ("hyperv", "discrete device assignment, on Windows Server"),
+        ("multipass", "no GPU passthrough"),
+    ],
+)
+def test_a_platform_without_a_gpu_path_points_to_one_that_has(
+    tmp_path, invoke_cli, platform, fragment
+) -> None:
+    inv = _inventory(tmp_path, platform, {})
+    for task in (("vm.render", "--inventory", str(inv)), ("doctor", "--inventory", str(inv))):
+        result = invoke_cli(*task)
+        assert result.returncode != 0
+        out = result.stderr + result.stdout
+        assert fragment in out and "llamavm_platform: wsl" in out, out
 
 
 def test_a_vm_spec_on_a_wsl_host_is_refused(tmp_path) -> None:
