@@ -9,6 +9,7 @@ import json as jsonlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from invoke import Collection, task
@@ -75,9 +76,45 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False):
 
 
 def _targets(inventory, catalog, host):
+    from llamavm import fleet
+
     inv = inventory_mod.resolve(inventory)
     cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
-    return cat, remote.hosts(inv.path, host)
+    return cat, fleet.pick(inv.path, host)
+
+
+def _outcome(result):
+    """(exit code, answer) of one host's work, or of the exception it raised."""
+    if isinstance(result, BaseException):
+        code = getattr(result, "code", 1) or 1
+        return code, {"ok": False, "code": code, "error": str(result)}
+    return result
+
+
+def _fail_if_any(outcomes, what):
+    """One line for the failures: the host's own reason, or how many of the hosts failed."""
+    failed = [(name, code, answer) for name, (code, answer) in outcomes.items() if code]
+    if not failed:
+        return
+    if len(outcomes) == 1:
+        name, code, answer = failed[0]
+        raise LlamavmError(
+            f"{name}: {what} failed: {answer.get('error') or 'no reason given'}",
+            code=code,
+            detail=answer.get("journal") or "",
+        )
+    names = ", ".join(f"{name} (exit {code})" for name, code, _ in failed)
+    raise LlamavmError(
+        f"{what} failed on {len(failed)} of {len(outcomes)} hosts: {names} — the others are "
+        "as reported above",
+        code=max(code for _, code, _ in failed),
+    )
+
+
+HOST_HELP = (
+    "the hosts, as an Ansible pattern: a host, a group, gpu-*, a:b, !host (default: every host)"
+)
+FORKS_HELP = "how many hosts at once (default: 10)"
 
 
 @task(
@@ -85,91 +122,102 @@ def _targets(inventory, catalog, host):
         "model": "model name or alias from the catalog",
         "inventory": INVENTORY_HELP,
         "catalog": CATALOG_HELP,
-        "host": "the host to switch (default: every host of the inventory)",
+        "host": HOST_HELP,
+        "forks": FORKS_HELP,
         "json": "print the result as JSON",
         "dry": "run the pre-switch checks only and say what would change; stop nothing",
     }
 )
 @errors_to_exit
-def switch(c, model, inventory=None, catalog=None, host=None, json=False, dry=False):
+def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=False, dry=False):
     """Swap the served model: checked first, health-gated, rolls back on failure."""
+    from llamavm import fleet
+
     cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
-    results, codes = {}, {}
-    for target in targets:
+    # One host: its progress streams. Many: they run at once, a line each as it ends.
+    stream = len(targets) == 1 and not json
+
+    def work(target):
         if dry:
             answer = remote.query(target, ["check", wanted.name])
-            code = int(answer.get("code", 0))
-        else:
-            if not json:
-                say(f"llamavm: {target.name}: switching to {wanted.name}")
-            code, answer = remote.transaction(target, "switch", [wanted.name], stream=not json)
-        results[target.name], codes[target.name] = answer, code
+            return int(answer.get("code", 0)), answer
+        return remote.transaction(target, "switch", [wanted.name], stream=stream)
+
+    def done(target, result):
         if not json:
+            code, answer = _outcome(result)
             say(switch_view.line(target, wanted, code, answer, dry=dry))
+
+    if not json and not dry:
+        names = targets[0].name if len(targets) == 1 else f"{len(targets)} hosts"
+        say(f"llamavm: {names}: switching to {wanted.name}")
+    outcomes = {t.name: _outcome(r) for t, r in fleet.each(targets, work, done, forks=forks)}
     if json:
-        say(jsonlib.dumps(results, indent=2))
-    failed = {name: results[name] for name, code in codes.items() if code}
-    if failed:
-        name, answer = next(iter(failed.items()))
-        raise LlamavmError(
-            f"{name}: switch {'check ' if dry else ''}failed: "
-            f"{answer.get('error') or 'no reason given'}",
-            code=max(codes.values()),
-            detail=answer.get("journal") or "",
-        )
+        say(jsonlib.dumps({name: answer for name, (_, answer) in outcomes.items()}, indent=2))
+    _fail_if_any(outcomes, "switch check" if dry else "switch")
 
 
 @task(
     help={
         "inventory": INVENTORY_HELP,
-        "host": "only this host",
+        "host": HOST_HELP,
+        "forks": FORKS_HELP,
         "dry": "say what would stop",
         "json": "print JSON",
     }
 )
 @errors_to_exit
-def stop(c, inventory=None, host=None, dry=False, json=False):
+def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
+    from llamavm import fleet
+
     _, targets = _targets(inventory, None, host)
-    results = {}
-    for target in targets:
+    stream = len(targets) == 1 and not json
+
+    def work(target):
         if dry:
-            answer = remote.query(target, ["status"])
+            return 0, remote.query(target, ["status"])
+        return remote.transaction(target, "stop", [], stream=stream)
+
+    def done(target, result):
+        code, answer = _outcome(result)
+        if json:
+            return
+        if code:
+            say(f"llamavm: {target.name}: {answer.get('error') or 'failed'}")
+        elif dry:
             running = ", ".join(answer.get("running", [])) or "nothing"
             say(f"llamavm: {target.name}: would stop {running}")
-            continue
-        code, answer = remote.transaction(target, "stop", [], stream=not json)
-        results[target.name] = answer
-        if code:
-            raise LlamavmError(
-                f"{target.name}: stop failed: {answer.get('error') or 'no reason given'}", code=code
-            )
-        if not json:
+        else:
             stopped = ", ".join(answer.get("stopped", [])) or "nothing"
             say(f"llamavm: {target.name}: stopped {stopped}")
+
+    outcomes = {t.name: _outcome(r) for t, r in fleet.each(targets, work, done, forks=forks)}
     if json and not dry:
-        say(jsonlib.dumps(results, indent=2))
+        say(jsonlib.dumps({name: answer for name, (_, answer) in outcomes.items()}, indent=2))
+    _fail_if_any(outcomes, "stop")
 
 
 @task(
     help={
         "inventory": INVENTORY_HELP,
         "catalog": CATALOG_HELP,
-        "host": "only this host",
+        "host": HOST_HELP,
+        "forks": FORKS_HELP,
         "json": "print JSON",
     }
 )
 @errors_to_exit
-def status(c, inventory=None, catalog=None, host=None, json=False):
+def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
     """Show per host: active model, URL, health, uptime, load time, GPU memory."""
+    from llamavm import fleet
+
     _, targets = _targets(inventory, catalog, host)
     results = {}
-    for target in targets:
-        try:
-            answer = remote.query(target, ["status"])
-        except LlamavmError as exc:
-            answer = {"ok": False, "error": str(exc)}
+    for target, answer in fleet.each(targets, lambda t: remote.query(t, ["status"]), forks=forks):
+        if isinstance(answer, BaseException):
+            answer = {"ok": False, "error": str(answer)}
         answer["address"] = target.address
         results[target.name] = answer
     say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
@@ -180,26 +228,57 @@ def status(c, inventory=None, catalog=None, host=None, json=False):
 @task(
     help={
         "inventory": INVENTORY_HELP,
-        "host": "only this host (default: the first)",
+        "host": HOST_HELP,
         "lines": "how many past lines to show first",
         "follow": "keep following the journal (default: true; --no-follow prints and exits)",
     }
 )
 @errors_to_exit
 def logs(c, inventory=None, host=None, lines=100, follow=True):
-    """Follow the active model's journal on a host."""
+    """Follow the active model's journal on the hosts (each line after its host's name)."""
+    from llamavm import fleet
+
     _, targets = _targets(inventory, None, host)
-    target = targets[0]
-    answer = remote.query(target, ["status"])
-    units = [m["unit"] for m in answer.get("models", []) if m["name"] in answer.get("running", [])]
-    if not units:
-        units = ["llamavm-model-*"]
-    cmd = ["journalctl", "--no-pager", "-n", str(lines)]
-    for unit in units:
-        cmd += ["-u", unit]
-    if follow:
-        cmd.append("-f")
-    raise Exit(code=subprocess.run(target.ssh_command(["sudo", "-n", *cmd], tty=follow)).returncode)
+
+    def command(target):
+        answer = remote.query(target, ["status"])
+        running = answer.get("running", [])
+        units = [m["unit"] for m in answer.get("models", []) if m["name"] in running]
+        cmd = ["journalctl", "--no-pager", "-n", str(lines)]
+        for unit in units or ["llamavm-model-*"]:
+            cmd += ["-u", unit]
+        if follow:
+            cmd.append("-f")
+        return target.ssh_command(["sudo", "-n", *cmd], tty=follow and len(targets) == 1)
+
+    commands = fleet.each(targets, command)
+    for target, cmd in commands:
+        if isinstance(cmd, BaseException):
+            raise LlamavmError(f"{target.name}: {cmd}")
+    if len(targets) == 1:
+        raise Exit(code=subprocess.run(commands[0][1]).returncode)
+    procs = [
+        (t, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for t, cmd in commands
+    ]
+    width = max(len(t.name) for t in targets)
+
+    def relay(target, proc):
+        for line in proc.stdout:
+            say(f"{target.name:<{width}} | {line.rstrip()}")
+
+    threads = [threading.Thread(target=relay, args=pair, daemon=True) for pair in procs]
+    for thread in threads:
+        thread.start()
+    try:
+        codes = [proc.wait() for _, proc in procs]
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        for _, proc in procs:
+            proc.terminate()
+        codes = [0]
+    raise Exit(code=max(codes))
 
 
 @task

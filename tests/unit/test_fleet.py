@@ -1,0 +1,159 @@
+"""Many hosts at once (llamavm.fleet, and the tasks on top of it): Ansible host patterns over
+the example inventories, bounded parallelism with each host's result its own, and `invoke
+switch`/`stop`/`status` over several hosts — one line each, a failing host failing alone,
+the exit code saying so. The hosts' side is faked at the SSH seam (remote.transaction and
+remote.query); the real transactions are tested on the test bed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from invoke import Context
+from invoke.exceptions import Exit
+
+import tasks
+from llamavm import REPO_ROOT, fleet, remote
+from llamavm.errors import LlamavmError
+
+LAB = REPO_ROOT / "inventories" / "example-lab"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (None, ["gpu-box-1.lan", "gpu-box-2.lan"]),
+        ("gpu-box-2.lan", ["gpu-box-2.lan"]),
+        ("gpu-box-*", ["gpu-box-1.lan", "gpu-box-2.lan"]),
+        ("llamavm_hosts:!gpu-box-1.lan", ["gpu-box-2.lan"]),
+        ("~gpu-box-[1]\\.lan", ["gpu-box-1.lan"]),
+        ("gpu-box-2.lan,gpu-box-1.lan", ["gpu-box-1.lan", "gpu-box-2.lan"]),  # inventory order
+        ("all:&llamavm_hosts", ["gpu-box-1.lan", "gpu-box-2.lan"]),
+    ],
+)
+def test_host_patterns_read_as_ansible_reads_them(pattern, expected) -> None:
+    assert [h.name for h in fleet.pick(LAB, pattern)] == expected
+
+
+@pytest.mark.parametrize("pattern", ["hv-1.lan", "nope*", "llamavm_hypervisors"])
+def test_a_pattern_with_no_model_host_is_one_line(pattern) -> None:
+    with pytest.raises(LlamavmError, match="matches no host of llamavm_hosts") as caught:
+        fleet.pick(LAB, pattern)
+    assert "gpu-box-1.lan, gpu-box-2.lan" in str(caught.value)  # what there is
+    assert caught.value.exit_code == 2
+
+
+def _hosts(count: int) -> list[remote.Host]:
+    return [remote.Host(f"h{i}", f"10.0.0.{i}", None, None, None, ()) for i in range(count)]
+
+
+def test_at_most_forks_hosts_are_worked_on_at_once_and_results_keep_their_order() -> None:
+    running, peak, lock = 0, 0, threading.Lock()
+
+    def work(host: remote.Host) -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return host.name.upper()
+
+    began = time.monotonic()
+    results = fleet.each(_hosts(8), work, forks=3)
+    assert [r for _, r in results] == [f"H{i}" for i in range(8)]
+    assert peak == 3
+    assert time.monotonic() - began < 8 * 0.05  # they overlapped
+
+
+def test_one_hosts_failure_is_its_own_result() -> None:
+    heard: list[str] = []
+
+    def work(host: remote.Host) -> str:
+        if host.name == "h1":
+            raise LlamavmError("h1: unreachable")
+        return "ok"
+
+    results = fleet.each(_hosts(3), work, lambda h, r: heard.append(h.name))
+    assert [type(r).__name__ for _, r in results] == ["str", "LlamavmError", "str"]
+    assert sorted(heard) == ["h0", "h1", "h2"]
+
+
+class FakeHosts:
+    """The hosts' side of `invoke switch/stop/status`: each host answers, or fails, alone."""
+
+    def __init__(self, failing: str | None = None) -> None:
+        self.failing = failing
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.concurrent = 0
+        self.peak = 0
+
+    def transaction(self, host: remote.Host, op: str, args: list[str], *, stream: bool = True):
+        with self.lock:
+            self.calls.append((host.name, op))
+            self.concurrent += 1
+            self.peak = max(self.peak, self.concurrent)
+        time.sleep(0.05)
+        with self.lock:
+            self.concurrent -= 1
+        if host.name == self.failing:
+            return 1, {"ok": False, "code": 1, "error": "the GGUF is unreadable; rolled back"}
+        if op == "stop":
+            return 0, {"ok": True, "code": 0, "stopped": ["qwen3-coder-30b"]}
+        return 0, {"ok": True, "code": 0, "changed": True, "load_seconds": 1.5}
+
+    def query(self, host: remote.Host, args: list[str]) -> dict[str, Any]:
+        if host.name == self.failing:
+            raise LlamavmError(f"{host.name}: ssh: connect to host: Connection refused")
+        return {"ok": True, "active": "qwen3-coder-30b", "running": ["qwen3-coder-30b"]}
+
+
+@pytest.fixture
+def hosts(monkeypatch) -> FakeHosts:
+    fake = FakeHosts(failing="gpu-box-2.lan")
+    monkeypatch.setattr(remote, "transaction", fake.transaction)
+    monkeypatch.setattr(remote, "query", fake.query)
+    return fake
+
+
+def test_a_switch_on_many_hosts_runs_at_once_one_line_each_and_one_fails_alone(
+    hosts, capsys
+) -> None:
+    with pytest.raises(Exit) as caught:
+        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+    out = capsys.readouterr().out.splitlines()
+    assert caught.value.code == 1
+    assert "switch failed on 1 of 2 hosts: gpu-box-2.lan (exit 1)" in str(caught.value.message)
+    assert out[0] == "llamavm: 2 hosts: switching to qwen3-coder-30b"
+    lines = sorted(out[1:])
+    assert len(lines) == 2
+    assert lines[0].startswith("llamavm: gpu-box-1.lan: qwen3-coder-30b serving at http://")
+    assert lines[1] == "llamavm: gpu-box-2.lan: the GGUF is unreadable; rolled back"
+    assert sorted(hosts.calls) == [("gpu-box-1.lan", "switch"), ("gpu-box-2.lan", "switch")]
+    assert hosts.peak == 2  # at once, not one after the other
+
+
+def test_forks_one_goes_host_by_host_and_a_pattern_limits_the_hosts(hosts, capsys) -> None:
+    tasks.switch(Context(), model="qwen", inventory=str(LAB), host="gpu-box-1*", forks=1)
+    assert hosts.calls == [("gpu-box-1.lan", "switch")]
+    with pytest.raises(Exit):
+        tasks.switch(Context(), model="qwen", inventory=str(LAB), forks=1)
+    assert hosts.peak == 1
+
+
+def test_stop_and_status_report_every_host_and_fail_for_the_one_that_did(hosts, capsys):
+    with pytest.raises(Exit) as caught:
+        tasks.stop(Context(), inventory=str(LAB))
+    assert caught.value.code == 1
+    out = capsys.readouterr().out
+    assert "llamavm: gpu-box-1.lan: stopped qwen3-coder-30b" in out
+    assert "llamavm: gpu-box-2.lan: the GGUF is unreadable" in out
+    with pytest.raises(Exit) as caught:
+        tasks.status(Context(), inventory=str(LAB), json=True)
+    assert caught.value.code == 1
+    out = capsys.readouterr().out
+    assert '"gpu-box-1.lan"' in out and "Connection refused" in out
