@@ -306,7 +306,13 @@ def customize(root: Path, spec: WslSpec) -> None:
     uid, gid = _ids(root, spec.admin_user)
     for path in (home, ssh_dir, keys):
         os.chown(path, uid, gid)
-    units = ["ssh.service", "llamavm-ssh-hostkeys.service"]
+    units = ["llamavm-ssh-hostkeys.service"]
+    # A rootfs without sshd (some WSL images) gets it from the user-data's packages on its
+    # first boot, and the package enables it then.
+    if (root / "lib" / "systemd" / "system" / "ssh.service").exists() or (
+        root / "usr" / "lib" / "systemd" / "system" / "ssh.service"
+    ).exists():
+        units.append("ssh.service")
     if spec.keepalive:
         units.append(KEEPALIVE_UNIT)
     _chroot(root, "systemctl", "enable", *units)
