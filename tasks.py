@@ -91,6 +91,22 @@ def _outcome(result):
     return result
 
 
+def _each(targets, work, done, forks, what):
+    """fleet.each for a transaction on many hosts; an interrupt says what goes on."""
+    from llamavm import fleet
+
+    try:
+        return fleet.each(targets, work, done, forks=forks)
+    except KeyboardInterrupt:
+        if len(targets) == 1:
+            raise
+        raise LlamavmError(
+            f"interrupted here — the {what} goes on on each host that had begun it and "
+            "completes or rolls back by itself; 'invoke status' shows how each ended",
+            code=130,
+        ) from None
+
+
 def _fail_if_any(outcomes, what):
     """One line for the failures: the host's own reason, or how many of the hosts failed."""
     failed = [(name, code, answer) for name, (code, answer) in outcomes.items() if code]
@@ -131,7 +147,6 @@ FORKS_HELP = "how many hosts at once (default: 10)"
 @errors_to_exit
 def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=False, dry=False):
     """Swap the served model: checked first, health-gated, rolls back on failure."""
-    from llamavm import fleet
 
     cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
@@ -152,7 +167,7 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
     if not json and not dry:
         names = targets[0].name if len(targets) == 1 else f"{len(targets)} hosts"
         say(f"llamavm: {names}: switching to {wanted.name}")
-    outcomes = {t.name: _outcome(r) for t, r in fleet.each(targets, work, done, forks=forks)}
+    outcomes = {t.name: _outcome(r) for t, r in _each(targets, work, done, forks, "switch")}
     if json:
         say(jsonlib.dumps({name: answer for name, (_, answer) in outcomes.items()}, indent=2))
     _fail_if_any(outcomes, "switch check" if dry else "switch")
@@ -170,7 +185,6 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
 @errors_to_exit
 def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
-    from llamavm import fleet
 
     _, targets = _targets(inventory, None, host)
     stream = len(targets) == 1 and not json
@@ -193,7 +207,7 @@ def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
             stopped = ", ".join(answer.get("stopped", [])) or "nothing"
             say(f"llamavm: {target.name}: stopped {stopped}")
 
-    outcomes = {t.name: _outcome(r) for t, r in fleet.each(targets, work, done, forks=forks)}
+    outcomes = {t.name: _outcome(r) for t, r in _each(targets, work, done, forks, "stop")}
     if json and not dry:
         say(jsonlib.dumps({name: answer for name, (_, answer) in outcomes.items()}, indent=2))
     _fail_if_any(outcomes, "stop")

@@ -6,9 +6,9 @@ A failure on one host is that host's result: it never stops or touches the other
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +50,10 @@ def _ansible_hosts(inventory: Path, pattern: str) -> set[str]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
 
+    from ansible import constants
+
+    # No match is our one-line error, not Ansible's warning before it.
+    constants.HOST_PATTERN_MISMATCH = "ignore"
     try:
         manager = InventoryManager(loader=DataLoader(), sources=[str(inventory)])
         return {host.name for host in manager.get_hosts(pattern=pattern)}
@@ -69,29 +73,42 @@ def each(
     forks: int = FORKS,
 ) -> list[tuple[remote.Host, T | BaseException]]:
     """`work` on every target, at most `forks` at once; each result (or the exception it
-    raised) in target order. `done` hears of each as it finishes (from one thread at a time)."""
+    raised) in target order. `done` hears of each as it finishes, in this thread.
+
+    The workers are daemon threads: an interrupt (Ctrl-C) reaches this thread and goes up at
+    once, never waiting for the hosts (whose transactions run on by themselves)."""
     if forks < 1:
         raise LlamavmError(f"--forks {forks}: use 1 or more", code=2)
     results: dict[str, T | BaseException] = {}
-    lock = threading.Lock()
-
-    def finish(target: remote.Host, result: T | BaseException) -> None:
-        with lock:
-            results[target.name] = result
-            if done is not None:
-                done(target, result)
-
     if len(targets) == 1 or forks == 1:
         for target in targets:
             try:
                 outcome: T | BaseException = work(target)
             except Exception as exc:
                 outcome = exc
-            finish(target, outcome)
-    else:
-        with ThreadPoolExecutor(max_workers=min(forks, len(targets))) as pool:
-            futures = {pool.submit(work, target): target for target in targets}
-            for future in as_completed(futures):
-                error = future.exception()
-                finish(futures[future], error if error is not None else future.result())
+            results[target.name] = outcome
+            if done is not None:
+                done(target, outcome)
+        return [(target, results[target.name]) for target in targets]
+    finished: queue.Queue[tuple[remote.Host, T | BaseException]] = queue.Queue()
+    slots = threading.BoundedSemaphore(forks)
+
+    def worker(target: remote.Host) -> None:
+        with slots:
+            try:
+                outcome: T | BaseException = work(target)
+            except Exception as exc:
+                outcome = exc
+        finished.put((target, outcome))
+
+    def start() -> None:
+        for target in targets:
+            threading.Thread(target=worker, args=(target,), daemon=True).start()
+
+    threading.Thread(target=start, daemon=True).start()
+    while len(results) < len(targets):
+        target, outcome = finished.get()
+        results[target.name] = outcome
+        if done is not None:
+            done(target, outcome)
     return [(target, results[target.name]) for target in targets]

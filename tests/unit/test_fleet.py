@@ -157,3 +157,35 @@ def test_stop_and_status_report_every_host_and_fail_for_the_one_that_did(hosts, 
     assert caught.value.code == 1
     out = capsys.readouterr().out
     assert '"gpu-box-1.lan"' in out and "Connection refused" in out
+
+
+def test_an_interrupt_goes_up_at_once_without_waiting_for_the_hosts() -> None:
+    def work(host: remote.Host) -> str:
+        time.sleep(0.01 if host.name == "h0" else 5)
+        return host.name
+
+    def done(host: remote.Host, result: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the others still run
+
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fleet.each(_hosts(3), work, done)
+    assert time.monotonic() - began < 2
+
+
+def test_an_interrupted_switch_on_many_hosts_says_the_hosts_go_on(monkeypatch, capsys) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fleet, "each", interrupted)
+    with pytest.raises(Exit) as caught:
+        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+    assert caught.value.code == 130
+    assert "the switch goes on on each host" in str(caught.value.message)
+
+
+def test_a_pattern_matching_nothing_says_it_once(capsys) -> None:
+    with pytest.raises(LlamavmError):
+        fleet.pick(LAB, "nope*")
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.out + captured.err
