@@ -452,12 +452,12 @@ def ensure_keypair(paths: Paths) -> None:
     paths.key.chmod(0o600)
 
 
-def _user_ids(root: Path, user: str) -> tuple[int, int]:
+def user_ids(root: Path, user: str) -> tuple[int, int]:
     for line in (root / "etc" / "passwd").read_text().splitlines():
         parts = line.split(":")
         if parts[0] == user:
             return int(parts[2]), int(parts[3])
-    raise LlamavmError(f"user {user!r} is missing from the test-bed rootfs {root}")
+    raise LlamavmError(f"user {user!r} is missing from the rootfs {root}")
 
 
 def ensure_machine(cfg: TestbedConfig, paths: Paths, rootfs: Path) -> None:
@@ -490,7 +490,7 @@ def ensure_machine(cfg: TestbedConfig, paths: Paths, rootfs: Path) -> None:
         f"[Match]\nName={cfg.lan.host_if}\n\n[Network]\nAddress={cfg.lan.cidr(cfg.lan.host)}\n"
         "LinkLocalAddressing=no\nIPv6AcceptRA=no\nKeepConfiguration=static\n"
     )
-    uid, gid = _user_ids(root, cfg.admin_user)
+    uid, gid = user_ids(root, cfg.admin_user)
     ssh_dir = root / "home" / cfg.admin_user / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     auth = ssh_dir / "authorized_keys"

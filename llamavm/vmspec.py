@@ -161,7 +161,9 @@ class _Checker:
         return VmSpecError(f"{self.label}: {self.where(where)}: {problem} — {fix}")
 
 
-def _ssh_keys(check: _Checker, raw: dict[str, Any]) -> tuple[str, ...]:
+def ssh_keys(fail: validation.Fail, raw: dict[str, Any]) -> tuple[str, ...]:
+    """The admin user's keys: ssh_authorized_keys and the key in ssh_public_key_file (read on
+    this controller and checked like the others). Shared by the VM and WSL specs."""
     keys = list(raw["ssh_authorized_keys"])
     path = raw["ssh_public_key_file"]
     if path:
@@ -169,16 +171,16 @@ def _ssh_keys(check: _Checker, raw: dict[str, Any]) -> tuple[str, ...]:
         try:
             text = file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise check.fail(
+            raise fail(
                 ["ssh_public_key_file"],
                 f"cannot read {file} ({exc.strerror})",
                 "point at an existing .pub file on this controller",
             ) from None
         item = schema()["properties"]["ssh_authorized_keys"]["items"]
-        validation.check(check.fail, item, text, "config/vm.schema.json")
+        validation.check(fail, item, text, "config/vm.schema.json")
         keys.append(text)
     if not keys:
-        raise check.fail(
+        raise fail(
             ["ssh_authorized_keys"],
             "no SSH key for the admin user (password logins are off, so nobody could log in)",
             "set ssh_authorized_keys or ssh_public_key_file",
@@ -313,7 +315,7 @@ def parse(label: str, host: str, data: Any, known: dict[str, Image] | None = Non
         firmware=raw["firmware"],
         machine=raw["machine"],
         admin_user=raw["admin_user"],
-        ssh_keys=_ssh_keys(check, raw),
+        ssh_keys=ssh_keys(check.fail, raw),
         timezone=raw["timezone"],
         locale=raw["locale"],
         network=_network(check, raw["network"]),

@@ -28,7 +28,7 @@ from typing import Any
 
 import jinja2
 
-from llamavm import REPO_ROOT, catalog, cloudinit, contract, remote, validation
+from llamavm import REPO_ROOT, catalog, cloudinit, contract, remote, validation, vmspec
 from llamavm import inventory as inventory_mod
 from llamavm.errors import LlamavmError
 
@@ -103,22 +103,7 @@ def parse(label: str, host: str, data: Any, hostvars: dict[str, Any], ports: lis
     validation.refuse_control_characters(fail, data)
     validation.check(fail, schema(), data, "config/wsl.schema.json")
     raw = validation.with_defaults(data, schema())
-    keys = list(raw["ssh_authorized_keys"])
-    if raw["ssh_public_key_file"]:
-        file = Path(os.path.expanduser(raw["ssh_public_key_file"]))
-        try:
-            keys.append(file.read_text(encoding="utf-8").strip())
-        except OSError as exc:
-            raise fail(
-                ["ssh_public_key_file"], f"cannot read {file} ({exc.strerror})",
-                "point at an existing .pub file on this controller",
-            ) from None  # fmt: skip
-    if not keys:
-        raise fail(
-            ["ssh_authorized_keys"],
-            "no SSH key for the admin user (the distro has no passwords)",
-            "set ssh_authorized_keys or ssh_public_key_file",
-        )
+    keys = vmspec.ssh_keys(fail, raw)
     image = raw["image"]
     if image == "ubuntu-24.04":
         if not raw["image_sha256"]:
@@ -137,7 +122,7 @@ def parse(label: str, host: str, data: Any, hostvars: dict[str, Any], ports: lis
         name=raw.get("name") or host.split(".")[0],
         image=spec_image,
         admin_user=str(hostvars.get("ansible_user") or raw["admin_user"]),
-        ssh_keys=tuple(dict.fromkeys(keys)),
+        ssh_keys=keys,
         ssh_port=port,
         timezone=raw["timezone"],
         locale=raw["locale"],
@@ -303,7 +288,9 @@ def customize(root: Path, spec: WslSpec) -> None:
     keys = ssh_dir / "authorized_keys"
     keys.write_text("".join(f"{key}\n" for key in spec.ssh_keys))
     keys.chmod(0o600)
-    uid, gid = _ids(root, spec.admin_user)
+    from llamavm import testbed
+
+    uid, gid = testbed.user_ids(root, spec.admin_user)
     for path in (home, ssh_dir, keys):
         os.chown(path, uid, gid)
     units = ["llamavm-ssh-hostkeys.service"]
@@ -320,14 +307,6 @@ def customize(root: Path, spec: WslSpec) -> None:
     for key in (root / "etc" / "ssh").glob("ssh_host_*"):
         key.unlink()
     (root / "etc" / "machine-id").write_text("")
-
-
-def _ids(root: Path, user: str) -> tuple[int, int]:
-    for line in (root / "etc" / "passwd").read_text().splitlines():
-        parts = line.split(":")
-        if parts[0] == user:
-            return int(parts[2]), int(parts[3])
-    raise WslError(f"user {user} is missing from {root}")
 
 
 @dataclass(frozen=True)

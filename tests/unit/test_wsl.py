@@ -181,3 +181,15 @@ def test_the_example_inventory_builds_its_spec() -> None:
     assert spec.ports == (2222, 8001, 8002, 8090, 9100)
     assert spec.image.url and spec.image.url.startswith("https://cloud-images.ubuntu.com/wsl/")
     assert dataclasses.replace(spec, networking="portproxy").digest != spec.digest
+
+
+def test_a_key_file_is_read_and_checked_like_the_vm_specs(tmp_path) -> None:
+    good, bad = tmp_path / "good.pub", tmp_path / "bad.pub"
+    good.write_text(KEY.replace("op@lab", "file@lab") + "\n")
+    bad.write_text("not a key\n")
+    spec = _spec(ssh_authorized_keys=[], ssh_public_key_file=str(good))
+    assert spec.ssh_keys == (KEY.replace("op@lab", "file@lab"),)
+    with pytest.raises(wsl.WslError, match="is not an OpenSSH public key"):
+        _spec(ssh_authorized_keys=[], ssh_public_key_file=str(bad))
+    with pytest.raises(wsl.WslError, match="cannot read"):
+        _spec(ssh_public_key_file=str(tmp_path / "missing.pub"))
