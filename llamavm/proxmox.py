@@ -350,28 +350,44 @@ def _wait(api: Api, node: Target, upid: Any, what: str) -> None:
     raise ProxmoxError(f"host {node.host}: {what} still runs after {TASK_TIMEOUT_S:.0f}s")
 
 
+#: Added to the VM's description once every step has run: a creation cut short (the
+#: controller or the network gone half-way) is taken up again, never called done.
+COMPLETE = "; complete"
+
+
 def apply(
     spec: VmSpec, seed: Seed, node: Target, api: Api, ssh: Ssh, say: Callable[[str], None]
 ) -> str:
-    """Create and start `spec`'s VM unless it exists with this spec: 'created' or
-    'unchanged'. A VM with that id and another spec is refused, never overwritten."""
+    """Create and start `spec`'s VM unless it exists, complete, with this spec: 'created',
+    'resumed' or 'unchanged'. A VM with that id and another spec is refused, never
+    overwritten; one of this spec whose creation was cut short gets the steps after its
+    creation again (passthrough, MMIO window, disk size, start: each idempotent)."""
     steps = plan(spec, seed, node)
-    vmid_value = vm_config(spec, node)["vmid"]
+    config = vm_config(spec, node)
+    vmid_value = config["vmid"]
+    base = f"nodes/{node.node}/qemu/{vmid_value}"
     try:
-        existing = api("GET", f"nodes/{node.node}/qemu/{vmid_value}/config", {})
+        existing = api("GET", f"{base}/config", {})
     except ApiError as exc:
         if exc.status not in (404, 500):  # Proxmox answers 500 "does not exist"
             raise
         existing = None
+    verb = "created"
     if existing is not None:
-        if f"spec {spec.digest}" in str(existing.get("description", "")):
+        description = str(existing.get("description", ""))
+        if f"spec {spec.digest}" not in description:
+            raise ProxmoxError(
+                f"host {spec.host}: VM {vmid_value} exists on {node.host} with another spec "
+                f"({existing.get('name', '?')}) — destroy it in Proxmox, or give "
+                "llamavm_vm.proxmox.vmid a free id"
+            )
+        if description.endswith(COMPLETE):
             say(f"llamavm: VM {vmid_value} ({spec.name}) on {node.host}: up to date")
             return "unchanged"
-        raise ProxmoxError(
-            f"host {spec.host}: VM {vmid_value} exists on {node.host} with another spec "
-            f"({existing.get('name', '?')}) — destroy it in Proxmox, or give "
-            "llamavm_vm.proxmox.vmid a free id"
-        )
+        say(f"llamavm: VM {vmid_value} ({spec.name}) on {node.host}: its creation was cut "
+            "short; taking it up again")  # fmt: skip
+        after = next(i for i, step in enumerate(steps) if step.path == f"nodes/{node.node}/qemu")
+        steps, verb = steps[after + 1 :], "resumed"
     for step in steps:
         say(f"llamavm: {spec.name} on {node.host}: {step.what}")
         if step.via == "ssh":
@@ -386,7 +402,8 @@ def apply(
             _check_storage(node, step, answer)
         if step.task:
             _wait(api, node, answer, step.what)
-    return "created"
+    api("PUT", f"{base}/config", {"description": config["description"] + COMPLETE})
+    return verb
 
 
 def _check_storage(node: Target, step: Step, answer: Any) -> None:

@@ -142,6 +142,9 @@ class FakeProxmox:
         rest = "/".join(parts[4:])
         if method == "GET" and rest == "config":
             return 200, self.vms[vmid]
+        if method == "PUT" and rest == "config":
+            self.vms[vmid].update(params)
+            return 200, None
         if method == "PUT" and rest == "resize":
             self.vms[vmid]["size"] = params["size"]
             return 200, self._task("resize")

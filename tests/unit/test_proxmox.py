@@ -83,6 +83,7 @@ def test_a_vm_with_a_passed_through_gpu_is_created_in_this_order(pve, node, spec
         ("POST", "nodes/pve-1/qemu"),
         ("PUT", "nodes/pve-1/qemu/201/resize"),
         ("POST", "nodes/pve-1/qemu/201/status/start"),
+        ("PUT", "nodes/pve-1/qemu/201/config"),  # marked complete, last
     ]
     # Every task was waited for, to its end.
     tasks = [p for _, p, _ in pve.requests if "/tasks/" in p]
@@ -155,6 +156,27 @@ def test_a_second_run_changes_nothing(pve, node, spec) -> None:
     assert _apply(spec, node, ssh, said.append) == "unchanged"
     assert [(m, p) for m, p, _ in pve.requests] == [("GET", "nodes/pve-1/qemu/201/config")]
     assert ssh.runs == [] and "up to date" in said[-1]
+
+
+def test_a_creation_cut_short_is_taken_up_again_not_called_done(pve, node, spec) -> None:
+    pve.fail_task = "qmstart"  # say, the controller lost the node before the start
+    with pytest.raises(proxmox.ProxmoxError, match="start VM 201 failed"):
+        _apply(spec, node)
+    assert not pve.vms[201]["description"].endswith("; complete") and 201 in pve.running
+    pve.running.clear()
+    pve.fail_task, pve.requests = None, []
+    ssh = Ssh()
+    assert _apply(spec, node, ssh) == "resumed"
+    calls = [(m, p) for m, p, _ in pve.requests if "/tasks/" not in p]
+    assert calls == [
+        ("GET", "nodes/pve-1/qemu/201/config"),
+        ("PUT", "nodes/pve-1/qemu/201/resize"),
+        ("POST", "nodes/pve-1/qemu/201/status/start"),
+        ("PUT", "nodes/pve-1/qemu/201/config"),
+    ]  # no second create
+    assert [argv[:3] for argv, _ in ssh.runs] == [("qm", "set", "201"), ("qm", "set", "201")]
+    assert 201 in pve.running and pve.vms[201]["description"].endswith("; complete")
+    assert _apply(spec, node) == "unchanged"
 
 
 def test_a_vm_id_taken_by_another_vm_is_refused_untouched(pve, node, spec) -> None:
