@@ -162,6 +162,15 @@ def test_a_distribution_without_a_repository_has_none() -> None:
     assert got["repo"] == ""
 
 
+def test_a_debian_point_release_finds_its_repository() -> None:
+    # Real Debian 12 facts say 12.11 (seen on the test bed machine, not in recorded facts).
+    facts = {"distribution": "Debian", "distribution_version": "12.11",
+             "distribution_major_version": "12", "kernel": "6.1.0-40-amd64"}  # fmt: skip
+    got = plan(facts, gpu_card="NVIDIA H200")
+    assert got["repo"] == "debian12" and got["action"] == "vm"
+    assert got["repo_url"].endswith("/debian12/x86_64/")
+
+
 def test_a_vm_without_lspci_says_so() -> None:
     got = plan(UBUNTU_2404, __gpu_lspci={"rc": 2, "msg": "[Errno 2] No such file or directory"})
     assert got["action"] == "none" and "install pciutils or set gpu_card" in got["why"]
