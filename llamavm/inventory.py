@@ -31,6 +31,8 @@ class Inventory:
     platform: str
     #: llamavm_testbed: its hosts use the local test bed (its LAN, or as a llama.cpp builder).
     uses_testbed: bool = False
+    #: llamavm_testbed_fleet: how many local fleet hosts (llamavm.fleetbed) it runs on.
+    fleet: int = 0
 
     @property
     def is_local(self) -> bool:
@@ -75,9 +77,16 @@ def resolve(name: str | None = None) -> Inventory:
             f"{', '.join(PLATFORMS)}",
             code=2,
         )
+    fleet = settings.get("llamavm_testbed_fleet", 0)
+    if isinstance(fleet, bool) or not isinstance(fleet, int) or not 0 <= fleet <= 8:
+        raise LlamavmError(
+            f"{path}: llamavm_testbed_fleet: {fleet!r} — the number of local fleet hosts, 0 to 8",
+            code=2,
+        )
     return Inventory(
         path=path,
         catalog=catalog,
         platform=str(platform),
-        uses_testbed=settings.get("llamavm_testbed") is True,
+        uses_testbed=settings.get("llamavm_testbed") is True or fleet > 0,
+        fleet=fleet,
     )

@@ -114,6 +114,30 @@ def run_playbook(
         return proc.wait(), recap
 
 
+def default_models(inventory: Path, catalog: catalog_mod.Catalog) -> dict[str, str]:
+    """Hosts whose inventory sets llamavm_default_model (host_vars or a group's): host -> the
+    catalog name it resolves to. A name or alias the catalog lacks stops here, before any host."""
+    from llamavm import remote
+
+    data = remote.inventory_data(inventory)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    chosen = {}
+    for host in remote.host_names(data, inventory):
+        wanted = hostvars.get(host, {}).get("llamavm_default_model")
+        if wanted is None:
+            continue
+        try:
+            chosen[host] = catalog.resolve(str(wanted)).name
+        except LlamavmError:
+            names = ", ".join(m.name for m in catalog.models)
+            raise LlamavmError(
+                f"{inventory}: host {host}: llamavm_default_model: {wanted!r} is not a model of "
+                f"{catalog.path} — use one of: {names} (or an alias)",
+                code=2,
+            ) from None
+    return chosen
+
+
 def provision(
     inventory: str | None,
     catalog_path: str | None,
@@ -132,6 +156,12 @@ def provision(
         say("llamavm: bringing up the embedded default target (local test bed)")
         info = testbed.up()
         say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
+    if inv.fleet:
+        from llamavm import fleetbed
+
+        say(f"llamavm: bringing up {inv.fleet} local fleet hosts on the test bed's LAN")
+        for host in fleetbed.up(inv.fleet):
+            say(f"llamavm: {host.name} up at {host.address}")
     say("llamavm: preparing the llama.cpp source (cached after the first run)")
     archive = source.prepare()
     extra[source.EXTRA_VAR] = str(archive)
@@ -142,6 +172,9 @@ def provision(
         written = tinymodel.ensure_all(share)
         say(f"llamavm: {len(written)} tiny test models in {share}")
     extra["llamavm_contract"] = host_contract(catalog)
+    defaults = default_models(inv.path, catalog)
+    if defaults:
+        extra["llamavm_default_models"] = defaults
     if catalog.settings.controller_share_path:
         extra["llamavm_controller_share"] = catalog.settings.controller_share_path
     extra["llamavm_host_package"] = str(hostpkg.build())
@@ -169,6 +202,40 @@ def provision(
     return total
 
 
+def role_vars(inventory: str | None = None, catalog_path: str | None = None) -> dict[str, Any]:
+    """What `invoke provision` passes the roles (contract, host package, llama.cpp source, canary
+    model), for a playbook run without it: the Molecule scenarios of the roles
+    (`python -m llamavm.provision vars`). Prepared and cached as provision does; touches no host."""
+    inv = inventory_mod.resolve(inventory)
+    catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
+    found: dict[str, Any] = {
+        source.EXTRA_VAR: str(source.prepare()),
+        source.EXTRA_VAR_VERSION: source.load_config().label,
+        "llama_cpp_canary_model": str(tinymodel.canary()),
+        "llamavm_contract": host_contract(catalog),
+        "llamavm_host_package": str(hostpkg.build()),
+    }
+    if catalog.settings.controller_share_path:
+        found["llamavm_controller_share"] = catalog.settings.controller_share_path
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llamavm.provision")
+    parser.add_argument("command", choices=["vars"], help="print the roles' inputs as JSON")
+    parser.add_argument("--inventory", "-i", default=None)
+    parser.add_argument("--catalog", default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(role_vars(args.inventory, args.catalog)))
+    except LlamavmError as exc:
+        print(f"llamavm: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
     """How to reach what was provisioned."""
     inv = inventory_mod.resolve(inventory)
@@ -186,10 +253,12 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
             "  invoke status | invoke switch --model NAME | invoke testbed.ssh",
         ]
     else:
+        own = default_models(inv.path, catalog)
         for host in remote.hosts(inv.path):
+            model = catalog.resolve(own[host.name]) if host.name in own else default
             lines.append(
-                f"web UI and API of {default.name} on {host.name}: "
-                f"http://{host.address}:{default.port}/"
+                f"web UI and API of {model.name} on {host.name}: "
+                f"http://{host.address}:{model.port}/"
             )
     addresses = (
         [testbed.status()["addresses"]["host"]]
@@ -228,3 +297,7 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
             "'Authorization: Bearer KEY' (the web UI asks for it in its settings)"
         )
     return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

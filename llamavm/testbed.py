@@ -505,6 +505,54 @@ def ensure_machine(cfg: TestbedConfig, paths: Paths, rootfs: Path) -> None:
     )
 
 
+#: The wrapper every container is started through: records its PID (then nspawn's, by exec)
+#: and moves itself into the cgroups of $LLAMAVM_CGROUPS first (see spawn()).
+_WRAPPER = 'echo $$ > "$0"; for f in $LLAMAVM_CGROUPS; do echo $$ > "$f" || true; done; exec "$@"'
+
+
+def own_cgroups(name: str) -> list[str]:
+    """A cgroup of its own for container `name`, below ours in each hierarchy systemd uses (the
+    named v1 `systemd` one and the unified one): the cgroup.procs files to join.
+
+    nspawn --keep-unit runs the container in the caller's cgroup, and the container's systemd
+    makes its units' cgroups below it: two containers in one cgroup make the same
+    `system.slice/<unit>` cgroups and move each other's processes (a unit fails with
+    219/CGROUP). Best effort: a hierarchy we can't write to is left out."""
+    procs = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            base = Path("/sys/fs/cgroup/systemd")
+        elif controllers == "":
+            unified = Path("/sys/fs/cgroup/unified")
+            base = unified if unified.is_dir() else Path("/sys/fs/cgroup")
+        else:
+            continue
+        target = base / path.lstrip("/") / f"llamavm-{name}"
+        try:
+            target.mkdir(exist_ok=True)
+        except OSError:
+            continue
+        procs.append(str(target / "cgroup.procs"))
+    return procs
+
+
+def spawn(cmd: list[str], name: str, pid_file: Path, log: Any) -> None:
+    """Start `cmd` (systemd-nspawn) in its own session and cgroup, its PID in `pid_file`.
+
+    setsid -f: a new session whose parent is init, so neither the calling shell's exit nor a
+    long-lived caller (pytest) leaves it orphaned or a zombie."""
+    env = {**os.environ, "LLAMAVM_CGROUPS": " ".join(own_cgroups(name))}
+    subprocess.run(
+        ["setsid", "-f", "sh", "-c", _WRAPPER, str(pid_file), *cmd],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=True, env=env,
+    )  # fmt: skip
+
+
 def _start_nspawn(cfg: TestbedConfig, paths: Paths) -> int:
     """Boot the machine in the background (own session, survives the caller). Its PID."""
     paths.logs.mkdir(parents=True, exist_ok=True)
@@ -527,17 +575,7 @@ def _start_nspawn(cfg: TestbedConfig, paths: Paths) -> int:
     with paths.nspawn_log.open("a") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        # setsid -f: a new session whose parent is init, so neither the calling shell's exit
-        # nor a long-lived caller (pytest) leaves it orphaned or a zombie. sh records the PID
-        # and execs nspawn, so the recorded PID is nspawn's.
-        script = 'echo $$ > "$0"; exec "$@"'
-        subprocess.run(
-            ["setsid", "-f", "sh", "-c", script, str(paths.pid_file), *cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=True,
-        )
+        spawn(cmd, cfg.name, paths.pid_file, log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         pid = _read_pid(paths)

@@ -49,11 +49,7 @@ class Distro:
             "--console=read-only",
         ]  # fmt: skip
         with self.log.open("a") as log:
-            subprocess.run(
-                ["setsid", "-f", "sh", "-c", 'echo $$ > "$0"; exec "$@"', str(self.pid_file),
-                 *cmd],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=True,
-            )  # fmt: skip
+            testbed.spawn(cmd, self.spec.name, self.pid_file, log)
 
     def wait_for_ssh(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -189,3 +189,84 @@ def test_a_pattern_matching_nothing_says_it_once(capsys) -> None:
         fleet.pick(LAB, "nope*")
     captured = capsys.readouterr()
     assert "WARNING" not in captured.out + captured.err
+
+
+# --------------------------------------------------------------------------- the local fleet
+
+FLEET = REPO_ROOT / "inventories" / "local-fleet"
+
+
+def test_the_local_fleet_inventory_is_a_lab_layout_with_racks_and_a_builder() -> None:
+    from llamavm import inventory
+
+    inv = inventory.resolve("local-fleet")
+    assert (inv.fleet, inv.uses_testbed, inv.platform) == (4, True, "container")
+    assert [h.name for h in fleet.pick(FLEET, None)] == [f"fleet-{i}" for i in range(1, 5)]
+    assert [h.name for h in fleet.pick(FLEET, "rack_b")] == ["fleet-3", "fleet-4"]
+    # Addresses as llamavm.fleetbed boots them; the builder is no model host.
+    from llamavm import fleetbed
+
+    hosts = {h.name: h.address for h in fleet.pick(FLEET, None)}
+    assert hosts == {h.name: h.address for h in fleetbed.hosts(4)}
+    assert "testbed" not in hosts
+    # The fleet hosts' own known_hosts, not the test bed's.
+    assert any(
+        str(fleetbed.known_hosts()) in arg for arg in fleet.pick(FLEET, "fleet-1")[0].ssh_args
+    )
+
+
+def test_a_host_default_model_is_resolved_from_host_vars_aliases_included() -> None:
+    from llamavm import catalog, provision
+
+    cat = catalog.load(REPO_ROOT / "config" / "models.testbed.yaml")
+    assert provision.default_models(FLEET, cat) == {"fleet-2": "gpt-oss-120b"}
+
+
+def _inventory(tmp_path, group_vars: dict, host_vars: dict | None = None):
+    import yaml
+
+    (tmp_path / "group_vars" / "all").mkdir(parents=True)
+    (tmp_path / "hosts.yml").write_text(
+        yaml.safe_dump({"llamavm_hosts": {"hosts": {"box-1": {"ansible_host": "192.0.2.1"}}}})
+    )
+    (tmp_path / "group_vars" / "all" / "llamavm.yml").write_text(yaml.safe_dump(group_vars))
+    if host_vars is not None:
+        (tmp_path / "host_vars").mkdir()
+        (tmp_path / "host_vars" / "box-1.yml").write_text(yaml.safe_dump(host_vars))
+    return tmp_path
+
+
+def test_a_host_default_model_not_in_the_catalog_is_one_clear_line(tmp_path) -> None:
+    from llamavm import catalog, provision
+
+    inv = _inventory(tmp_path, {"llamavm_catalog": "config/models.testbed.yaml"},
+                     {"llamavm_default_model": "llama-9000"})  # fmt: skip
+    cat = catalog.load(REPO_ROOT / "config" / "models.testbed.yaml")
+    with pytest.raises(LlamavmError) as err:
+        provision.default_models(inv, cat)
+    message = str(err.value)
+    assert "\n" not in message and err.value.exit_code == 2
+    assert "box-1" in message and "llamavm_default_model: 'llama-9000'" in message
+    assert "qwen3-coder-30b, gpt-oss-120b" in message
+
+
+@pytest.mark.parametrize("value", [-1, 9, "four", True, 2.5])
+def test_a_fleet_size_out_of_range_is_refused_with_the_file(tmp_path, value) -> None:
+    from llamavm import inventory
+
+    inv = _inventory(tmp_path, {"llamavm_testbed_fleet": value})
+    with pytest.raises(LlamavmError) as err:
+        inventory.resolve(str(inv))
+    assert "llamavm_testbed_fleet" in str(err.value) and str(inv) in str(err.value)
+
+
+def test_fleet_hosts_get_their_own_addresses_and_names() -> None:
+    from llamavm import fleetbed
+
+    hosts = fleetbed.hosts(8)
+    assert [h.address for h in hosts] == [f"10.213.0.{41 + i}" for i in range(8)]
+    assert len({h.ns for h in hosts} | {h.port for h in hosts}) == 16
+    assert all(len(h.port) <= 15 and len(h.ns) <= 15 for h in hosts)
+    for bad in (0, 9):
+        with pytest.raises(LlamavmError):
+            fleetbed.hosts(bad)

@@ -1,0 +1,32 @@
+"""testinfra checks of the control role on the test bed: the control service as its own user,
+its privileged helper behind a socket, the API answering with the catalog."""
+
+from __future__ import annotations
+
+import json
+
+
+def _control(host) -> dict:
+    return json.loads(host.file("/etc/llamavm/contract.json").content_string)["control"]
+
+
+def test_the_control_service_runs_as_its_own_user(host) -> None:
+    control = _control(host)
+    service = host.service(control["unit"])
+    assert service.is_running and service.is_enabled
+    user = host.check_output(f"systemctl show -p User --value {control['unit']}")
+    assert user == control["user"]
+    assert host.socket(f"tcp://0.0.0.0:{control['port']}").is_listening
+
+
+def test_the_helper_socket_is_listening(host) -> None:
+    control = _control(host)
+    assert host.service(control["helper_socket_unit"]).is_running
+    assert host.file(control["helper_socket"]).is_socket
+
+
+def test_the_api_lists_the_catalog_and_what_serves(host) -> None:
+    port = _control(host)["port"]
+    models = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{port}/v1/models"))
+    names = {m["id"] for m in models["data"]}
+    assert {"qwen3-coder-30b", "gpt-oss-120b"} <= names
