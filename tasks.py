@@ -339,10 +339,12 @@ def test(c, unit=False, pytest_args="", molecule=True, vm=False):
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)
     if unit or not molecule or os.geteuid() != 0:
         return
-    say("$ molecule test")
+    # Every role's scenario on the one test bed: molecule/default creates it first and destroys
+    # it last (shared_state); the others converge, check idempotence and verify in between.
+    say("$ molecule test --all")
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("ANSIBLE_CONFIG", None)
-    rc = subprocess.run(["molecule", "test"], cwd=REPO_ROOT, env=env).returncode
+    rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
     if rc != 0:
         raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
 

@@ -129,27 +129,7 @@ def _ensure_root(cfg: testbed.TestbedConfig, paths: testbed.Paths, lower: Path,
         (root / testbed.COMPLETE_STAMP).unlink(missing_ok=True)
         stamp.write_text(cfg.rootfs_key + "\n")
     (root / "etc" / "hostname").write_text(host.name + "\n")
-    (root / "etc" / "systemd" / "network" / f"10-{cfg.lan.host_if}.network").write_text(
-        "# Written by llamavm.fleetbed: a fleet host on the test-bed LAN (air-gapped).\n"
-        f"[Match]\nName={cfg.lan.host_if}\n\n[Network]\nAddress={cfg.lan.cidr(host.address)}\n"
-        "LinkLocalAddressing=no\nIPv6AcceptRA=no\nKeepConfiguration=static\n"
-    )
-    uid, gid = testbed.user_ids(root, cfg.admin_user)
-    ssh_dir = root / "home" / cfg.admin_user / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    auth = ssh_dir / "authorized_keys"
-    auth.write_text(Path(f"{paths.key}.pub").read_text())
-    auth.chmod(0o600)
-    for path in (ssh_dir, auth):
-        os.chown(path, uid, gid)
-
-
-def _known_hosts_lines(cfg: testbed.TestbedConfig, host: FleetHost) -> list[str]:
-    entry = host.address if cfg.ssh_port == 22 else f"[{host.address}]:{cfg.ssh_port}"
-    return [
-        f"{entry} {' '.join(key.read_text().split()[:2])}\n"
-        for key in sorted((host.root / "etc" / "ssh").glob("ssh_host_*_key.pub"))
-    ]
+    testbed.configure_host(cfg, paths, root, host.address, f"fleet host {host.name}")
 
 
 def _running(host: FleetHost) -> int | None:
@@ -168,6 +148,15 @@ def _boot(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetHost) -> 
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
         testbed.spawn(cmd, host.name, host.pid_file, log)
+    # The wrapper writes the PID file before it execs nspawn: wait for nspawn itself.
+    deadline = time.monotonic() + 10
+    while _running(host) is None:
+        if time.monotonic() > deadline:
+            raise LlamavmError(
+                f"systemd-nspawn did not start for {host.name}; tail of {host.log}:\n"
+                f"{testbed._tail(host.log)}"
+            )
+        time.sleep(0.05)
 
 
 def _wait_for_ssh(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetHost) -> None:
@@ -216,7 +205,7 @@ def up(count: int) -> list[FleetHost]:
         line
         for host in hosts(MAX_HOSTS, cfg)
         if (host.root / "etc" / "ssh").is_dir()
-        for line in _known_hosts_lines(cfg, host)
+        for line in testbed.known_hosts_lines(cfg, host.root, host.address)
     ]
     known_hosts().write_text("".join(lines))
     with ThreadPoolExecutor(max_workers=len(fleet)) as pool:

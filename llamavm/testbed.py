@@ -484,10 +484,17 @@ def ensure_machine(cfg: TestbedConfig, paths: Paths, rootfs: Path) -> None:
         os.rename(tmp, paths.machine)
     root = paths.machine
     # Per-up settings: they follow config/testbed.yaml and the key pair.
+    configure_host(cfg, paths, root, cfg.lan.host, "the test-bed LAN")
+    paths.known_hosts.write_text("".join(known_hosts_lines(cfg, root, cfg.lan.host)))
+
+
+def configure_host(cfg: TestbedConfig, paths: Paths, root: Path, address: str, what: str) -> None:
+    """A booted host's LAN address (systemd-networkd) and the controller's key for its admin
+    user, written into its root before it boots (the test bed's, and each fleet host's)."""
     network = root / "etc" / "systemd" / "network" / f"10-{cfg.lan.host_if}.network"
     network.write_text(
-        "# Written by llamavm.testbed: the test-bed LAN (no gateway, no DNS: air-gapped).\n"
-        f"[Match]\nName={cfg.lan.host_if}\n\n[Network]\nAddress={cfg.lan.cidr(cfg.lan.host)}\n"
+        f"# Written by llamavm: {what} (no gateway, no DNS: air-gapped).\n"
+        f"[Match]\nName={cfg.lan.host_if}\n\n[Network]\nAddress={cfg.lan.cidr(address)}\n"
         "LinkLocalAddressing=no\nIPv6AcceptRA=no\nKeepConfiguration=static\n"
     )
     uid, gid = user_ids(root, cfg.admin_user)
@@ -498,11 +505,13 @@ def ensure_machine(cfg: TestbedConfig, paths: Paths, rootfs: Path) -> None:
     auth.chmod(0o600)
     for path in (ssh_dir, auth):
         os.chown(path, uid, gid)
+
+
+def known_hosts_lines(cfg: TestbedConfig, root: Path, address: str) -> list[str]:
+    """known_hosts lines pinning the host keys in `root` for `address`."""
     host_keys = sorted((root / "etc" / "ssh").glob("ssh_host_*_key.pub"))
-    entry = cfg.lan.host if cfg.ssh_port == 22 else f"[{cfg.lan.host}]:{cfg.ssh_port}"
-    paths.known_hosts.write_text(
-        "".join(f"{entry} {' '.join(k.read_text().split()[:2])}\n" for k in host_keys)
-    )
+    entry = address if cfg.ssh_port == 22 else f"[{address}]:{cfg.ssh_port}"
+    return [f"{entry} {' '.join(k.read_text().split()[:2])}\n" for k in host_keys]
 
 
 #: The wrapper every container is started through: records its PID (then nspawn's, by exec)
