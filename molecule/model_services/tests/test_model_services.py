@@ -16,10 +16,14 @@ def test_the_contract_and_one_unit_per_model_are_installed(host) -> None:
     for model in contract["models"]:
         unit = host.file(f"{contract['paths']['units_live']}/{model['unit']}")
         assert unit.exists and unit.user == "root", model["unit"]
-        text = unit.content_string
-        assert f"User={contract['service']['user']}" in text
+        # As systemd reads the unit: the service user and the hardening in effect.
+        shown = host.check_output(
+            f"systemctl show -p User -p NoNewPrivileges -p ProtectSystem -p PrivateTmp "
+            f"{model['unit']}"
+        ).splitlines()
+        assert f"User={contract['service']['user']}" in shown, shown
         for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes"):
-            assert hardening in text, (model["unit"], hardening)
+            assert hardening in shown, (model["unit"], hardening)
 
 
 def test_exactly_one_model_serves_and_answers_health(host) -> None:

@@ -15,7 +15,9 @@ def test_every_catalog_gguf_is_in_the_share_and_readable(host) -> None:
     contract = _contract(host)
     for model in contract["models"]:
         gguf = host.file(f"{contract['share_path']}/{model['gguf_in_share']}")
-        assert gguf.exists and gguf.size == model["size_bytes"], model["name"]
+        assert gguf.exists, model["name"]
+        if model["size_bytes"] is not None:  # pinned in the catalog: the size must match
+            assert gguf.size == model["size_bytes"], model["name"]
         assert host.run(f"head -c 4 {gguf.path}").stdout == "GGUF"
 
 
