@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -217,6 +218,19 @@ def _answer(stdout: str | None) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
+#: What ssh says when it never got a session: no command ran on the host.
+_NEVER_CONNECTED = re.compile(
+    r"ssh: connect to host .* port \d+: |ssh: Could not resolve hostname |"
+    r"Permission denied \(|Host key verification failed|kex_exchange_identification: "
+)
+
+
+def never_connected(proc: subprocess.CompletedProcess[str]) -> bool:
+    """True when ssh failed before a session existed (refused, timed out, no route, unknown
+    name, key refused): the remote command never started. Needs the captured stderr."""
+    return proc.returncode == 255 and bool(_NEVER_CONNECTED.search(proc.stderr or ""))
+
+
 def _ssh_failed(host: Host, proc: subprocess.CompletedProcess[str]) -> LlamavmError:
     detail = (proc.stderr or "").strip().splitlines()
     return LlamavmError(
@@ -262,6 +276,10 @@ def transaction(
     answer = _answer(proc.stdout)
     if answer is not None and "code" in answer:
         return int(answer["code"]), answer
+    if never_connected(proc):
+        # Nothing started there: no outcome to wait for (the reconnect window is for sessions
+        # that broke after the transaction began). Known only when stderr was captured.
+        raise _ssh_failed(host, proc)
     if proc.returncode == 127 or "command not found" in (proc.stderr or ""):
         raise LlamavmError(f"{host.name}: llamavm-switch is not installed — run invoke provision")
     print(

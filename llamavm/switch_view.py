@@ -13,7 +13,10 @@ def line(host: Host, wanted: Model, code: int, answer: dict[str, Any], *, dry: b
     note = " (the SSH session dropped; the host finished the transaction on its own)"
     note = note if answer.get("reconnected") else ""
     if code:
-        return f"{prefix} {answer.get('error') or 'failed'}{note}"
+        error = str(answer.get("error") or "failed")
+        # Errors raised for a host name it themselves: once per line is enough.
+        error = error.removeprefix(f"{host.name}: ")
+        return f"{prefix} {error}{note}"
     if dry:
         running = ", ".join(answer.get("running", [])) or "nothing"
         return f"{prefix} checks pass: would stop {running} and serve {wanted.name}"

@@ -270,3 +270,63 @@ def test_fleet_hosts_get_their_own_addresses_and_names() -> None:
     for bad in (0, 9):
         with pytest.raises(LlamavmError):
             fleetbed.hosts(bad)
+
+
+# --------------------------------------------------------------------------- unreachable hosts
+
+
+def _fake_ssh(tmp_path, monkeypatch, stderr: str, rc: int = 255, stdout: str = "") -> None:
+    """An `ssh` first on PATH that says `stderr` and exits `rc` (what OpenSSH does)."""
+    import os
+    import shlex
+
+    script = tmp_path / "ssh"
+    script.write_text(
+        f"#!/bin/sh\nprintf '%s' {shlex.quote(stdout)}\nprintf '%s\\n' {shlex.quote(stderr)} >&2\n"
+        f"exit {rc}\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+HOST = remote.Host("gpu-box-9", "192.0.2.9", "llamavm", None, None, ())
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "ssh: connect to host 192.0.2.9 port 22: Connection timed out",
+        "ssh: connect to host 192.0.2.9 port 22: Connection refused",
+        "ssh: connect to host 192.0.2.9 port 22: No route to host",
+        "ssh: Could not resolve hostname gpu-box-9: Name or service not known",
+        "llamavm@192.0.2.9: Permission denied (publickey).",
+        "Host key verification failed.",
+    ],
+)
+def test_a_host_never_reached_fails_at_once_instead_of_waiting_for_an_outcome(
+    tmp_path, monkeypatch, stderr
+) -> None:
+    _fake_ssh(tmp_path, monkeypatch, stderr)
+    monkeypatch.setattr(remote, "outcome", lambda *a, **k: pytest.fail("waited for an outcome"))
+    began = time.monotonic()
+    with pytest.raises(LlamavmError) as err:
+        remote.transaction(HOST, "switch", ["qwen"], stream=False)
+    assert time.monotonic() - began < 5
+    assert "gpu-box-9: SSH to 192.0.2.9 failed" in str(err.value)
+    assert stderr.rstrip(".") in str(err.value)
+
+
+def test_a_session_that_broke_after_it_began_still_asks_for_the_outcome(
+    tmp_path, monkeypatch
+) -> None:
+    # The transaction may be running there: the reconnect path asks the host how it ended.
+    _fake_ssh(tmp_path, monkeypatch, "Connection to 192.0.2.9 closed by remote host.")
+    asked = []
+    monkeypatch.setattr(
+        remote, "outcome", lambda host, tx, **k: asked.append(tx) or (0, {"ok": True, "code": 0})
+    )
+    assert remote.transaction(HOST, "switch", ["qwen"], stream=False) == (
+        0,
+        {"ok": True, "code": 0},
+    )
+    assert len(asked) == 1
