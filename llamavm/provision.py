@@ -149,6 +149,8 @@ def provision(
     inv = inventory_mod.resolve(inventory)
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     contract.load_host_config()  # a broken config/host.yaml stops here, before any host
+    # A host's default model the catalog lacks stops here too, before a test bed or VM is up.
+    defaults = default_models(inv.path, catalog)
     extra: dict[str, Any] = {}
     if inv.is_local or inv.uses_testbed:
         from llamavm import testbed
@@ -172,7 +174,6 @@ def provision(
         written = tinymodel.ensure_all(share)
         say(f"llamavm: {len(written)} tiny test models in {share}")
     extra["llamavm_contract"] = host_contract(catalog)
-    defaults = default_models(inv.path, catalog)
     if defaults:
         extra["llamavm_default_models"] = defaults
     if catalog.settings.controller_share_path:
