@@ -301,7 +301,7 @@ def gate(contract: Contract, name: str) -> int:
     pid = os.environ.get("MAINPID", "")
     began = time.monotonic()
     deadline = began + model.health_timeout_s
-    reader = share.read_ahead(model.gguf)
+    reader = share.read_ahead(model.gguf, server_pid=int(pid) if pid.isdigit() else None)
     try:
         while time.monotonic() < deadline:
             if pid and not os.path.exists(f"/proc/{pid}"):

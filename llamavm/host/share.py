@@ -226,10 +226,54 @@ def resident_fraction(path: Path, size: int) -> float | None:
         return None
 
 
-def read_ahead(path: Path, resident_enough: float = 0.98) -> int | None:
+def memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where it can't be read)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def read_window(size: int, available: int | None) -> int | None:
+    """How far a read-ahead may run ahead of the server: None (unbounded) when the whole file
+    fits comfortably in the page cache beside the server's own copy of it, else a window of a
+    quarter of the available memory (at least 64 MiB). Reading a file bigger than memory all
+    the way ahead would evict the parts the server has not read yet: the share would be read
+    twice."""
+    if available is None or size <= available // 2:
+        return None
+    return max(16 * CHUNK, available // 4)
+
+
+def server_offset(pid: int, path: Path) -> int | None:
+    """Where process `pid` is reading `path` (the file offset of its descriptor on it), None
+    while it has none open (not yet, or it mapped the file and closed it)."""
+    want = os.path.realpath(path)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
+                    continue
+                for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                    if line.startswith("pos:"):
+                        return int(line.split()[1])
+    return None
+
+
+def read_ahead(
+    path: Path,
+    resident_enough: float = WARM_FRACTION,
+    server_pid: int | None = None,
+    available: int | None = None,
+) -> int | None:
     """Fork a child that reads `path` sequentially into the page cache, ahead of a server that
     loads it; its PID (None when the file is cached already or unreadable). The child reads
-    and drops what it read: nothing is kept but the page cache."""
+    and drops what it read: nothing is kept but the page cache.
+
+    A file that fits in memory is read at the share's own pace; a bigger one stays within a
+    window ahead of where the server (`server_pid`) reads it, so nothing read ahead is evicted
+    before the server gets to it (without a server to follow, it stops at the window)."""
     try:
         size = path.stat().st_size
     except OSError:
@@ -237,6 +281,7 @@ def read_ahead(path: Path, resident_enough: float = 0.98) -> int | None:
     fraction = resident_fraction(path, size)
     if fraction is not None and fraction >= resident_enough:
         return None
+    window = read_window(size, memory_available() if available is None else available)
     pid = os.fork()
     if pid:
         return pid
@@ -248,8 +293,19 @@ def read_ahead(path: Path, resident_enough: float = 0.98) -> int | None:
             with contextlib.suppress(OSError, AttributeError):
                 os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             buffer = bytearray(CHUNK)
-            while handle.readinto(buffer):
-                pass
+            done = 0
+            while True:
+                if window is not None:
+                    ahead_of = (server_offset(server_pid, path) if server_pid else None) or 0
+                    if done >= ahead_of + window:
+                        if not server_pid or not os.path.exists(f"/proc/{server_pid}"):
+                            break
+                        time.sleep(0.05)
+                        continue
+                read = handle.readinto(buffer)
+                if not read:
+                    break
+                done += read
     except BaseException:
         code = 1
     finally:
