@@ -316,12 +316,16 @@ def lint(c):
         raise Exit(f"llamavm: lint failed: {', '.join(failed)}", code=1)
 
 
+#: The Molecule scenarios of the roles that need the embedded VMs (run with --vm).
+MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
+
+
 @task(
     help={
         "unit": "only the fast unit tests (no test bed, no root)",
         "pytest_args": "extra arguments for pytest, e.g. '-k catalog -x'",
         "molecule": "also run `molecule test` (default: true when the test bed can run)",
-        "vm": "also build and test the embedded VM (marker vm: minutes under TCG)",
+        "vm": "also build and test the embedded VMs (marker vm, molecule/vm/: minutes under TCG)",
     }
 )
 @errors_to_exit
@@ -347,6 +351,14 @@ def test(c, unit=False, pytest_args="", molecule=True, vm=False):
     rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
     if rc != 0:
         raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
+    if not vm:
+        return
+    # The roles that need the embedded VMs (hypervisor, libvirt_vms, nfs_server): molecule/vm/.
+    say(f"$ MOLECULE_GLOB='{MOLECULE_VM_GLOB}' molecule test --all")
+    env["MOLECULE_GLOB"] = MOLECULE_VM_GLOB
+    rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
+    if rc != 0:
+        raise Exit(f"llamavm: molecule test (VM roles) failed (exit {rc})", code=rc)
 
 
 @task(name="up")

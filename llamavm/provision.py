@@ -203,10 +203,14 @@ def provision(
     return total
 
 
-def role_vars(inventory: str | None = None, catalog_path: str | None = None) -> dict[str, Any]:
+def role_vars(
+    inventory: str | None = None, catalog_path: str | None = None, *, vms: bool = False
+) -> dict[str, Any]:
     """What `invoke provision` passes the roles (contract, host package, llama.cpp source, canary
     model), for a playbook run without it: the Molecule scenarios of the roles
-    (`python -m llamavm.provision vars`). Prepared and cached as provision does; touches no host."""
+    (`python -m llamavm.provision vars`). Prepared and cached as provision does; touches no host.
+    With `vms`, also the rendered VMs of the inventory (`llamavm_vms`, what vm.yml gets), which
+    starts this machine's own hypervisor when a VM runs on it, as provision does."""
     inv = inventory_mod.resolve(inventory)
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     found: dict[str, Any] = {
@@ -218,6 +222,8 @@ def role_vars(inventory: str | None = None, catalog_path: str | None = None) -> 
     }
     if catalog.settings.controller_share_path:
         found["llamavm_controller_share"] = catalog.settings.controller_share_path
+    if vms:
+        found["llamavm_vms"] = vmbuild.prepare(inventory, lambda line: print(line, file=sys.stderr))
     return found
 
 
@@ -228,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["vars"], help="print the roles' inputs as JSON")
     parser.add_argument("--inventory", "-i", default=None)
     parser.add_argument("--catalog", default=None)
+    parser.add_argument("--vms", action="store_true", help="with the inventory's rendered VMs")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(role_vars(args.inventory, args.catalog)))
+        print(json.dumps(role_vars(args.inventory, args.catalog, vms=args.vms)))
     except LlamavmError as exc:
         print(f"llamavm: {exc}", file=sys.stderr)
         return exc.exit_code
