@@ -56,3 +56,15 @@ def test_the_export_holds_the_catalog_files_readable_by_anyone(host) -> None:
         assert user == "root" and int(mode, 8) & 0o004 and not int(mode, 8) & 0o022, path
         assert int(size) > 0
         assert host.run(f"head -c 4 {EXPORT}/{path}").stdout == "GGUF", path
+
+
+def test_only_nfsd_listens_on_the_network(host) -> None:
+    """NFSv4 only: no portmapper (111), no statd or mountd on the wire; SSH and nfsd alone."""
+    listening = host.check_output("ss -H -tuln")
+    ports = set()
+    for line in listening.splitlines():
+        local = line.split()[4]
+        address, port = local.rsplit(":", 1)
+        if not address.startswith(("127.", "[::1]")):
+            ports.add(int(port))
+    assert ports == {22, 2049}, listening
