@@ -86,7 +86,8 @@ def _targets(inventory, catalog, host):
 def _outcome(result):
     """(exit code, answer) of one host's work, or of the exception it raised."""
     if isinstance(result, BaseException):
-        code = getattr(result, "code", 1) or 1
+        # LlamavmError carries exit_code (a host's refusal: 2); invoke's Exit carries code.
+        code = getattr(result, "exit_code", None) or getattr(result, "code", None) or 1
         return code, {"ok": False, "code": code, "error": str(result)}
     return result
 

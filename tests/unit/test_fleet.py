@@ -145,6 +145,21 @@ def test_forks_one_goes_host_by_host_and_a_pattern_limits_the_hosts(hosts, capsy
     assert hosts.peak == 1
 
 
+def test_a_hosts_refusal_raised_as_an_error_keeps_its_exit_code(monkeypatch, capsys) -> None:
+    """A refusal (exit 2: nothing was changed) raised on one host is reported as exit 2."""
+
+    def transaction(host: remote.Host, op: str, args: list[str], *, stream: bool = True):
+        if host.name == "gpu-box-2.lan":
+            raise LlamavmError(f"{host.name}: qwen3-coder-30b does not fit", code=2)
+        return 0, {"ok": True, "code": 0, "changed": True, "load_seconds": 1.5}
+
+    monkeypatch.setattr(remote, "transaction", transaction)
+    with pytest.raises(Exit) as caught:
+        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+    assert caught.value.code == 2
+    assert "gpu-box-2.lan (exit 2)" in str(caught.value.message)
+
+
 def test_stop_and_status_report_every_host_and_fail_for_the_one_that_did(hosts, capsys):
     with pytest.raises(Exit) as caught:
         tasks.stop(Context(), inventory=str(LAB))
