@@ -10,6 +10,8 @@ Inventories with plugins, scripts or vaulted files are asked every time.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +20,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ from llamavm.host import EXIT_RUNNING, EXIT_UNKNOWN
 GROUP = "llamavm_hosts"
 #: After the session that ran a transaction broke: how long to keep trying to reach the host.
 RECONNECT_S = 180.0
+#: How much of a streamed command's stderr is kept (to tell an SSH failure apart).
+STDERR_TAIL_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -191,19 +196,52 @@ def host_from_vars(name: str, hv: dict[str, Any]) -> Host:
 def run(
     host: Host, remote: list[str], *, stream: bool = True, timeout: float | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `remote` as root on `host`; its stderr (progress) streams to ours. No exceptions:
-    an SSH failure is returncode 255 (or negative when the ssh process was killed)."""
+    """Run `remote` as root on `host`. With `stream`, its stderr (progress) is relayed to ours
+    line by line as it comes, and its tail kept (so an SSH failure can be told apart); without,
+    captured. No exceptions: an SSH failure is returncode 255 (or negative when the ssh process
+    was killed)."""
+    argv = host.ssh_command(["sudo", "-n", *remote])
+    if not stream:
+        try:
+            return subprocess.run(
+                argv, capture_output=True, text=True, check=False, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(remote, 255, "", f"timed out after {timeout}s")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    out: list[str] = []
+
+    def relay() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            tail.append(line)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def collect() -> None:
+        out.append(proc.stdout.read())  # type: ignore[union-attr]
+
+    readers = [
+        threading.Thread(target=relay, daemon=True),
+        threading.Thread(target=collect, daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
     try:
-        return subprocess.run(
-            host.ssh_command(["sudo", "-n", *remote]),
-            stdout=subprocess.PIPE,
-            stderr=None if stream else subprocess.PIPE,
-            text=True,
-            check=False,
-            timeout=timeout,
-        )
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(remote, 255, "", f"timed out after {timeout}s")
+        proc.kill()
+        proc.wait()
+        tail.append(f"timed out after {timeout}s")
+        code = 255
+    except BaseException:  # an interrupt: ssh goes with us (the transaction goes on there)
+        proc.kill()
+        proc.wait()
+        raise
+    for reader in readers:
+        reader.join(timeout=5)
+    return subprocess.CompletedProcess(remote, code, "".join(out), "".join(tail))
 
 
 def _answer(stdout: str | None) -> dict[str, Any] | None:
@@ -227,7 +265,8 @@ _NEVER_CONNECTED = re.compile(
 
 def never_connected(proc: subprocess.CompletedProcess[str]) -> bool:
     """True when ssh failed before a session existed (refused, timed out, no route, unknown
-    name, key refused): the remote command never started. Needs the captured stderr."""
+    name, key refused): the remote command never started. Reads ssh's stderr (captured, or
+    the tail kept while it was relayed)."""
     return proc.returncode == 255 and bool(_NEVER_CONNECTED.search(proc.stderr or ""))
 
 
@@ -278,7 +317,7 @@ def transaction(
         return int(answer["code"]), answer
     if never_connected(proc):
         # Nothing started there: no outcome to wait for (the reconnect window is for sessions
-        # that broke after the transaction began). Known only when stderr was captured.
+        # that broke after the transaction began).
         raise _ssh_failed(host, proc)
     if proc.returncode == 127 or "command not found" in (proc.stderr or ""):
         raise LlamavmError(f"{host.name}: llamavm-switch is not installed — run invoke provision")

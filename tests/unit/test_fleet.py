@@ -318,14 +318,15 @@ HOST = remote.Host("gpu-box-9", "192.0.2.9", "llamavm", None, None, ())
         "Host key verification failed.",
     ],
 )
+@pytest.mark.parametrize("stream", [False, True], ids=["many-hosts", "one-host-streamed"])
 def test_a_host_never_reached_fails_at_once_instead_of_waiting_for_an_outcome(
-    tmp_path, monkeypatch, stderr
+    tmp_path, monkeypatch, stderr, stream
 ) -> None:
     _fake_ssh(tmp_path, monkeypatch, stderr)
     monkeypatch.setattr(remote, "outcome", lambda *a, **k: pytest.fail("waited for an outcome"))
     began = time.monotonic()
     with pytest.raises(LlamavmError) as err:
-        remote.transaction(HOST, "switch", ["qwen"], stream=False)
+        remote.transaction(HOST, "switch", ["qwen"], stream=stream)
     assert time.monotonic() - began < 5
     assert "gpu-box-9: SSH to 192.0.2.9 failed" in str(err.value)
     assert stderr.rstrip(".") in str(err.value)
@@ -345,3 +346,26 @@ def test_a_session_that_broke_after_it_began_still_asks_for_the_outcome(
         {"ok": True, "code": 0},
     )
     assert len(asked) == 1
+
+
+def test_a_streamed_command_relays_its_progress_and_returns_its_answer(
+    tmp_path, monkeypatch, capfd
+) -> None:
+    _fake_ssh(tmp_path, monkeypatch, "pre-warming qwen: 1.0/2.0 GiB", rc=0,
+              stdout='{"ok": true, "code": 0, "changed": true}\n')  # fmt: skip
+    assert remote.transaction(HOST, "switch", ["qwen"], stream=True) == (
+        0,
+        {"ok": True, "code": 0, "changed": True},
+    )
+    assert "pre-warming qwen: 1.0/2.0 GiB" in capfd.readouterr().err
+
+
+def test_a_streamed_command_that_hangs_is_cut_at_its_timeout(tmp_path, monkeypatch) -> None:
+    script = tmp_path / "ssh"
+    script.write_text("#!/bin/sh\necho started >&2\nexec sleep 30\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    began = time.monotonic()
+    proc = remote.run(HOST, ["true"], stream=True, timeout=1)
+    assert time.monotonic() - began < 10
+    assert proc.returncode == 255 and "timed out after 1s" in proc.stderr
