@@ -218,10 +218,13 @@ def follow(
     relay: Callable[[str], None],
 ) -> dict[str, Any]:
     """Relay progress of `tx` and return its outcome — or 'running'/'unknown' when none came."""
+    from llamavm.host.watch import poll_interval
+
     paths = contract.paths
     log = store.progress_path(paths.progress, tx)
     offset = 0
-    deadline = time.monotonic() + wait_s
+    began = time.monotonic()
+    deadline = began + wait_s
     gone_since: float | None = None
     next_unit_check = 0.0
 
@@ -242,8 +245,12 @@ def follow(
             drain()
             return outcome
         now = time.monotonic()
+        # A long transaction (a big load) is followed less often: systemctl is a fork, and the
+        # follower's polling took CPU from the very load it waited for (under TCG, 2 vCPUs: a
+        # tenth of a 1 GiB load's speed).
+        elapsed = now - began
         if now >= next_unit_check:
-            next_unit_check = now + 0.5
+            next_unit_check = now + max(0.5, min(2.0, elapsed / 20))
             props = systemd.props(tx_unit(tx), "ActiveState", "LoadState")
             alive = props.get("LoadState") == "loaded" and props.get("ActiveState") in (
                 "active",
@@ -270,7 +277,7 @@ def follow(
                 "state": "running",
                 "error": f"transaction {tx} still runs",
             }
-        time.sleep(0.02)
+        time.sleep(max(0.02, poll_interval(elapsed)))
 
 
 def _grace(contract: Contract, tx: str) -> float:
