@@ -317,7 +317,7 @@ def lint(c):
         raise Exit(f"llamavm: lint failed: {', '.join(failed)}", code=1)
 
 
-#: The Molecule scenarios of the roles that need the embedded VMs (run with --vm).
+#: The Molecule scenarios of the roles that need the embedded VMs (after the others).
 MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
 
 
@@ -326,11 +326,13 @@ MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
         "unit": "only the fast unit tests (no test bed, no root)",
         "pytest_args": "extra arguments for pytest, e.g. '-k catalog -x'",
         "molecule": "also run `molecule test` (default: true when the test bed can run)",
-        "vm": "also build and test the embedded VMs (marker vm, molecule/vm/: minutes under TCG)",
+        "vm_roles": "with molecule: also the scenarios of the roles that need the embedded VMs "
+        "(molecule/vm/: the lab built, converged, verified and powered off; ~15 min under TCG)",
+        "vm": "also the embedded VMs' test suite (marker vm: ~20 min more under TCG)",
     }
 )
 @errors_to_exit
-def test(c, unit=False, pytest_args="", molecule=True, vm=False):
+def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False):
     """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
     lint(c)
     paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
@@ -352,9 +354,10 @@ def test(c, unit=False, pytest_args="", molecule=True, vm=False):
     rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
     if rc != 0:
         raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
-    if not vm:
+    if not vm_roles:
         return
-    # The roles that need the embedded VMs (hypervisor, libvirt_vms, nfs_server): molecule/vm/.
+    # The roles that need the embedded VMs (hypervisor, libvirt_vms, nfs_server): molecule/vm/,
+    # its default scenario brings the lab up first and powers it off at the end.
     say(f"$ MOLECULE_GLOB='{MOLECULE_VM_GLOB}' molecule test --all")
     env["MOLECULE_GLOB"] = MOLECULE_VM_GLOB
     rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode

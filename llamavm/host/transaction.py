@@ -48,6 +48,10 @@ class Deferred(HostError):
     boot unit finishes the transaction (no outcome is written before that)."""
 
 
+#: While a server loads, how often systemd is asked anyway (its process is watched in /proc).
+SYSTEMD_EVERY_S = 5.0
+
+
 def _noop(_: str) -> None:
     pass
 
@@ -209,12 +213,21 @@ class Host:
         began = self.clock()
         self.failpoint("in_load")
         last_systemd = last_counters = last_note = -1.0
+        pid = 0  # the server's PID, once systemd told it
         while True:
             elapsed = self.clock() - began
             sample = watch_mod.Sample(elapsed, self.healthy(model))
-            # systemctl costs a fork: ask it when the server looks ready, else 4 times a second,
-            # less often as a long load goes on (a crash is still seen within 5% of the time).
-            if sample.healthy or elapsed - last_systemd >= max(0.25, min(2.0, elapsed / 20)):
+            # The server's process, looked at in /proc (no fork): gone means it exited or
+            # systemd restarts it, and systemd is asked at once.
+            counters = self.counters(pid) if pid else None
+            # systemctl is a fork and an exec (under TCG about 0.1 s of CPU, taken from the very
+            # load it watches): asked 4 times a second until the server's PID is known, when
+            # the server looks ready, when its process is gone, else every SYSTEMD_EVERY_S.
+            if (
+                sample.healthy
+                or (pid and counters is None)
+                or elapsed - last_systemd >= (SYSTEMD_EVERY_S if pid else 0.25)
+            ):
                 last_systemd = elapsed
                 props = self.systemd.props(
                     unit, "ActiveState", "SubState", "InvocationID", "MainPID", "NRestarts"
@@ -224,9 +237,12 @@ class Host:
                 sample.invocation = props.get("InvocationID", "")
                 sample.main_pid = int(props.get("MainPID", "0") or 0)
                 sample.n_restarts = int(props.get("NRestarts", "0") or 0)
-                if sample.main_pid and elapsed - last_counters >= 1.0:
-                    last_counters = elapsed
-                    sample.counters = self.counters(sample.main_pid)
+                if sample.main_pid != pid:
+                    pid = sample.main_pid
+                    counters = self.counters(pid) if pid else None
+            if counters is not None and elapsed - last_counters >= 1.0:
+                last_counters = elapsed
+                sample.counters = counters
             verdict, why = watch.judge(sample)
             if verdict == "ready":
                 return elapsed

@@ -162,6 +162,63 @@ def test_a_slow_load_that_progresses_is_never_rolled_back(world) -> None:
     assert fake.running_units() == ["llamavm-model-two.service"]
 
 
+def _count_shows(fake: FakeSystemd, unit: str) -> list[float]:
+    """When systemd was asked about `unit` (fake clock), from now on."""
+    asked: list[float] = []
+    real_show = fake.show
+
+    def show(units, props):
+        if unit in units:
+            asked.append(fake.now)
+        return real_show(units, props)
+
+    fake.show = show  # type: ignore[method-assign]
+    return asked
+
+
+def test_a_long_load_is_watched_in_proc_and_systemctl_is_seldom_forked(world) -> None:
+    # Every systemctl is a fork and an exec; on a small VM they took seconds of CPU from the
+    # very load the transaction waited for.
+    contract, fake, host, _ = world
+    _seed_state(contract, loads={"two": [30]})
+    unit = fake.units["llamavm-model-two.service"]
+    unit.behaviour, unit.load_s = "slow", 45
+    asked = _count_shows(fake, "llamavm-model-two.service")
+    result = _tx(host).switch("two")
+    assert result["load_seconds"] >= 45
+    assert len(asked) <= 15, f"systemd asked {len(asked)} times during a 45 s load"
+
+
+def test_a_server_that_dies_late_in_a_long_load_is_seen_at_once(world) -> None:
+    contract, fake, host, _ = world
+    _seed_state(contract, loads={"two": [30]})
+    unit = fake.units["llamavm-model-two.service"]
+    unit.behaviour, unit.load_s = "slow", 45
+    real_sleep, died_at = fake.sleep, []
+
+    def sleep(seconds):
+        real_sleep(seconds)
+        if unit.active == "activating" and fake.now - unit.started_at > 30 and not died_at:
+            died_at.append(fake.now)
+            unit.active, unit.sub, unit.pid = "failed", "failed", 0  # it exited
+
+    fake.sleep = sleep  # type: ignore[method-assign]
+    host.sleep = sleep
+    restarted = []
+    real_start = fake.start
+
+    def start(name):
+        if name == "llamavm-model-one.service":
+            restarted.append(fake.now)
+        return real_start(name)
+
+    fake.start = start  # type: ignore[method-assign]
+    with pytest.raises(HostError, match="the server exited while loading"):
+        _tx(host).switch("two")
+    # The rollback starts 'one' again within a health poll (250 ms), not a systemd tick later.
+    assert restarted and restarted[0] - died_at[0] < 0.5, (died_at, restarted)
+
+
 def test_a_stalled_load_is_rolled_back_before_the_ceiling(world) -> None:
     contract, fake, host, _ = world
     _seed_state(contract, loads={"two": [0.5]})

@@ -43,3 +43,34 @@ def test_private_names_are_role_prefixed(role: Path) -> None:
             registered = task.get("register")
             if registered:
                 assert registered.startswith(f"__{role.name}_"), f"{path.name}: {registered}"
+
+
+def _scenarios() -> dict[Path, dict]:
+    """Every Molecule scenario `invoke test` runs: molecule/*/ and molecule/vm/*/ (its glob)."""
+    import tasks
+
+    found = {}
+    for pattern in ("molecule/*/molecule.yml", tasks.MOLECULE_VM_GLOB):
+        for path in sorted(REPO_ROOT.glob(pattern)):
+            found[path.parent] = yaml.safe_load(path.read_text())
+    return found
+
+
+def _converged_roles(scenario: Path) -> set[str]:
+    plays = yaml.safe_load((scenario / "converge.yml").read_text())
+    return {
+        (r["role"] if isinstance(r, dict) else r) for play in plays for r in play.get("roles", [])
+    }
+
+
+@pytest.mark.parametrize("role", ROLES, ids=[r.name for r in ROLES])
+def test_every_role_has_a_molecule_scenario_that_invoke_test_runs(role: Path) -> None:
+    scenarios = _scenarios()
+    owners = [s for s in scenarios if role.name in _converged_roles(s)]
+    # A role's own scenario is named after it (base and hypervisor: their glob's default).
+    own = [s for s in owners if s.name == role.name or s.name == "default"]
+    assert own, f"no Molecule scenario converges the {role.name} role"
+    steps = scenarios[own[0]]["scenario"]["test_sequence"]
+    assert {"converge", "idempotence", "verify"} <= set(steps), (own[0], steps)
+    assert scenarios[own[0]]["verifier"]["name"] == "testinfra"
+    assert list((own[0] / "tests").glob("test_*.py")), f"{own[0]}: no testinfra checks"

@@ -5,13 +5,15 @@ base image, with its cloud-init seed."""
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-#: Where `invoke provision` rendered the lab's domains and seeds (llamavm/vmbuild.py).
-RENDER = "/var/cache/llamavm/vm/local-vm"
+#: Where `invoke provision` rendered the lab's domains and seeds (llamavm.vmbuild.render_dir:
+#: the controller's cache, $LLAMAVM_CACHE or /var/cache/llamavm; the hypervisor is the controller).
+RENDER = f"{os.environ.get('LLAMAVM_CACHE') or '/var/cache/llamavm'}/vm/local-vm"
 VMS = ["llamavm-vm", "llamavm-nas"]
 
 
