@@ -59,12 +59,15 @@ def doctor(c, inventory=None, catalog=None, json=False):
         "catalog": CATALOG_HELP,
         "limit": "only these hosts (Ansible --limit pattern)",
         "check": "dry run: show what would change, change nothing",
+        "full": "run every role on every host, even those whose drift probe finds nothing",
     }
 )
 @errors_to_exit
-def provision(c, inventory=None, catalog=None, limit=None, check=False):
+def provision(c, inventory=None, catalog=None, limit=None, check=False, full=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
-    recap = provision_mod.provision(inventory, catalog, limit=limit, check=check, say=say)
+    recap = provision_mod.provision(
+        inventory, catalog, limit=limit, check=check, full=full, say=say
+    )
     if check:
         say(f"llamavm: dry run — {recap.changed or 'no'} changes would be made")
     elif recap.changed == 0:

@@ -33,7 +33,7 @@ def pick(inventory: Path, pattern: str | None) -> list[remote.Host]:
         return hosts
     if pattern in {h.name for h in hosts}:  # the common case, without loading the inventory
         return [h for h in hosts if h.name == pattern]
-    matched = _ansible_hosts(inventory, pattern)
+    matched = ansible_hosts(inventory, pattern)
     chosen = [h for h in hosts if h.name in matched]
     if not chosen:
         names = ", ".join(h.name for h in hosts)
@@ -45,7 +45,7 @@ def pick(inventory: Path, pattern: str | None) -> list[remote.Host]:
     return chosen
 
 
-def _ansible_hosts(inventory: Path, pattern: str) -> set[str]:
+def ansible_hosts(inventory: Path, pattern: str) -> set[str]:
     """The hosts Ansible's own inventory manager matches for `pattern`."""
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader

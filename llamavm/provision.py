@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, contract, hostpkg, proxmox, source, tinymodel, vmbuild, vram
+from llamavm import (
+    REPO_ROOT,
+    contract,
+    converge,
+    hostpkg,
+    proxmox,
+    source,
+    tinymodel,
+    vmbuild,
+    vram,
+)
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
 from llamavm.errors import LlamavmError
@@ -80,6 +90,7 @@ def run_playbook(
     limit: str | None = None,
     check: bool = False,
     echo: Callable[[str], None] = lambda line: print(line, end="", flush=True),
+    env: dict[str, str] | None = None,
 ) -> tuple[int, Recap]:
     """ansible-playbook with the extra vars in a 0600 file (never on the command line)."""
     recap = Recap()
@@ -102,7 +113,7 @@ def run_playbook(
         proc = subprocess.Popen(
             cmd,
             cwd=REPO_ROOT / "ansible",
-            env=ansible_env(),
+            env={**ansible_env(), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -119,7 +130,7 @@ def default_models(inventory: Path, catalog: catalog_mod.Catalog) -> dict[str, s
     catalog name it resolves to. A name or alias the catalog lacks stops here, before any host."""
     from llamavm import remote
 
-    data = remote.inventory_data(inventory)
+    data = remote.inventory_data_cached(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
     chosen = {}
     for host in remote.host_names(data, inventory):
@@ -144,6 +155,7 @@ def provision(
     *,
     limit: str | None = None,
     check: bool = False,
+    full: bool = False,
     say: Callable[[str], None] = print,
 ) -> Recap:
     inv = inventory_mod.resolve(inventory)
@@ -180,27 +192,117 @@ def provision(
         extra["llamavm_controller_share"] = catalog.settings.controller_share_path
     extra["llamavm_host_package"] = str(hostpkg.build())
     vms = vmbuild.prepare(inventory, say)
-    total = Recap()
-    if vms:
-        say(f"llamavm: building {len(vms)} VM(s) on their hypervisors")
-        vm_vars = {"llamavm_vms": vms, "llamavm_host_package": str(hostpkg.build())}
-        rc, recap = run_playbook(VM_PLAYBOOK, inv.path, vm_vars, check=check)
-        if rc != 0:
-            raise LlamavmError(f"ansible-playbook vm.yml failed (exit {rc}) — see above")
-        total.merge(recap)
-        # Proxmox VE's VMs: through its API once the hosts are prepared for passthrough.
-        if any(vm["kind"] == "proxmox" for vm in vms):
-            hosts = proxmox.create_vms(inventory, say, check=check)
-            ready = {"llamavm_ready_hosts": hosts}
-            rc, recap = run_playbook(READY_PLAYBOOK, inv.path, ready, check=check)
+    vm_vars = {"llamavm_vms": vms, "llamavm_host_package": extra["llamavm_host_package"]}
+    found = _converge_plan(inv.path, extra, vm_vars if vms else None, limit, full, check)
+    converge.report(found, say)
+    total = Recap(hosts={host: dict(_ZERO) for host in found.up_to_date})
+    if found.all_up_to_date:
+        return total
+    with tempfile.TemporaryDirectory(prefix="llamavm-observe-") as tmp:
+        observe = {"LLAMAVM_OBSERVE": f"{tmp}/vm.json"}
+        try:
+            if vms:
+                say(f"llamavm: building {len(vms)} VM(s) on their hypervisors")
+                rc, recap = run_playbook(VM_PLAYBOOK, inv.path, vm_vars, check=check, env=observe)
+                if rc != 0:
+                    raise LlamavmError(f"ansible-playbook vm.yml failed (exit {rc}) — see above")
+                total.merge(recap)
+                # Proxmox VE's VMs: through its API once the hosts are prepared for passthrough.
+                if any(vm["kind"] == "proxmox" for vm in vms):
+                    hosts = proxmox.create_vms(inventory, say, check=check)
+                    ready = {"llamavm_ready_hosts": hosts}
+                    rc, recap = run_playbook(READY_PLAYBOOK, inv.path, ready, check=check)
+                    if rc != 0:
+                        raise LlamavmError(
+                            f"ansible-playbook vm_ready.yml failed (exit {rc}) — see above"
+                        )
+                    total.merge(recap)
+            observe["LLAMAVM_OBSERVE"] = f"{tmp}/provision.json"
+            rc, recap = run_playbook(
+                PLAYBOOK, inv.path, extra, limit=limit, check=check, env=observe
+            )
             if rc != 0:
-                raise LlamavmError(f"ansible-playbook vm_ready.yml failed (exit {rc}) — see above")
-            total.merge(recap)
-    rc, recap = run_playbook(PLAYBOOK, inv.path, extra, limit=limit, check=check)
-    if rc != 0:
-        raise LlamavmError(f"ansible-playbook failed (exit {rc}) — see the task output above")
-    total.merge(recap)
+                raise LlamavmError(
+                    f"ansible-playbook failed (exit {rc}) — see the task output above"
+                )
+        except BaseException:
+            converge.forget(inv.path, list(found.digests))
+            raise
+        total.merge(recap)
+        if not check:
+            observed = _merge_observed(Path(tmp) / "vm.json", Path(tmp) / "provision.json")
+            converged = [h for h, c in total.hosts.items() if not c["failed"] + c["unreachable"]]
+            for host in converge.record(found, observed, converged):
+                say(
+                    f"llamavm: {host}: converged, but its record could not be written: the next "
+                    "provision converges it in full again"
+                )
+            for line in converge.repaired_lines(
+                found, {h: c["changed"] for h, c in total.hosts.items()}
+            ):
+                say(line)
     return total
+
+
+_ZERO = {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}
+
+
+def _converge_plan(
+    inventory: Path,
+    extra: dict[str, Any],
+    vm_vars: dict[str, Any] | None,
+    limit: str | None,
+    full: bool,
+    check: bool,
+) -> converge.Plan:
+    """Digest the hosts this provision converges and probe them for drift."""
+    from llamavm import remote
+
+    data = remote.inventory_data_cached(inventory)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    groups = {g: remote.group_hosts(data, g) for g in data if g != "_meta"}
+    wanted = {h for g in _PLAYBOOK_GROUPS for h in groups.get(g, [])}
+    if vm_vars:
+        wanted |= set(groups.get("llamavm_hypervisors", []))
+    if limit:
+        wanted &= set(_limited(inventory, limit))
+    inputs = {"provision": extra, "vm": vm_vars}
+    state_dir = contract.load_host_config().state_dir
+    record_path = f"{state_dir}/{converge.RECORD_NAME}"
+    return converge.plan(
+        inventory,
+        inputs,
+        {h: hostvars.get(h, {}) for h in sorted(wanted)},
+        groups,
+        record_path,
+        full=full,
+        check=check,
+    )
+
+
+#: The groups provision.yml converges.
+_PLAYBOOK_GROUPS = ("llama_cpp_builders", "nfs_servers", "llamavm_hosts")
+
+
+def _limited(inventory: Path, limit: str) -> list[str]:
+    """The hosts an Ansible --limit pattern selects (Ansible's own inventory manager)."""
+    from llamavm import fleet
+
+    return sorted(fleet.ansible_hosts(inventory, limit))
+
+
+def _merge_observed(*paths: Path) -> dict[str, Any]:
+    merged: dict[str, Any] = {"hosts": {}}
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for host, seen in data.get("hosts", {}).items():
+            mine = merged["hosts"].setdefault(host, {"files": [], "units": [], "packages": []})
+            for key in mine:
+                mine[key] += seen.get(key, [])
+    return merged
 
 
 def role_vars(

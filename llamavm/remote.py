@@ -77,6 +77,24 @@ def inventory_data(inventory: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def inventory_data_cached(inventory: Path) -> dict[str, Any]:
+    """inventory_data, kept for a static inventory under the digest of its files (as `hosts`
+    keeps its hosts): asked again when a file, ansible.cfg or an ANSIBLE_* variable changes."""
+    digest = _static_digest(inventory)
+    cache = _cache_dir() / f"{digest}.data.json" if digest else None
+    if cache is not None:
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and data:
+            return data
+    data = inventory_data(inventory)
+    if cache is not None:
+        _write(cache, data)
+    return data
+
+
 def host_names(data: dict[str, Any], inventory: Path, only: str | None = None) -> list[str]:
     """The hosts of GROUP (or just `only`), with one-line errors when there are none."""
     names = group_hosts(data, GROUP)
@@ -156,7 +174,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+def _write(path: Path, entries: list[dict[str, Any]] | dict[str, Any]) -> None:
     """Keep the hosts for next time; a cache that can't be written is no error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

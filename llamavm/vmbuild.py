@@ -49,7 +49,7 @@ def render_all(inventory: str | None, out: Path | None = None) -> list[Rendered]
     """Validate and render every VM of `inventory`; write them under `out` when given."""
     inv = inventory_mod.resolve(inventory)
     specs = vmspec.from_inventory(inventory)
-    hostvars = remote.inventory_data(inv.path).get("_meta", {}).get("hostvars", {})
+    hostvars = remote.inventory_data_cached(inv.path).get("_meta", {}).get("hostvars", {})
     results = []
     for spec in specs:
         label = f"{inv.path}: host {spec.host}"
@@ -97,7 +97,7 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
     vm.yml playbook ([] when the inventory has no VMs). Starts this machine's own hypervisor
     when a VM runs on localhost."""
     inv = inventory_mod.resolve(inventory)
-    data = remote.inventory_data(inv.path)
+    data = remote.inventory_data_cached(inv.path)
     hypervisors = remote.group_hosts(data, "llamavm_hypervisors")
     if "localhost" in hypervisors:
         from llamavm import localhv

@@ -338,7 +338,7 @@ def from_inventory(inventory: str | None = None, only: str | None = None) -> lis
     """Every VM spec of an inventory's model hosts and NFS servers (hosts without llamavm_vm
     are not VMs)."""
     inv = inventory_mod.resolve(inventory)
-    data = remote.inventory_data(inv.path)
+    data = remote.inventory_data_cached(inv.path)
     hostvars = data.get("_meta", {}).get("hostvars", {})
     specs = []
     names = remote.host_names(data, inv.path)

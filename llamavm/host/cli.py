@@ -5,6 +5,7 @@
     llamavm-switch restart [--json] [--tx ID]       restart the serving model (health-gated)
     llamavm-switch apply [--json] [--tx ID]         install staged units (invoke provision runs it)
     llamavm-switch check NAME [--json]              the pre-switch checks alone, nothing stopped
+    llamavm-switch drift [--json]                   what apply would change now (read-only)
     llamavm-switch status [--json]                  active model, health, uptime, loads, CPU/RAM/GPU
     llamavm-switch rotate-key [--json] [--tx ID]    a new API key; the serving model restarts
     llamavm-switch expose [--json]                  open the serving model's port in the firewall
@@ -354,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.add_argument("--tx", default=None)
     sub.add_parser("status").add_argument("--json", action="store_true")
+    sub.add_parser("drift").add_argument("--json", action="store_true")
     sub.add_parser("expose").add_argument("--json", action="store_true")
     sub.add_parser("metrics")
     p = sub.add_parser("result")
@@ -397,6 +399,8 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
             return _print(run(contract, tx, "boot", []), "boot", as_json)
         if args.command == "check":
             return _print(run_inline_check(contract, args.model), "check", as_json)
+        if args.command == "drift":
+            return _print(run_inline_drift(contract), "drift", as_json)
         if args.command == "expose":
             return _print(run_inline_expose(contract), "expose", as_json)
         if args.command == "metrics":
@@ -440,6 +444,15 @@ def run_inline_check(contract: Contract, name: str) -> dict[str, Any]:
     host = Host(contract, progress=store.Progress(None, ""))
     with store.locked(contract.paths.lock, contract.lock_timeout_s):
         return {"ok": True, "code": 0, **Transaction(host, new_tx(), "check").check(name)}
+
+
+def run_inline_drift(contract: Contract) -> dict[str, Any]:
+    """What apply would change (the drift probe's hook): read-only, so no lock."""
+    from llamavm.host.transaction import Host, Transaction
+
+    host = Host(contract, progress=store.Progress(None, ""))
+    drift = Transaction(host, new_tx(), "drift").drift()
+    return {"ok": True, "code": 0, "changed": False, "drift": drift}
 
 
 def run_inline_expose(contract: Contract) -> dict[str, Any]:
@@ -486,6 +499,8 @@ def human(command: str, result: dict[str, Any]) -> str:
     if command == "rotate-key":
         restarted = result.get("restarted")
         return "rotated the API key" + (f"; {restarted} serves with it" if restarted else "")
+    if command == "drift":
+        return "\n".join(result.get("drift") or ["no drift: apply would change nothing"])
     if command == "expose":
         ports = ", ".join(map(str, result.get("open", []))) or "no model port"
         return f"firewall: {ports} open" + ("" if result.get("changed") else " (unchanged)")

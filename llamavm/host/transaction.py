@@ -417,9 +417,8 @@ class Transaction:
         self._save(state)
         return {"changed": True, "recovered": tx, "outcome": outcome}
 
-    def apply(self) -> dict[str, Any]:
-        """Install the units provision staged; restart the serving model only when its
-        [Service] changed (through this transaction), never for a dependency change."""
+    def _units(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The staged and the installed text of every model unit."""
         paths = self.contract.paths
         staged: dict[str, str] = {}
         for model in self.contract.models:
@@ -431,6 +430,39 @@ class Transaction:
                     EXIT_REFUSED,
                 ) from None
         live = {p.name: p.read_text() for p in paths.units_live.glob("llamavm-model-*.service")}
+        return staged, live
+
+    def drift(self) -> list[str]:
+        """What `apply` would do now, without doing it (read-only, no lock): the drift probe
+        of `invoke provision` asks this before it skips a host's roles."""
+        staged, live = self._units()
+        found = [
+            f"{self.contract.paths.units_live / u}: "
+            + ("missing" if u not in live else "differs from the staged unit")
+            for u, text in sorted(staged.items())
+            if live.get(u) != text
+        ]
+        found += [
+            f"{self.contract.paths.units_live / u}: its model is no longer in the catalog"
+            for u in sorted(live)
+            if u not in staged
+        ]
+        running = self.host.running()
+        if len(running) > 1:
+            found.append("several models run: " + ", ".join(m.name for m in running))
+        elif not running:
+            found.append("no model serves (provision starts the chosen one)")
+        elif self.host.runs_current_build(running[0]) is False:
+            found.append(f"{running[0].name} runs an older llama.cpp build")
+        enabled = self.host.systemd.enabled([m.unit for m in self.contract.models])
+        found += [f"{unit}: enabled (only the boot unit starts models)" for unit in enabled]
+        return found
+
+    def apply(self) -> dict[str, Any]:
+        """Install the units provision staged; restart the serving model only when its
+        [Service] changed (through this transaction), never for a dependency change."""
+        paths = self.contract.paths
+        staged, live = self._units()
         running = self.host.running()
         if len(running) > 1:  # started by hand around Conflicts=: keep the chosen one
             desired = self._state()["desired"]

@@ -436,6 +436,34 @@ def test_a_second_apply_changes_nothing(world) -> None:
     assert Transaction(host, "ap5", "apply").apply()["changed"] is False
 
 
+def test_drift_says_what_apply_would_do_and_changes_nothing(world) -> None:
+    contract, fake, host, _ = world
+    for name in ("one", "two"):
+        _stage(contract, name, live=True)
+        _stage(contract, name)
+    tx = Transaction(host, "dr1", "drift")
+    assert tx.drift() == []
+    live = contract.paths.units_live / "llamavm-model-two.service"
+    live.write_text(live.read_text() + "# edited by hand\n")
+    (contract.paths.units_live / "llamavm-model-old.service").write_text("x")
+    fake.enabled_units.add("llamavm-model-one.service")
+    calls = len(fake.calls)
+    drift = tx.drift()
+    assert drift == [
+        f"{live}: differs from the staged unit",
+        f"{contract.paths.units_live}/llamavm-model-old.service: its model is no longer in the "
+        "catalog",
+        "llamavm-model-one.service: enabled (only the boot unit starts models)",
+    ]
+    assert not [c for c in fake.calls[calls:] if c[0] in ("stop", "start", "disable")]
+    assert "# edited by hand" in live.read_text()
+    fake.stop(["llamavm-model-one.service"])
+    assert "no model serves (provision starts the chosen one)" in tx.drift()
+    (contract.paths.units_staged / "llamavm-model-two.service").unlink()
+    with pytest.raises(HostError, match="missing — run 'invoke provision'"):
+        tx.drift()
+
+
 def test_service_section_ignores_comments_and_folds_continuations() -> None:
     a = "[Unit]\nX=1\n[Service]\n# why\nExecStart=/a \\\n    --b\nUser=x\n"
     b = "[Unit]\nX=2\n[Service]\nExecStart=/a --b\n\nUser=x\n"

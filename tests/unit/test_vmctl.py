@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from llamavm import vmctl, vmspec
+
+
+@pytest.fixture(autouse=True)
+def _no_lab_key(monkeypatch) -> None:
+    """The lab's key pair exists only once the lab was brought up: these tests don't need it."""
+    monkeypatch.setattr(vmspec, "ssh_keys", lambda fail, raw: ("ssh-ed25519 AAAAC3Nz test",))
 
 
 def test_purge_forgets_the_host_key_of_the_vm_only(tmp_path, monkeypatch) -> None:

@@ -110,6 +110,26 @@ def kv_bytes(ctx: int, layers: int, per_elem: float) -> float:
     return ctx * layers * 2 * N_HEAD_KV * HEAD_DIM * per_elem
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_header_is_read_once_per_version_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_model(tmp_path / "m.gguf")
+    first = vram.read_gguf(path)
+    reads: list[Path] = []
+    real = vram._read_gguf
+    monkeypatch.setattr(vram, "_read_gguf", lambda p: reads.append(p) or real(p))
+    assert vram.read_gguf(path) == first and reads == []  # from the cache, the same answer
+    moe = write_model(tmp_path / "other.gguf", moe=True)
+    moe.replace(path)  # a new version of the same path: read again
+    again = vram.read_gguf(path)
+    assert reads == [path] and again.is_moe and again != first
+
+
 def test_header_fields(tmp_path: Path) -> None:
     info = vram.read_gguf(write_model(tmp_path / "m.gguf"))
     assert (info.architecture, info.n_layer, info.n_embd) == ("llama", N_LAYER, N_EMBD)

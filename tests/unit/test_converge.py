@@ -1,0 +1,364 @@
+"""The converge record and the drift probe: the module's snapshot and comparison, the callback
+that sees what roles manage, the digest of a converge's inputs — and the whole loop through a
+real ansible-playbook on this machine (connection local, a temporary folder)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamavm import REPO_ROOT, converge, provision
+
+MODULE = REPO_ROOT / "ansible" / "library" / "llamavm_converge.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("llamavm_converge", MODULE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mod = _load_module()
+
+
+def _params(tmp_path: Path, **extra) -> dict:
+    return {
+        "digest": "d1",
+        "path": str(tmp_path / "state" / "converge.json"),
+        "files": [],
+        "units": [],
+        "packages": [],
+        "hooks": [],
+        **extra,
+    }
+
+
+def test_a_record_then_an_unchanged_host_has_no_drift(tmp_path: Path) -> None:
+    unit = tmp_path / "demo.service"
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    link = tmp_path / "current"
+    link.symlink_to("builds/a")
+    files = [{"path": str(unit), "content": True}, {"path": str(link), "content": False}]
+    params = _params(tmp_path, files=files)
+    assert mod.record(params)["checked"] == 2
+    assert (tmp_path / "state" / "converge.json").stat().st_mode & 0o777 == 0o600
+    assert mod.verify(params) == {"drift": [], "checked": 2}
+
+
+def test_hand_edits_are_drift_named_by_path(tmp_path: Path) -> None:
+    unit = tmp_path / "demo.service"
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    key = tmp_path / "api-key"
+    key.write_text("k" * 40)
+    key.chmod(0o600)
+    link = tmp_path / "current"
+    link.symlink_to("builds/a")
+    gone = tmp_path / "legacy.conf"
+    files = [
+        {"path": str(unit), "content": True},
+        {"path": str(key), "content": False},
+        {"path": str(link), "content": False},
+        {"path": str(gone), "content": False},
+    ]
+    params = _params(tmp_path, files=files)
+    mod.record(params)
+    unit.write_text("[Service]\nExecStart=/bin/false\n")
+    key.write_text("")
+    key.chmod(0o644)
+    link.unlink()
+    link.symlink_to("builds/b")
+    gone.write_text("back\n")
+    drift = mod.verify(params)["drift"]
+    assert f"{unit}: content changed" in drift
+    assert f"{key}: emptied, mode 0644 (was 0600)" in drift
+    assert f"{link}: points to builds/b (was builds/a)" in drift
+    assert f"{gone}: appeared (it was removed)" in drift
+    unit.unlink()
+    assert f"{unit}: deleted" in mod.verify(params)["drift"]
+
+
+def test_a_key_rotated_in_place_is_not_drift(tmp_path: Path) -> None:
+    # Files the role creates but does not own (copy force: false, file state: file): only
+    # their type, mode, owner and emptiness count, not their content.
+    key = tmp_path / "api-key"
+    key.write_text("a" * 40)
+    params = _params(tmp_path, files=[{"path": str(key), "content": False}])
+    mod.record(params)
+    key.write_text("b" * 40)
+    assert mod.verify(params)["drift"] == []
+
+
+def test_no_record_a_malformed_one_or_other_inputs_are_drift(tmp_path: Path) -> None:
+    params = _params(tmp_path)
+    assert mod.verify(params)["drift"] == ["no record of an earlier converge"]
+    record = Path(params["path"])
+    record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    assert "unreadable" in mod.verify(params)["drift"][0]
+    record.write_text('["a list"]')
+    assert "malformed" in mod.verify(params)["drift"][0]
+    mod.record(params)
+    assert mod.verify({**params, "digest": "d2"})["drift"] == [
+        "what shapes the converge changed since the last one"
+    ]
+
+
+def _fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, units: dict, packages: dict):
+    """systemctl show and dpkg-query stand-ins answering from `units` / `packages`."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (tmp_path / "units.json").write_text(json.dumps(units))
+    (tmp_path / "packages.json").write_text(json.dumps(packages))
+    (bindir / "systemctl").write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"units = json.load(open({str(tmp_path / 'units.json')!r}))\n"
+        "names = [a for a in sys.argv[2:] if not a.startswith('-')]\n"
+        "print('\\n\\n'.join(f'Id={n}\\nLoadState=loaded\\nUnitFileState={units[n][0]}\\n"
+        "ActiveState={units[n][1]}' for n in names))\n"
+    )
+    (bindir / "dpkg-query").write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"pkgs = json.load(open({str(tmp_path / 'packages.json')!r}))\n"
+        "for n in sys.argv[3:]:\n"
+        "    if n in pkgs: print(f'{n}\\t{pkgs[n]} ')\n"
+    )
+    for tool in bindir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_stopped_or_disabled_units_and_removed_packages_are_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    units = {"caddy.service": ["enabled", "active"], "apt-daily.timer": ["enabled", "active"]}
+    _fake_tools(tmp_path, monkeypatch, units, {"caddy": "ii", "nftables": "ii"})
+    params = _params(
+        tmp_path,
+        # caddy was started by its role; the timer only enabled (its active state is its own)
+        units=[{"name": "caddy.service", "active": True}, {"name": "apt-daily.timer"}],
+        packages=["caddy", "nftables"],
+    )
+    mod.record(params)
+    assert mod.verify(params)["drift"] == []
+    units["apt-daily.timer"][1] = "inactive"  # not asked for: no drift
+    _fake_tools(tmp_path, monkeypatch, units, {"caddy": "ii", "nftables": "ii"})
+    assert mod.verify(params)["drift"] == []
+    units["caddy.service"] = ["enabled", "failed"]
+    units["apt-daily.timer"][0] = "disabled"
+    _fake_tools(tmp_path, monkeypatch, units, {"caddy": "ii", "nftables": "rc"})
+    drift = mod.verify(params)["drift"]
+    assert "unit caddy.service: failed (was active)" in drift
+    assert "unit apt-daily.timer: loaded/disabled (was loaded/enabled)" in drift
+    assert "package nftables: not installed (was installed)" in drift
+
+
+def test_hooks_report_their_own_drift_and_a_failing_hook_is_drift(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text(f'#!{sys.executable}\nimport json; print(json.dumps({{"drift": ["x"]}}))\n')
+    hook.chmod(0o755)
+    params = _params(tmp_path, hooks=[[str(hook)]])
+    mod.record(params)
+    assert mod.verify(params)["drift"] == ["x"]
+    hook.write_text("#!/bin/sh\necho broken >&2\nexit 2\n")
+    assert mod.verify(params)["drift"] == ["hook : exit 2 (broken)"]
+    hook.unlink()
+    assert "could not ask" in mod.verify(params)["drift"][0]
+
+
+def test_the_fingerprint_sees_a_gpu_tool_appear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = _params(tmp_path)
+    bindir = tmp_path / "gpu"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    if mod.fingerprint()["nvidia-smi"] is not None:
+        pytest.skip("this machine has an nvidia-smi of its own")
+    mod.record(params)
+    tool = bindir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert mod.verify(params)["drift"] == ["the host changed: nvidia-smi"]
+
+
+def test_the_digest_follows_inputs_file_contents_and_host_vars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "src.tar"
+    archive.write_bytes(b"one")
+    inputs = {"provision": {"llama_cpp_source_archive": str(archive), "x": [1, 2]}}
+    hostvars = {"a": {"ansible_host": "10.0.0.1"}, "b": {"ansible_host": "10.0.0.2"}}
+    first = converge.digests(inputs, hostvars)
+    assert first == converge.digests(inputs, hostvars)
+    assert first["a"] != first["b"]
+    archive.write_bytes(b"two")  # same path, other content
+    second = converge.digests(inputs, hostvars)
+    assert second["a"] != first["a"]
+    changed = converge.digests({"provision": {**inputs["provision"], "x": [1]}}, hostvars)
+    assert changed["a"] != second["a"]
+    moved = converge.digests(inputs, {**hostvars, "a": {"ansible_host": "10.0.0.9"}})
+    assert moved["a"] != second["a"] and moved["b"] == second["b"]
+
+
+def test_the_tree_digest_changes_with_any_role_file(tmp_path: Path) -> None:
+    (tmp_path / "roles" / "r" / "tasks").mkdir(parents=True)
+    task = tmp_path / "roles" / "r" / "tasks" / "main.yml"
+    task.write_text("---\n")
+    before = converge.tree_digest(tmp_path)
+    task.write_text("---\n- name: x\n")
+    assert converge.tree_digest(tmp_path) != before
+
+
+def test_report_and_repaired_lines_name_the_host_and_the_drift() -> None:
+    found = converge.Plan(Path("inv"), {"a": "1", "b": "2", "c": "3"}, "/r")
+    found.up_to_date = {"a": 12}
+    found.drift = {
+        "b": ["/etc/x: content changed", "unit y: failed (was active)"],
+        "c": ["no converge of it recorded by this controller"],
+    }
+    lines: list[str] = []
+    converge.report(found, lines.append)
+    assert lines[0].startswith("llamavm: a: up to date") and "12 managed items" in lines[0]
+    assert "llamavm: b: converging — 2 differences" in lines
+    assert "llamavm: b:   /etc/x: content changed" in lines
+    assert "llamavm: c: converging — no converge of it recorded by this controller" in lines
+    repaired = converge.repaired_lines(found, {"b": 2, "c": 40})
+    assert repaired == [
+        "llamavm: b: repaired (2 changes): /etc/x: content changed; unit y: failed (was active)"
+    ]
+
+
+PLAY = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - ansible.builtin.copy: {{content: "owned\\n", dest: "{d}/owned.conf", mode: "0644"}}
+    - ansible.builtin.copy: {{content: "made once\\n", dest: "{d}/key", mode: "0600",
+                             force: false}}
+    - ansible.builtin.file: {{path: "{d}/dir", state: directory, mode: "0755"}}
+    - ansible.builtin.file: {{src: "{d}/dir", dest: "{d}/link", state: link}}
+    - ansible.builtin.template: {{src: "{t}", dest: "{d}/templated.conf", mode: "0644"}}
+    - ansible.builtin.file: {{path: "{d}/f-{{{{ item }}}}", state: touch, mode: "0644"}}
+      loop: [1, 2]
+    - ansible.builtin.file: {{path: "{d}/skipped", state: touch}}
+      when: false
+    - ansible.builtin.stat: {{path: "{d}/link"}}
+    - ansible.builtin.stat: {{path: "{d}/never"}}
+    - ansible.builtin.copy: {{content: "elsewhere", dest: "{d}/delegated"}}
+      delegate_to: localhost
+"""
+
+
+def test_the_whole_loop_through_ansible_playbook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converge a play with the callback on, record what it saw with converge.yml, probe:
+    nothing; hand-edit a file: the probe names it; a converge repairs it."""
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path / "controller"))
+    work = tmp_path / "work"
+    work.mkdir()
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "all:\n  hosts:\n    here:\n      ansible_connection: local\n"
+        f"      ansible_python_interpreter: {sys.executable}\n      ansible_become: false\n"
+    )
+    play = tmp_path / "play.yml"
+    template = tmp_path / "t.j2"
+    template.write_text("{{ 1 + 1 }}\n")
+    play.write_text(PLAY.format(d=work, t=template))
+    observed = tmp_path / "observed.json"
+    for _ in range(2):  # the second converge changes nothing: what it reports then counts too
+        rc, _ = provision.run_playbook(
+            play, inventory, {}, echo=lambda _: None, env={"LLAMAVM_OBSERVE": str(observed)}
+        )
+        assert rc == 0
+    seen = json.loads(observed.read_text())["hosts"]["here"]
+    files = {f["path"]: f["content"] for f in seen["files"]}
+    assert files == {
+        f"{work}/owned.conf": True,
+        f"{work}/templated.conf": True,
+        f"{work}/key": False,
+        f"{work}/dir": False,
+        f"{work}/link": False,
+        f"{work}/f-1": False,
+        f"{work}/f-2": False,
+        f"{work}/never": False,
+    }
+    record_path = str(tmp_path / "state" / "converge.json")
+    found = converge.Plan(inventory, {"here": "digest-1"}, record_path)
+    assert converge.record(found, {"hosts": {"here": seen}}, ["here"]) == []
+    probe = {"here": {"state": "verify", "digest": "digest-1", "path": record_path}}
+    rc, answers, output = converge.run_converge_play(inventory, probe)
+    assert rc == 0, output
+    assert answers["probe"]["here"] == {"drift": [], "checked": 8}
+    (work / "owned.conf").write_text("edited by hand\n")
+    (work / "templated.conf").write_text("3\n")
+    (work / "key").write_text("rotated, not drift\n")
+    _, answers, _ = converge.run_converge_play(inventory, probe)
+    assert answers["probe"]["here"]["drift"] == [
+        f"{work}/owned.conf: content changed",
+        f"{work}/templated.conf: content changed",
+    ]
+    assert provision.run_playbook(play, inventory, {}, echo=lambda _: None)[0] == 0
+    _, answers, _ = converge.run_converge_play(inventory, probe)
+    assert answers["probe"]["here"]["drift"] == []
+
+
+def test_a_failed_converge_forgets_the_hosts_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path))
+    inventory = tmp_path / "inv"
+    converge._save_notes(inventory, {"a": "1", "b": "2"})
+    converge.forget(inventory, ["a"])
+    assert converge._notes(inventory) == {"b": "2"}
+
+
+def test_a_host_this_controller_never_recorded_is_not_probed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(converge, "run_converge_play", lambda *a, **k: calls.append(a))
+    found = converge.plan(tmp_path / "inv", {}, {"a": {}}, {}, "/r")
+    assert found.drift == {"a": ["no converge of it recorded by this controller"]}
+    assert not calls and not found.all_up_to_date
+
+
+def test_probe_answers_decide_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path))
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    inventory = tmp_path / "inv"
+    hostvars = {"a": {}, "b": {}, "c": {}}
+    converge._save_notes(inventory, converge.digests({}, hostvars))
+    answers = {"a": {"drift": [], "checked": 3}, "b": {"drift": ["x"], "checked": 3}}
+    monkeypatch.setattr(converge, "run_converge_play", lambda *a, **k: (0, {"probe": answers}, ""))
+    found = converge.plan(inventory, {}, hostvars, {}, "/r")
+    assert found.up_to_date == {"a": 3}
+    assert found.drift["b"] == ["x"]
+    assert "unreachable" in found.drift["c"][0]
+    full = converge.plan(inventory, {}, hostvars, {}, "/r", full=True)
+    assert not full.up_to_date and set(full.drift) == set(hostvars)
+
+
+def test_the_module_runs_with_the_hosts_python_alone() -> None:
+    # What the module imports besides Ansible's module_utils must be the standard library.
+    tree = ast.parse(MODULE.read_text())
+    names = {
+        (n.names[0].name if isinstance(n, ast.Import) else n.module or "").split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    }
+    assert names <= {
+        "__future__", "ansible", "hashlib", "json", "os", "platform", "shutil", "stat",
+        "subprocess", "tempfile",
+    }  # fmt: skip
