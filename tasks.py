@@ -337,14 +337,58 @@ MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
 @errors_to_exit
 def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False):
     """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
-    lint(c)
+    phases = Phases()
+    try:
+        _test(c, phases, unit, pytest_args, molecule, vm_roles, vm)
+    finally:
+        phases.summary()
+
+
+class Phases:
+    """Each phase's wall time, said as it ends and summed up at the end (CI's output shows
+    where its minutes go)."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, float]] = []
+
+    def run(self, name, work):
+        import time
+
+        began = time.monotonic()
+        try:
+            return work()
+        finally:
+            self.done.append((name, time.monotonic() - began))
+            say(f"llamavm: phase {name}: {self.done[-1][1]:.0f} s")
+
+    def summary(self) -> None:
+        if self.done:
+            total = sum(s for _, s in self.done)
+            parts = ", ".join(f"{n} {s:.0f} s" for n, s in self.done)
+            say(f"llamavm: phases ({total / 60:.1f} min): {parts}")
+
+
+def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm):
+    phases.run("lint", lambda: lint(c))
     paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
     cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
     if not vm:
         cmd += ["-m", "not vm"]
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
-    rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+    if not unit and os.geteuid() == 0:
+        # What the integration tests share, built once before them and timed apart: the test
+        # bed (its rootfs), the llama.cpp source with the web UI, and the first provision (the
+        # llama.cpp build). The tests' own provision then finds nothing to do.
+        from llamavm import source, testbed
+
+        phases.run("test bed (rootfs, boot)", testbed.up)
+        phases.run("llama.cpp source and web UI", source.prepare)
+        phases.run(
+            "first provision (llama.cpp build, roles)",
+            lambda: provision_mod.provision(None, None, say=lambda line: None),
+        )
+    rc = phases.run("pytest", lambda: subprocess.run(cmd, cwd=REPO_ROOT).returncode)
     if rc != 0:
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)
     if unit or not molecule or os.geteuid() != 0:
@@ -354,7 +398,10 @@ def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False):
     say("$ molecule test --all")
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("ANSIBLE_CONFIG", None)
-    rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
+    rc = phases.run(
+        "molecule",
+        lambda: subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode,
+    )
     if rc != 0:
         raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
     if not vm_roles:
@@ -363,7 +410,10 @@ def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False):
     # its default scenario brings the lab up first and powers it off at the end.
     say(f"$ MOLECULE_GLOB='{MOLECULE_VM_GLOB}' molecule test --all")
     env["MOLECULE_GLOB"] = MOLECULE_VM_GLOB
-    rc = subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode
+    rc = phases.run(
+        "molecule, VM roles (lab images, VMs)",
+        lambda: subprocess.run(["molecule", "test", "--all"], cwd=REPO_ROOT, env=env).returncode,
+    )
     if rc != 0:
         raise Exit(f"llamavm: molecule test (VM roles) failed (exit {rc})", code=rc)
 

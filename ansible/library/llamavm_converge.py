@@ -17,7 +17,7 @@ Hooks are host commands that report drift in their own domain as JSON (`{"drift"
 `llamavm-switch drift` says whether `llamavm-switch apply` would install, restart, remove or
 start anything. A hook that is missing (not installed yet) or fails counts as drift.
 
-Only the standard library: it runs with the host's Python (3.8+).
+Only the standard library: it runs with the host's Python (3.10+: Debian 12, Ubuntu 22.04 on).
 """
 
 from __future__ import annotations
@@ -109,18 +109,22 @@ def file_state(path: str, content: bool) -> dict:
     return state
 
 
+def _output(argv: list) -> str:
+    """A query's standard output (its exit code says nothing here: dpkg-query exits 1 when
+    one of the packages is unknown, and still lists the others)."""
+    proc = subprocess.run(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False
+    )
+    return proc.stdout
+
+
 def unit_states(units: list) -> dict:
     if not units or not shutil.which("systemctl"):
         return {}
     names = sorted({u["name"] for u in units})
-    proc = subprocess.run(
-        ["systemctl", "show", "--property=Id,LoadState,UnitFileState,ActiveState", "--", *names],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        check=False,
-    )
-    blocks = [b for b in proc.stdout.split("\n\n") if b.strip()]
+    out = _output(["systemctl", "show", "--property=Id,LoadState,UnitFileState,ActiveState",
+                   "--", *names])  # fmt: skip
+    blocks = [b for b in out.split("\n\n") if b.strip()]
     wants_active = {u["name"] for u in units if u.get("active")}
     found = {}
     for name, block in zip(names, blocks, strict=False):
@@ -138,15 +142,9 @@ def package_states(packages: list) -> dict:
     names = sorted(set(packages))
     if not names or not shutil.which("dpkg-query"):
         return {}
-    proc = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Package}\t${db:Status-Abbrev}\n", "--", *names],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        check=False,
-    )
+    out = _output(["dpkg-query", "-W", "-f=${Package}\t${db:Status-Abbrev}\n", "--", *names])
     found = dict.fromkeys(names, "not installed")
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         name, _, status = line.partition("\t")
         name = name.split(":", 1)[0]
         if name in found:

@@ -1,0 +1,90 @@
+"""A no-op `invoke provision` against a bare Ansible fact run, and a hand edit repaired.
+
+Run as root on a provisioned target (`invoke provision` first):
+
+    .venv/bin/python bench/provision.py [--runs 5] [-i local-vm]
+
+In one run: the baseline, `ansible HOSTS -m setup` (connect, gather every fact, nothing else);
+the no-op `invoke provision` (validation, the llama.cpp source, the host contract, the drift
+probe; every host up to date, its roles skipped), medians of --runs and their ratio (goal: at
+most 3x for the test bed, at most 60 s for the TCG VM); then a model host's unit edited by hand
+(`llamavm-control.service`), the next provision's time and what it said (it must name the file
+and repair it), and one more no-op provision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from llamavm import REPO_ROOT, remote
+from llamavm import inventory as inventory_mod
+
+BIN = REPO_ROOT / ".venv" / "bin"
+UNIT = "/etc/systemd/system/llamavm-control.service"
+
+
+def timed(argv: list[str], cwd=REPO_ROOT) -> tuple[float, subprocess.CompletedProcess[str]]:
+    began = time.monotonic()
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - began
+    if proc.returncode != 0:
+        sys.exit(f"{shlex.join(argv)} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return elapsed, proc
+
+
+def on_host(host: remote.Host, command: str) -> str:
+    proc = remote.run(host, ["bash", "-c", command], stream=False, timeout=60)
+    if proc.returncode != 0:
+        sys.exit(f"{host.name}: {command!r} failed: {proc.stderr.strip()[-300:]}")
+    return proc.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("-i", "--inventory", default=None, help="default: local (the test bed)")
+    args = parser.parse_args()
+    inv = inventory_mod.resolve(args.inventory)
+    provision = [str(BIN / "invoke"), "provision"] + (
+        ["-i", args.inventory] if args.inventory else []
+    )
+    setup = [str(BIN / "ansible"), "-i", str(inv.path), remote.GROUP, "-m", "setup"]
+
+    timed(provision)  # converged and recorded before anything is measured
+    facts, noop = [], []
+    for _ in range(args.runs):  # interleaved: both see the same machine load
+        facts.append(timed(setup, cwd=REPO_ROOT / "ansible")[0])
+        seconds, proc = timed(provision)
+        if "up to date" not in proc.stdout or "no changes" not in proc.stdout:
+            sys.exit(f"the no-op provision was not skipped:\n{proc.stdout[-3000:]}")
+        noop.append(seconds)
+    base, mine = statistics.median(facts), statistics.median(noop)
+    print(f"inventory {inv.path.name}, {args.runs} runs each, medians")
+    print(f"| ansible {remote.GROUP} -m setup (baseline) | {base:.2f} s | 1.00x |")
+    print(f"| no-op invoke provision | {mine:.2f} s | {mine / base:.2f}x |")
+
+    host = remote.hosts(inv.path)[0]
+    before = on_host(host, f"sha256sum {UNIT}").split()[0]
+    on_host(host, f"echo '# edited by hand' >> {UNIT}")
+    seconds, proc = timed(provision)
+    said = [line for line in proc.stdout.splitlines() if UNIT in line]
+    after = on_host(host, f"sha256sum {UNIT}").split()[0]
+    repaired = after == before and any("repaired" in line for line in said)
+    print(
+        f"| provision after a hand edit of {UNIT} | {seconds:.2f} s | "
+        f"{seconds / base:.2f}x | {'repaired' if repaired else 'NOT repaired'} |"
+    )
+    for line in said:
+        print(f"    {line}")
+    seconds, proc = timed(provision)
+    print(f"| the next no-op provision | {seconds:.2f} s | {seconds / base:.2f}x |")
+    return 0 if repaired else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
