@@ -16,6 +16,7 @@ module runs are skipped; anything else (a hand-edited unit, a deleted file, a st
 removed package, a new GPU, other inputs) runs the whole converge as before, says what it found,
 and records again. The controller remembers which digest it recorded per host
 (`$LLAMAVM_STATE/converge/`) only to avoid probing a host it certainly has to converge.
+To see why a digest changed, set LLAMAVM_DIGEST_DUMP=FILE: provision writes what went into it.
 """
 
 from __future__ import annotations
