@@ -15,7 +15,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from llamavm import REPO_ROOT, models_view, remote, status_view, switch_view
+from llamavm import REPO_ROOT, control_api, models_view, remote, status_view, switch_view
 from llamavm import catalog as catalog_mod
 from llamavm import doctor as doctor_mod
 from llamavm import inventory as inventory_mod
@@ -161,7 +161,7 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
         if dry:
             answer = remote.query(target, ["check", wanted.name])
             return int(answer.get("code", 0)), answer
-        return remote.transaction(target, "switch", [wanted.name], stream=stream)
+        return control_api.transaction(target, cat.settings, "switch", [wanted.name], stream=stream)
 
     def done(target, result):
         if not json:
@@ -190,13 +190,13 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
 def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
 
-    _, targets = _targets(inventory, None, host)
+    cat, targets = _targets(inventory, None, host)
     stream = len(targets) == 1 and not json
 
     def work(target):
         if dry:
             return 0, remote.query(target, ["status"])
-        return remote.transaction(target, "stop", [], stream=stream)
+        return control_api.transaction(target, cat.settings, "stop", [], stream=stream)
 
     def done(target, result):
         code, answer = _outcome(result)
@@ -553,6 +553,7 @@ def key_rotate(c, inventory=None, catalog=None, host=None, show=False, json=Fals
     results = {}
     for target in targets:
         code, answer = remote.transaction(target, "rotate-key", [], stream=not json)
+        control_api.forget_key(target)
         if code:
             raise LlamavmError(
                 f"{target.name}: key rotation failed: {answer.get('error') or 'no reason given'}",

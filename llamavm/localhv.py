@@ -16,7 +16,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llamavm import lan, testbed
 from llamavm.errors import LlamavmError
@@ -120,6 +122,23 @@ def up() -> None:
             if time.monotonic() > deadline:
                 raise LlamavmError("libvirtd did not answer within 30 s — see /var/log/libvirt/")
             time.sleep(0.2)
+
+
+def ensure_keys(hostvars: dict[str, Any], say: Callable[[str], None] = print) -> None:
+    """The embedded lab's SSH key pair: every VM this machine hosts whose
+    `llamavm_vm.ssh_public_key_file` is missing gets one made there (the private key beside it,
+    0600), the key its inventory logs in with. Only for VMs on this machine: a real site's key
+    is the operator's."""
+    for host, hv in sorted(hostvars.items()):
+        spec = hv.get("llamavm_vm")
+        if not isinstance(spec, dict) or spec.get("hypervisor") != "localhost":
+            continue
+        pub = str(spec.get("ssh_public_key_file") or "")
+        if not pub.endswith(".pub") or Path(pub).exists():
+            continue
+        key = Path(pub[: -len(".pub")])
+        if testbed.keypair(key, "llamavm-lab"):
+            say(f"llamavm: made the embedded lab's SSH key pair {key} (for {host})")
 
 
 def stop_libvirtd(pid: int | None = None) -> None:

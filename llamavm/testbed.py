@@ -430,26 +430,29 @@ def ensure_rootfs(cfg: TestbedConfig, paths: Paths) -> tuple[Path, bool]:
 
 
 def ensure_keypair(paths: Paths) -> None:
-    """The controller's ed25519 key pair (no passphrase, 0600)."""
-    paths.state.mkdir(parents=True, exist_ok=True)
-    paths.state.chmod(0o700)
-    if not paths.key.exists():
+    """The controller's ed25519 key pair for the test bed (no passphrase, 0600)."""
+    keypair(paths.key, "llamavm-testbed")
+
+
+def keypair(key: Path, comment: str) -> bool:
+    """An ed25519 key pair at `key` and `key`.pub (no passphrase, 0600, its folder 0700); a
+    missing .pub is derived from the private key. True when something was made."""
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.parent.chmod(0o700)
+    made = False
+    if not key.exists():
         _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "llamavm-testbed",
-                "-f",
-                str(paths.key),
-            ],
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
             what="ssh-keygen",
         )
-    paths.key.chmod(0o600)
+        made = True
+    key.chmod(0o600)
+    pub = key.with_name(key.name + ".pub")
+    if not pub.exists():
+        run = _run(["ssh-keygen", "-y", "-f", str(key)], what="ssh-keygen -y")
+        pub.write_text(run.stdout)
+        made = True
+    return made
 
 
 def user_ids(root: Path, user: str) -> tuple[int, int]:

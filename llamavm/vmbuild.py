@@ -103,6 +103,7 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
         from llamavm import localhv
 
         localhv.up()
+        localhv.ensure_keys(data.get("_meta", {}).get("hostvars", {}), say)
     out = render_dir(inv)
     rendered = render_all(inventory, out)
     hostvars = data.get("_meta", {}).get("hostvars", {})

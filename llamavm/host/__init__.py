@@ -15,3 +15,7 @@ EXIT_LOCK = 3  # another transaction held the lock too long
 EXIT_ROLLBACK_FAILED = 4  # failed, and the rollback failed too: look at the host
 EXIT_UNKNOWN = 5  # the outcome could not be learned (the transaction died, or is unreachable)
 EXIT_RUNNING = 6  # `result --wait` gave up waiting: the transaction still runs
+
+#: A transaction id (`--tx`, the helper's and the control API's "tx"): the controller picks it,
+#: so that a caller whose connection broke can still ask how that transaction ended.
+TX_PATTERN = r"[a-z0-9]{6,32}"

@@ -43,6 +43,7 @@ from llamavm.host import (
     EXIT_REFUSED,
     EXIT_RUNNING,
     EXIT_UNKNOWN,
+    TX_PATTERN,
     store,
 )
 from llamavm.host import (
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 # follower (`switch` over SSH, the control service's helper) and the health gate start on
 # every switch, and needn't load what only the transaction process runs.
 
-TX_RE = re.compile(r"[a-z0-9]{6,32}")
+TX_RE = re.compile(TX_PATTERN)
 MUTATING = ("switch", "stop", "restart", "apply", "rotate-key")
 #: How long a follower waits for `recover` after the transaction's unit vanished.
 RECOVER_GRACE_S = 60.0

@@ -10,8 +10,10 @@ this service's group may open, and the helper runs the same transaction `invoke 
     GET  /docs, /openapi.json    public: the API's documentation
     GET  /models                 the catalog: VRAM verdicts, reasoning presets, which serves
     GET  /status                 what `invoke status` shows
+    GET  /transactions/ID        how a transaction ended (202 while it runs)
     POST /switch {"model": M}    switch (JSON outcome; server-sent events with ?stream=true or
-    POST /stop, POST /restart      Accept: text/event-stream: progress events, then the outcome)
+    POST /stop, POST /restart      Accept: text/event-stream: progress events, then the outcome;
+                                   ?tx=ID names the transaction, see GET /transactions/ID)
     GET  /v1/models              routing on: every catalog model (and model:preset)
     POST /v1/chat/completions    routing on: served by the model the request names; a request
     POST /v1/completions           naming another catalog model switches to it first (queued
@@ -27,15 +29,17 @@ import asyncio
 import hmac
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx  # Debian: python3-httpx (the control role installs it)
-from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from llamavm.host import EXIT_UNKNOWN, picker
+from llamavm.host import EXIT_UNKNOWN, TX_PATTERN, picker
 from llamavm.host.contract import Contract, HostError, Model
 from llamavm.host.helper import MAX_REQUEST, request_line
 
@@ -44,6 +48,19 @@ HTTP_STATUS = {0: 200, 1: 500, 2: 409, 3: 409, 4: 500, 5: 500, 6: 202}
 #: A routed request waits at most this long for its model (behind a switch and its queue).
 ROUTE_WAIT_S = 900.0
 ROUTED = ("chat/completions", "completions", "embeddings")
+#: ?tx=ID: the caller's own transaction id, so that it can ask how the transaction ended when
+#: its connection breaks (the controller's `invoke switch` does).
+TX_QUERY = Query(None, max_length=64, description="this transaction's id (a-z, 0-9; 6-32)")
+TX_RE = re.compile(TX_PATTERN)
+
+
+def _tx(tx: str | None) -> dict[str, str]:
+    """`tx` checked (by hand: Debian's FastAPI predates Query(pattern=))."""
+    if tx is None:
+        return {}
+    if not TX_RE.fullmatch(tx):
+        raise HTTPException(422, f"tx: {tx[:64]!r} is not a transaction id (a-z, 0-9; 6-32)")
+    return {"tx": tx}
 
 
 class Helper:
@@ -380,20 +397,26 @@ def create_app(
         request: Request,
         model: str = Body(..., embed=True, max_length=256),
         stream: bool = False,
+        tx: str | None = TX_QUERY,
     ) -> Any:
         try:
             name = contract.resolve(model).name
         except HostError as exc:
             raise HTTPException(404, str(exc)) from None
-        return await transaction(request, "switch", stream, model=name)
+        return await transaction(request, "switch", stream, model=name, **_tx(tx))
+
+    @app.get("/transactions/{tx}", dependencies=[Depends(authorized)])
+    async def transaction_result(tx: str = PathParam(..., max_length=64)) -> Any:
+        """How transaction `tx` ended (202 with code 6 while it still runs)."""
+        return outcome_response(await helper.call("result", **_tx(tx)))
 
     @app.post("/stop", dependencies=[Depends(authorized)])
-    async def stop(request: Request, stream: bool = False) -> Any:
-        return await transaction(request, "stop", stream)
+    async def stop(request: Request, stream: bool = False, tx: str | None = TX_QUERY) -> Any:
+        return await transaction(request, "stop", stream, **_tx(tx))
 
     @app.post("/restart", dependencies=[Depends(authorized)])
-    async def restart(request: Request, stream: bool = False) -> Any:
-        return await transaction(request, "restart", stream)
+    async def restart(request: Request, stream: bool = False, tx: str | None = TX_QUERY) -> Any:
+        return await transaction(request, "restart", stream, **_tx(tx))
 
     def openai_error(status: int, message: str) -> JSONResponse:
         kind = "invalid_request_error" if status < 500 else "server_error"

@@ -7,7 +7,9 @@ lines: `{"event": "progress", "message": ...}` while a transaction runs, then on
 `{"event": "outcome", ...}` — the same outcome `llamavm-switch` prints with --json.
 
 Requests: {"op": "status"} · {"op": "switch", "model": NAME} · {"op": "stop"} ·
-{"op": "restart"} · {"op": "check", "model": NAME} · {"op": "result", "tx": ID}.
+{"op": "restart"} · {"op": "check", "model": NAME} · {"op": "result", "tx": ID}. switch, stop
+and restart may name their transaction id ("tx"), so a caller whose connection breaks can ask
+for that transaction's outcome.
 switch, stop and restart run exactly as `llamavm-switch switch/stop/restart` do: in their own
 transient unit, under the switch lock, so they finish (or roll back) even when the caller goes
 away mid-way. Nothing else is accepted; a malformed request gets an outcome with code 2.
@@ -17,16 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 from typing import IO, Any
 
-from llamavm.host import EXIT_REFUSED
+from llamavm.host import EXIT_REFUSED, TX_PATTERN
 from llamavm.host import status as status_mod
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.systemd import Systemd
 
 #: A request is one short line; anything longer is refused unread.
 MAX_REQUEST = 4096
+TX_RE = re.compile(TX_PATTERN)
 OPS = ("status", "switch", "stop", "restart", "check", "result")
 
 
@@ -47,6 +51,8 @@ def parse(line: bytes) -> dict[str, Any]:
         raise HostError(f"{request['op']} needs a model", EXIT_REFUSED)
     if request["op"] == "result" and not request.get("tx"):
         raise HostError("result needs a tx", EXIT_REFUSED)
+    if "tx" in request and not TX_RE.fullmatch(request["tx"]):
+        raise HostError(f"{request['tx'][:40]!r} is not a transaction id", EXIT_REFUSED)
     return request
 
 
@@ -75,13 +81,15 @@ def serve(contract: Contract, reader: IO[bytes], writer: IO[bytes]) -> int:
         elif op == "check":
             outcome = cli.run_inline_check(contract, request["model"])
         elif op == "result":
-            if not cli.TX_RE.fullmatch(request["tx"]):
-                raise HostError(f"{request['tx']!r} is not a transaction id", EXIT_REFUSED)
             outcome = cli.follow(contract, Systemd(), request["tx"], 0.0, lambda _line: None)
         else:
             args = [contract.resolve(request["model"]).name] if op == "switch" else []
             outcome = cli.start_and_follow(
-                contract, op, args, lambda line: emit("progress", {"message": line})
+                contract,
+                op,
+                args,
+                lambda line: emit("progress", {"message": line}),
+                tx=request.get("tx"),
             )
     except HostError as exc:
         outcome = {"ok": False, "code": exc.code, "error": str(exc)}

@@ -9,6 +9,7 @@ llama-server, the LAN client.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llamavm import catalog, testbed, tinymodel
+from llamavm import catalog, control_api, testbed, tinymodel
 from tests.integration.helpers import (
     INVOKE,
     REPO_ROOT,
@@ -65,14 +66,16 @@ def _lock_is_free() -> None:
     assert result.returncode == 0, "the switch lock is still held"
 
 
-def _switch_and_cut(model: str, when: str) -> subprocess.CompletedProcess[str]:
-    """`invoke switch --model MODEL`, killing its SSH client once `when` is printed."""
+def _switch_and_cut(model: str, when: str, via: str = "ssh") -> subprocess.CompletedProcess[str]:
+    """`invoke switch --model MODEL` over `via` (ssh, or api: the control service), its
+    connection cut once `when` is printed: its SSH client killed, or the control service."""
     proc = subprocess.Popen(
         [str(INVOKE), "switch", "--model", model],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, control_api.VIA_ENV: via},
     )
     assert proc.stderr is not None
     seen: list[str] = []
@@ -83,8 +86,12 @@ def _switch_and_cut(model: str, when: str) -> subprocess.CompletedProcess[str]:
         for line in proc.stderr:
             seen.append(line)
             if not cut.is_set() and when in line:
-                # The controller's ssh to the host dies, as on a dropped Wi-Fi or a closed lid.
-                subprocess.run(["pkill", "-KILL", "-f", f"llamavm-switch switch {model} --tx"])
+                if via == "ssh":
+                    # The controller's ssh to the host dies, as on a dropped Wi-Fi or a closed lid.
+                    subprocess.run(["pkill", "-KILL", "-f", f"llamavm-switch switch {model} --tx"])
+                else:
+                    # The control service dies under the open stream (systemd restarts it).
+                    host_run("systemctl kill --signal=KILL llamavm-control.service")
                 cut.set()
 
     reader = threading.Thread(target=watch)
@@ -132,6 +139,31 @@ def test_ssh_cut_then_a_failure_rolls_back_and_the_cli_says_so(one_serving, host
     clear_failpoints()
     _exactly_one_serves(old, host)
     _lock_is_free()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "rolls-back"])
+def test_control_service_killed_mid_api_switch_the_cli_learns_the_outcome_over_ssh(
+    one_serving, host, fails
+) -> None:
+    """`invoke switch` through the control API; the service dies while the new model loads:
+    the transaction goes on in its own unit, and the CLI asks over SSH how it ended."""
+    old, new = one_serving
+    failure = {"raise": "injected after the cut"} if fails else {}
+    set_failpoints({"in_load": {"sleep": 4, **failure}})
+    result = _switch_and_cut(new.name, PHASES["in_load"], via="api")
+    assert "the control API's stream ended before switch reported" in result.stderr
+    assert "switching over SSH instead" not in result.stderr  # it was the API's switch
+    clear_failpoints()
+    if fails:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"rolled back, {old.name} is serving again" in result.stdout
+        _exactly_one_serves(old, host)
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "the host finished the transaction on its own" in result.stdout
+        _exactly_one_serves(new, host)
+    _lock_is_free()
+    wait_for(lambda: http_code(f"http://{host}:8090/health") == 200, 30, "the control service")
 
 
 def test_an_exception_in_the_post_load_checks_rolls_back(one_serving, host) -> None:

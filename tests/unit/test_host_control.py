@@ -103,6 +103,7 @@ PROTECTED = [
     ("post", "/switch", {"model": "beta"}),
     ("post", "/stop", None),
     ("post", "/restart", None),
+    ("get", "/transactions/abcdef123456", None),
     ("get", "/v1/models", None),
     ("post", "/v1/chat/completions", {"model": "alpha", "messages": []}),
     ("post", "/v1/completions", {"model": "alpha", "prompt": "x"}),
@@ -321,6 +322,8 @@ def test_a_failed_api_switch_makes_the_router_ask_again(tmp_path) -> None:
     "line",
     [b"", b"{}\n", b"not json\n", b'{"op": "reboot"}\n', b'{"op": "switch"}\n',
      b'{"op": "switch", "model": 3}\n', b'{"op": "result"}\n', b"[1]\n",
+     b'{"op": "stop", "tx": "../x"}\n', b'{"op": "result", "tx": "ABCDEF"}\n',
+     b'{"op": "switch", "model": "qwen", "tx": 7}\n',
      b'{"op": "status"' + b" " * 5000 + b"}\n"],
 )  # fmt: skip
 def test_the_helper_refuses_a_malformed_request(line) -> None:
@@ -335,6 +338,8 @@ def test_the_helper_accepts_its_requests() -> None:
         "model": "qwen",
     }
     assert helper.parse(b'{"op": "status"}\n') == {"op": "status"}
+    named = helper.request_line("stop", tx="abcdef123456")
+    assert helper.parse(named) == {"op": "stop", "tx": "abcdef123456"}
 
 
 def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> None:
