@@ -1,6 +1,8 @@
 """llamavm tasks: `invoke --list` shows them; `invoke --help TASK` shows every flag.
 
 tasks.py stays thin: it parses flags and prints; the logic lives in the llamavm package.
+What only some tasks need (provisioning, the doctor: Jinja2, cloud-init, Proxmox) is imported in
+them, so that a quick `invoke switch` does not pay for it at start-up.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from invoke.exceptions import Exit
 
 from llamavm import REPO_ROOT, control_api, models_view, remote, status_view, switch_view
 from llamavm import catalog as catalog_mod
-from llamavm import doctor as doctor_mod
 from llamavm import inventory as inventory_mod
-from llamavm import provision as provision_mod
 from llamavm.cli import errors_to_exit, say
 from llamavm.errors import LlamavmError
 
@@ -47,6 +47,8 @@ def models(c, inventory=None, catalog=None, json=False):
 @errors_to_exit
 def doctor(c, inventory=None, catalog=None, json=False):
     """Check controller and target prerequisites: OK/WARN/FAIL, with the fix for each."""
+    from llamavm import doctor as doctor_mod
+
     checks = doctor_mod.run(inventory, catalog)
     say(doctor_mod.render(checks, as_json=json))
     if any(check.status == doctor_mod.FAIL for check in checks):
@@ -65,6 +67,8 @@ def doctor(c, inventory=None, catalog=None, json=False):
 @errors_to_exit
 def provision(c, inventory=None, catalog=None, limit=None, check=False, full=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
+    from llamavm import provision as provision_mod
+
     recap = provision_mod.provision(
         inventory, catalog, limit=limit, check=check, full=full, say=say
     )
@@ -380,6 +384,7 @@ def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm):
         # What the integration tests share, built once before them and timed apart: the test
         # bed (its rootfs), the llama.cpp source with the web UI, and the first provision (the
         # llama.cpp build). The tests' own provision then finds nothing to do.
+        from llamavm import provision as provision_mod
         from llamavm import source, testbed
 
         phases.run("test bed (rootfs, boot)", testbed.up)

@@ -40,7 +40,12 @@ _JUMPS = ("proxyjump", "proxycommand")
 
 
 class Unusable(Exception):
-    """The API can't take this request, and nothing was started: use SSH."""
+    """The API can't take this request, and nothing was started: use SSH. `quiet`: nothing
+    worth a line when SSH takes over (the port is closed: no control service there yet)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 def via() -> str:
@@ -66,8 +71,8 @@ def transaction(
             return _api_transaction(host, settings, op, args, stream=stream)
         except Unusable as why:
             if via() == "api":
-                return 5, {"ok": False, "code": 5, "error": f"{host.name}: {why}"}
-            if str(why):
+                return 5, {"ok": False, "code": 5, "error": f"{why} ({VIA_ENV}=api)"}
+            if not why.quiet:
                 _note(f"llamavm: {host.name}: {why}; switching over SSH instead")
     return remote.transaction(host, op, args, stream=stream)
 
@@ -140,7 +145,9 @@ def _post(
         conn.connect()
     except OSError as exc:
         conn.close()
-        raise Unusable("") from exc  # not there (yet): SSH, without a word
+        raise Unusable(
+            f"the control API at {host.address}:{port} did not answer ({exc})", quiet=True
+        ) from exc
     sock = conn.sock
     assert sock is not None
     # A switch may load for minutes without a word: no read timeout, but a dead peer is found
@@ -225,7 +232,8 @@ def _key(host: remote.Host, settings: Settings, *, refresh: bool) -> str | None:
     read = remote.run(host, ["cat", settings.api_key.file], stream=False, timeout=60)
     key = read.stdout.strip() if read.returncode == 0 else ""
     if not key or any(c.isspace() for c in key):
-        raise Unusable("")  # the SSH path says what is wrong with the host, in its own words
+        # The SSH path says what is wrong with the host, in its own words.
+        raise Unusable(f"could not read the API key over SSH (exit {read.returncode})", quiet=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.chmod(0o700)
     tmp = path.with_name(path.name + ".tmp")

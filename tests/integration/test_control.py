@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import REPO_ROOT, catalog, control_api, fleet, inventory, testbed
 from tests.integration.helpers import (
     client_curl,
     host_run,
@@ -261,3 +261,62 @@ def test_restart_through_the_api_restarts_the_serving_model(keyed, host) -> None
     assert json.loads(body)["restarted"] == serving
     assert host_run(f"systemctl show -p MainPID --value {unit}").stdout.strip() != pid
     assert _serving(host, cat, key) == serving
+
+
+def _invoke_via(via: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "invoke"), *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, control_api.VIA_ENV: via},
+    )  # fmt: skip
+
+
+def test_invoke_switch_through_the_api_keeps_the_key_0600_and_follows_a_rotation(
+    keyed, host
+) -> None:
+    """Last in the module: it rotates the key the fixture read."""
+    cat, key = keyed
+    inv = inventory.resolve(None)
+    (target,) = fleet.pick(inv.path, None)
+    control_api.forget_key(target)
+    cached = control_api._key_path(target)
+    names = ("qwen3-coder-30b", "gpt-oss-120b")
+
+    def switch_to_the_other() -> subprocess.CompletedProcess[str]:
+        other = names[1] if _serving(host, cat, key) == names[0] else names[0]
+        done = _invoke_via("api", "switch", "--model", other, "--catalog", str(cat.path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{other} serving at" in done.stdout
+        assert "over SSH instead" not in done.stderr
+        return done
+
+    switch_to_the_other()
+    assert cached.read_text().strip() == key
+    assert oct(cached.stat().st_mode & 0o777) == "0o600"
+    assert oct(cached.parent.stat().st_mode & 0o777) == "0o700"
+    cached.write_text("a-stale-key-from-before-a-rotation\n")
+    switch_to_the_other()  # 401, fetched again, switched
+    assert cached.read_text().strip() == key
+    rotated = invoke("key.rotate", "--catalog", str(cat.path))
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert not cached.exists()
+    key = host_run("cat /etc/llamavm/api-key").stdout.strip()
+    switch_to_the_other()
+    assert cached.read_text().strip() == key
+    # With the control service down, auto goes over SSH, and api alone says it can't.
+    host_run("systemctl stop llamavm-control.service")
+    try:
+        other = names[1] if _serving_ssh() == names[0] else names[0]
+        refused = _invoke_via("api", "switch", "--model", other, "--catalog", str(cat.path))
+        assert refused.returncode == 5, refused.stdout + refused.stderr
+        done = _invoke_via("auto", "switch", "--model", other, "--catalog", str(cat.path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _serving_ssh() == other
+    finally:
+        host_run("systemctl start llamavm-control.service")
+
+
+def _serving_ssh() -> str | None:
+    answer = invoke("status", "--json")
+    assert answer.returncode == 0, answer.stderr
+    return next(iter(json.loads(answer.stdout).values())).get("active")

@@ -141,7 +141,9 @@ def test_a_key_refused_twice_falls_back_to_ssh_before_anything_ran(tmp_path, ssh
     assert "refused the API key; switching over SSH instead" in capsys.readouterr().err
 
 
-def test_no_control_service_listening_is_ssh_without_a_word(tmp_path, ssh, capsys) -> None:
+def test_no_control_service_listening_is_ssh_without_a_word(
+    tmp_path, ssh, capsys, monkeypatch
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
@@ -150,6 +152,10 @@ def test_no_control_service_listening_is_ssh_without_a_word(tmp_path, ssh, capsy
     assert (code, answer["via"]) == (0, "ssh")
     assert ssh.calls == [("run", ("cat", settings.api_key.file)), ("transaction", "stop", ())]
     assert capsys.readouterr().err == ""
+    monkeypatch.setenv(control_api.VIA_ENV, "api")  # the API or nothing: exit 5, saying why
+    code, answer = control_api.transaction(_host(), settings, "stop", [], stream=True)
+    assert code == 5 and "did not answer" in answer["error"] and "=api" in answer["error"]
+    assert ssh.calls[-1] == ("transaction", "stop", ())  # no second SSH transaction
 
 
 @pytest.mark.parametrize(
