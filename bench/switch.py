@@ -176,21 +176,21 @@ def main() -> int:
     # invoke switch end to end, from the controller: through the control API (the default
     # where the host has one) and over SSH (LLAMAVM_SWITCH_VIA=ssh), interleaved.
     invoke_times: dict[str, list[float]] = {"api": [], "ssh": []}
-    for i in range(args.runs):
+    swaps = 0  # each timed run switches to the model that is not serving: a real swap
+    subprocess.run([str(INVOKE), "switch", "--model", data["models"][0]], capture_output=True)
+    for _ in range(args.runs):
         for via, times in invoke_times.items():
+            swaps += 1
             began = time.monotonic()
             done = subprocess.run(
-                [str(INVOKE), "switch", "--model", data["models"][(i + 1) % 2]],
+                [str(INVOKE), "switch", "--model", data["models"][swaps % 2]],
                 capture_output=True, text=True, check=False,
                 env={**os.environ, "LLAMAVM_SWITCH_VIA": via},
             )  # fmt: skip
-            if done.returncode != 0:
+            if done.returncode != 0 or "already serving" in done.stdout:
                 print(done.stdout + done.stderr, file=sys.stderr)
                 return 1
             times.append(time.monotonic() - began)
-            # Back to the other model (not timed), so that each timed run is a real swap.
-            back = data["models"][i % 2]
-            subprocess.run([str(INVOKE), "switch", "--model", back], capture_output=True)
     data["invoke"] = invoke_times
 
     bare, switch, router = median(data["bare"]), median(data["switch"]), median(data["router"])
