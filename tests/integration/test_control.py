@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     http_code,
     invoke,
     keyed_testbed,
+    wait_for,
 )
 
 pytestmark = pytest.mark.testbed
@@ -301,6 +302,8 @@ def test_invoke_switch_through_the_api_keeps_the_key_0600_and_follows_a_rotation
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     assert not cached.exists()
     key = host_run("cat /etc/llamavm/api-key").stdout.strip()
+    # The rotation restarts the control service with the new key: wait for it.
+    wait_for(lambda: http_code(f"{_base(host, cat)}/health") == 200, 60, "the control service")
     switch_to_the_other()
     assert cached.read_text().strip() == key
     # With the control service down, auto goes over SSH, and api alone says it can't.
