@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "control":
             from llamavm.host import control
 
-            return control.main(contract)
+            return control.main(contract, contract_path or contract_mod.CONTRACT_PATH)
         # switch, stop, restart, apply, rotate-key: detached, then followed
         if args.command == "switch":
             contract.resolve(args.model)  # an unknown name is refused before any unit starts

@@ -40,6 +40,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from llamavm.host import EXIT_UNKNOWN, TX_PATTERN, picker
+from llamavm.host import contract as contract_mod
 from llamavm.host.contract import Contract, HostError, Model
 from llamavm.host.helper import MAX_REQUEST, request_line
 
@@ -112,6 +113,38 @@ def _unreachable(socket: Path, exc: BaseException) -> dict[str, Any]:
     }
 
 
+class LiveContract:
+    """The host contract as `invoke provision` last wrote it: re-read when the file changes, so
+    a model added to the catalog is known at once. What the service was started with (its
+    address, port, routing and key) stays: the control role restarts it when those change. A
+    rewrite that does not parse keeps the last good contract (and says so in the journal)."""
+
+    def __init__(self, contract: Contract, path: Path | None = None) -> None:
+        self._contract = contract
+        self._path = path
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    @property
+    def now(self) -> Contract:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp and self._path is not None:
+            self._stamp = stamp
+            try:
+                self._contract = contract_mod.load(self._path)
+            except HostError as exc:
+                print(f"llamavm-control: kept the last good contract: {exc}", flush=True)
+        return self._contract
+
+
 class RouteError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -124,7 +157,7 @@ class Router:
     and every request waiting for that model goes through together. While a request waits for
     another model, new requests for the serving one queue behind it (no starvation)."""
 
-    def __init__(self, contract: Contract, helper: Helper) -> None:
+    def __init__(self, contract: LiveContract, helper: Helper) -> None:
         self.contract = contract
         self.helper = helper
         self.cond = asyncio.Condition()
@@ -153,7 +186,7 @@ class Router:
                             await self._refresh()
                         if self._admit(name):
                             self.in_flight += 1
-                            return self.contract.resolve(name)
+                            return self.contract.now.resolve(name)
                         if self._may_switch(name):
                             self.switching = True
                             break
@@ -313,8 +346,11 @@ def create_app(
     helper: Helper,
     key: str | None,
     upstream: Any = None,
+    contract_path: Path | None = None,
 ) -> Any:
-    """The FastAPI application. `upstream`: the httpx.AsyncClient that reaches the models."""
+    """The FastAPI application. `upstream`: the httpx.AsyncClient that reaches the models;
+    `contract_path`: the file to follow for models added or changed since the start."""
+    live = LiveContract(contract, contract_path)
     control = contract.control
     routing = bool(control and control.routing)
     app = FastAPI(
@@ -325,7 +361,7 @@ def create_app(
         version="1",
     )
     client = upstream or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
-    router = Router(contract, helper)
+    router = Router(live, helper)
 
     def authorized(request: Request) -> None:
         if key is None:
@@ -385,7 +421,7 @@ def create_app(
         status = await call("status")
         if not status.get("ok"):
             return outcome_response(status)
-        return {"active": status.get("active"), "models": catalog_view(contract, status)}
+        return {"active": status.get("active"), "models": catalog_view(live.now, status)}
 
     @app.get("/status", dependencies=[Depends(authorized)])
     async def status() -> Any:
@@ -400,7 +436,7 @@ def create_app(
         tx: str | None = TX_QUERY,
     ) -> Any:
         try:
-            name = contract.resolve(model).name
+            name = live.now.resolve(model).name
         except HostError as exc:
             raise HTTPException(404, str(exc)) from None
         return await transaction(request, "switch", stream, model=name, **_tx(tx))
@@ -429,7 +465,7 @@ def create_app(
         if not routing:
             return openai_error(404, "routing is off: set settings.control.routing: true")
         status = await call("status")
-        return model_list(contract, status.get("active"))
+        return model_list(live.now, status.get("active"))
 
     async def route(request: Request, path: str) -> Any:
         if not routing:
@@ -441,7 +477,7 @@ def create_app(
         if not isinstance(body, dict):
             return openai_error(400, "the request body must be a JSON object")
         try:
-            model, preset = resolve_route(contract, body.get("model"), router.serving)
+            model, preset = resolve_route(live.now, body.get("model"), router.serving)
             if preset:
                 body["reasoning_effort"] = preset
             body["model"] = model.name
@@ -508,13 +544,18 @@ def create_app(
     return app
 
 
-def main(contract: Contract) -> int:
+def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
     """Run the control service (llamavm-control.service)."""
     import uvicorn  # Debian: python3-uvicorn
 
     if contract.control is None:
         raise HostError("the control service is off in the catalog (settings.control)", 2)
-    app = create_app(contract, Helper(contract.control.helper_socket), read_key(contract))
+    app = create_app(
+        contract,
+        Helper(contract.control.helper_socket),
+        read_key(contract),
+        contract_path=path,
+    )
     uvicorn.run(
         app,
         host=contract.control.bind_address,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -372,3 +373,60 @@ def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> 
     assert streamed.text.count("event: progress") == 2
     assert '"ok": true' in streamed.text.split("event: outcome")[1]
     assert plain.status_code == 200 and plain.json()["model"] == "beta"
+
+
+def _contract_file(tmp_path, extra: list[dict[str, Any]] | None = None, name="models.yaml"):
+    """The host contract file `invoke provision` writes, with `extra` catalog models."""
+    data = copy.deepcopy(VALID)
+    data["settings"]["api_key"]["policy"] = "required"
+    data["settings"]["control"] = {"routing": True}
+    data["models"] += extra or []
+    source = tmp_path / name
+    source.write_text(yaml.safe_dump(data))
+    built = contract.build(catalog.load(source), {})
+    path = tmp_path / "contract.json"
+    path.write_text(json.dumps(built))
+    return path
+
+
+def test_a_model_provisioned_after_the_start_is_known_at_once(tmp_path) -> None:
+    """`invoke provision` adds a model: the running service switches and lists it (no restart:
+    the CLI's switch goes through this API and must see what the helper sees)."""
+    path = _contract_file(tmp_path)
+    host = parse_contract(json.loads(path.read_text()))
+    fake = FakeHelper()
+    app = control.create_app(host, fake, KEY, contract_path=path)
+    gamma = {**copy.deepcopy(VALID["models"][0]), "name": "gamma", "port": 8093, "aliases": []}
+    with TestClient(app) as client:
+        assert client.post("/switch", json={"model": "gamma"}, headers=AUTH).status_code == 404
+        _contract_file(tmp_path, [gamma], name="models.more.yaml")
+        answer = client.post("/switch", json={"model": "gamma"}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        listed = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
+        names = [m["name"] for m in client.get("/models", headers=AUTH).json()["models"]]
+    assert fake.calls[0] == ("switch", {"model": "gamma"})
+    assert "gamma" in listed and "gamma" in names
+
+
+def test_a_malformed_contract_rewrite_keeps_the_last_good_one(tmp_path, capsys) -> None:
+    path = _contract_file(tmp_path)
+    host = parse_contract(json.loads(path.read_text()))
+    app = control.create_app(host, FakeHelper(), KEY, contract_path=path)
+    path.write_text('{"models": ')
+    with TestClient(app) as client:
+        answer = client.post("/switch", json={"model": "beta"}, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert "kept the last good contract" in capsys.readouterr().out
+
+
+def test_the_helper_answers_a_refused_switch_and_exits_0(tmp_path) -> None:
+    """The refusal is the caller's news: a failed llamavm-switchd@ instance would leave the
+    host's systemd degraded."""
+    host = _contract(tmp_path)
+    reader = io.BytesIO(helper.request_line("switch", model="nope"))
+    writer = io.BytesIO()
+    writer.close = lambda: None  # type: ignore[method-assign]
+    assert helper.serve(host, reader, writer) == 0
+    outcome = json.loads(writer.getvalue().splitlines()[-1])
+    assert outcome["event"] == "outcome" and outcome["code"] == 2
+    assert outcome["error"].startswith("no model named 'nope'")
