@@ -382,15 +382,22 @@ def test_catalog_values_reach_llama_server_exactly_as_written(provisioned, host,
         target.parent.rmdir()
 
 
-def test_invoke_switch_reports_a_host_that_answers_without_json(one_serving, monkeypatch) -> None:
-    """A host whose llamavm-switch prints garbage: one line, non-zero, no StopIteration."""
+@pytest.mark.parametrize("via", ["ssh", "auto"])
+def test_invoke_switch_reports_a_host_that_answers_without_json(
+    one_serving, monkeypatch, via
+) -> None:
+    """A host whose llamavm-switch prints garbage: one line, non-zero, no StopIteration — over
+    SSH, and through the control API (whose helper then answers garbage too)."""
+    monkeypatch.setenv(control_api.VIA_ENV, via)
     host_run("mv /usr/local/bin/llamavm-switch /usr/local/bin/llamavm-switch.real && "
              "printf '#!/bin/sh\\necho garbage; exit 7\\n' > /usr/local/bin/llamavm-switch && "
              "chmod 755 /usr/local/bin/llamavm-switch")  # fmt: skip
     try:
         result = invoke("switch", "--model", one_serving[1].name)
     finally:
-        host_run("mv /usr/local/bin/llamavm-switch.real /usr/local/bin/llamavm-switch")
+        # The helper's instance ran the garbage and failed: that failure is this test's own.
+        host_run("mv /usr/local/bin/llamavm-switch.real /usr/local/bin/llamavm-switch && "
+                 "{ systemctl reset-failed 'llamavm-switchd@*' || true; }")  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "StopIteration" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("llamavm: ")
