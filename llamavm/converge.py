@@ -12,11 +12,19 @@ host's fingerprint (OS, kernel, CPU flags, machine id, a GPU driver) and `llamav
 
 The next provision asks each host — one module run, no facts — whether its record has the same
 digest and its snapshot still holds. Hosts that say yes are up to date and the roles' hundred
-module runs are skipped; anything else (a hand-edited unit, a deleted file, a stopped service, a
-removed package, a new GPU, other inputs) runs the whole converge as before, says what it found,
-and records again. The controller remembers which digest it recorded per host
-(`$LLAMAVM_STATE/converge/`) only to avoid probing a host it certainly has to converge.
-To see why a digest changed, set LLAMAVM_DIGEST_DUMP=FILE: provision writes what went into it.
+module runs are skipped; drift (a hand-edited unit, a deleted file, a stopped service, a removed
+package, a new GPU) runs the whole converge, says what it found, and records again.
+
+The digest is made of one per role of provision.yml (its own files, the playbook inputs it reads,
+see ROLES) and the rest (the playbooks, plugins, the host's variables, Ansible). When only some
+roles' digests changed — a model added to the catalog changes what model_services, expose and
+control read, not what base, gpu or llama_cpp read — and the host's probe against its last
+digest finds no drift, only those roles and the roles that build on them run
+(`llamavm_skip_roles`); the record keeps what the skipped roles manage (each item names the
+roles that manage it). The controller remembers which digests it recorded per host
+(`$LLAMAVM_STATE/converge/`): to skip probing a host it certainly has to converge, and to know
+which roles changed. To see why a digest changed, set LLAMAVM_DIGEST_DUMP=FILE: provision
+writes what went into it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,51 @@ RECORD_NAME = "converge.json"
 MODEL_HOSTS = "llamavm_hosts"
 #: How many drift lines per host provision prints (the rest are counted).
 SHOWN = 8
+
+
+@dataclass(frozen=True)
+class Role:
+    """A role of provision.yml: the roles it builds on (it runs again whenever one of them runs)
+    and the playbook inputs it reads: extra variables by name, `llamavm_contract.KEY` for one
+    key of the host contract. Extra variables named after a role (`llama_cpp_*`) are that
+    role's; any other input counts for every role. tests/unit/test_converge.py holds this
+    against the playbook's own role variables."""
+
+    after: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+
+
+#: provision.yml's roles, in the order they run.
+ROLES: dict[str, Role] = {
+    "base": Role(),
+    "gpu": Role(after=("base",), reads=("llamavm_contract.install",)),
+    "model_share": Role(
+        after=("base",),
+        reads=(
+            "llamavm_contract.share_path",
+            "llamavm_contract.models",
+            "llamavm_controller_share",
+        ),
+    ),
+    "nfs_server": Role(after=("model_share",)),
+    "llama_cpp": Role(after=("base", "gpu"), reads=("llamavm_contract.install",)),
+    "model_services": Role(
+        after=("base", "gpu", "model_share", "llama_cpp"),
+        reads=("llamavm_contract", "llamavm_default_models", "llamavm_host_package"),
+    ),
+    "expose": Role(after=("base", "model_services"), reads=("llamavm_contract",)),
+    "control": Role(after=("base", "model_services", "expose"), reads=("llamavm_contract",)),
+}
+
+
+def to_run(changed: set[str]) -> list[str]:
+    """The roles that run when `changed` did: those and every role that builds on one that
+    runs, in provision.yml's order."""
+    run = set(changed)
+    for name, role in ROLES.items():  # in order: a role's `after` come before it
+        if run.intersection(role.after):
+            run.add(name)
+    return [name for name in ROLES if name in run]
 
 
 def state_dir() -> Path:
@@ -96,13 +149,37 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
-def tree_digest(root: Path = ANSIBLE_TREE) -> str:
-    """Every file under `root` by path and content."""
+def tree_digest(root: Path = ANSIBLE_TREE, skip: tuple[Path, ...] = ()) -> str:
+    """Every file under `root` by path and content (but those under `skip`)."""
     digest = hashlib.sha256()
     for path in _walk(root):
+        if any(path.is_relative_to(s) for s in skip):
+            continue
         data = path.read_bytes()
         digest.update(f"{path.relative_to(root)}\0{len(data)}\0".encode() + data)
     return digest.hexdigest()
+
+
+def _role_inputs(extra: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Split provision.yml's (normalized) extra variables: per role what it reads, and what no
+    role claims (it counts for every role)."""
+    own: dict[str, dict[str, Any]] = {name: {} for name in ROLES}
+    claimed: set[str] = set()
+    for name, role in ROLES.items():
+        for item in role.reads:
+            var, _, key = item.partition(".")
+            if var not in extra:
+                continue
+            claimed.add(var)
+            own[name][item] = (
+                extra[var].get(key) if key and isinstance(extra[var], dict) else extra[var]
+            )
+    for var, value in extra.items():
+        owner = next((n for n in ROLES if var.startswith(f"{n}_")), None)
+        if owner:
+            own[owner][var] = value
+            claimed.add(var)
+    return own, {k: v for k, v in extra.items() if k not in claimed}
 
 
 def normalize(value: Any, files: _Digests, depth: int = 0) -> Any:
@@ -142,24 +219,57 @@ def _ansible_version() -> str:
     return str(__version__)
 
 
-def digests(inputs: dict[str, Any], hostvars: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Per host, the digest of everything that shapes its converge."""
+@dataclass(frozen=True)
+class Digest:
+    """A host's converge digest, the part of it that is each role's, and the rest's."""
+
+    digest: str
+    roles: dict[str, str]
+    rest: str
+
+
+def host_digests(inputs: dict[str, Any], hostvars: dict[str, dict[str, Any]]) -> dict[str, Digest]:
+    """Per host, the digest of everything that shapes its converge, split by role."""
     files = _Digests()
+    normalized = normalize(inputs, files)
+    files.save()
+    roles_dir = ANSIBLE_TREE / "roles"
+    own, unclaimed = _role_inputs(normalized.get("provision") or {})
+    roles = {
+        name: hashlib.sha256(
+            json.dumps(
+                {"tree": tree_digest(roles_dir / name), "inputs": own[name]},
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
+        for name in ROLES
+    }
     shared = {
-        "tree": tree_digest(),
-        "inputs": normalize(inputs, files),
+        "tree": tree_digest(skip=tuple(roles_dir / name for name in ROLES)),
+        "inputs": {**normalized, "provision": unclaimed},
         "ansible": _ansible_version(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ANSIBLE_")},
     }
-    files.save()
     base = json.dumps(shared, sort_keys=True, default=str)
     if os.environ.get("LLAMAVM_DIGEST_DUMP"):  # what went into it, to see why it changed
-        Path(os.environ["LLAMAVM_DIGEST_DUMP"]).write_text(base)
+        Path(os.environ["LLAMAVM_DIGEST_DUMP"]).write_text(
+            json.dumps({"shared": shared, "roles": own, "role_digests": roles}, default=str)
+        )
+    by_role = json.dumps(roles, sort_keys=True)
     found = {}
     for host, hv in sorted(hostvars.items()):
-        own = json.dumps(hv, sort_keys=True, default=str)
-        found[host] = hashlib.sha256(f"{base}\0{host}\0{own}".encode()).hexdigest()
+        rest = hashlib.sha256(
+            f"{base}\0{host}\0{json.dumps(hv, sort_keys=True, default=str)}".encode()
+        ).hexdigest()
+        digest = hashlib.sha256(f"{rest}\0{by_role}".encode()).hexdigest()
+        found[host] = Digest(digest, dict(roles), rest)
     return found
+
+
+def digests(inputs: dict[str, Any], hostvars: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Per host, the digest of everything that shapes its converge."""
+    return {host: d.digest for host, d in host_digests(inputs, hostvars).items()}
 
 
 @dataclass
@@ -172,10 +282,21 @@ class Plan:
     hooks: dict[str, list[list[str]]] = field(default_factory=dict)
     drift: dict[str, list[str]] = field(default_factory=dict)
     up_to_date: dict[str, int] = field(default_factory=dict)  # host -> items checked
+    #: Hosts that converge only some roles (no drift; only those roles' inputs changed).
+    partial: dict[str, list[str]] = field(default_factory=dict)
+    split: dict[str, Digest] = field(default_factory=dict)
 
     @property
     def all_up_to_date(self) -> bool:
         return bool(self.digests) and set(self.up_to_date) == set(self.digests)
+
+    def skip_roles(self) -> dict[str, list[str]]:
+        """provision.yml's llamavm_skip_roles: every role on hosts up to date, the unchanged
+        ones on hosts that converge in part."""
+        skip = {host: list(ROLES) for host in self.up_to_date}
+        for host, run in self.partial.items():
+            skip[host] = [name for name in ROLES if name not in run]
+        return skip
 
 
 def _note_path(inventory: Path) -> Path:
@@ -183,7 +304,9 @@ def _note_path(inventory: Path) -> Path:
     return state_dir() / f"{key}.json"
 
 
-def _notes(inventory: Path) -> dict[str, str]:
+def _notes(inventory: Path) -> dict[str, Any]:
+    """Per host the digest this controller last recorded there: {digest, roles, rest} (a bare
+    digest from before per-role converges)."""
     try:
         data = json.loads(_note_path(inventory).read_text())
     except (OSError, ValueError):
@@ -191,7 +314,17 @@ def _notes(inventory: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _save_notes(inventory: Path, notes: dict[str, str]) -> None:
+def _noted(note: Any) -> tuple[str | None, dict[str, str], str | None]:
+    if isinstance(note, str):
+        return note, {}, None
+    if isinstance(note, dict) and isinstance(note.get("digest"), str):
+        roles = note.get("roles") if isinstance(note.get("roles"), dict) else {}
+        rest = note.get("rest") if isinstance(note.get("rest"), str) else None
+        return note["digest"], roles, rest
+    return None, {}, None
+
+
+def _save_notes(inventory: Path, notes: dict[str, Any]) -> None:
     path = _note_path(inventory)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -241,24 +374,28 @@ def plan(
     check: bool = False,
 ) -> Plan:
     """Digest every host, then probe those whose last record this controller made has the
-    same digest. `full`: probe nothing (every host converges)."""
-    found = Plan(inventory, digests(inputs, hostvars), record_path)
+    same digest — or differs only in some roles' part (then, without drift, only those roles
+    and the ones that build on them converge). `full`: probe nothing (every host converges)."""
+    split = host_digests(inputs, hostvars)
+    found = Plan(inventory, {h: d.digest for h, d in split.items()}, record_path, split=split)
     found.hooks = {h: hooks_for(h, groups, inputs) for h in found.digests}
     notes = _notes(inventory)
-    for host, digest in found.digests.items():
+    probe: dict[str, dict[str, Any]] = {}
+    changed: dict[str, list[str]] = {}
+    for host, now in split.items():
+        digest, roles, rest = _noted(notes.get(host))
         if full:
             found.drift[host] = ["a full converge was asked for (--full)"]
-        elif notes.get(host) != digest:
-            found.drift[host] = [
-                "what shapes its converge changed since the last one"
-                if host in notes
-                else "no converge of it recorded by this controller"
-            ]
-    probe = {
-        host: {"state": "verify", "digest": digest, "path": record_path}
-        for host, digest in found.digests.items()
-        if host not in found.drift
-    }
+        elif digest is None:
+            found.drift[host] = ["no converge of it recorded by this controller"]
+        elif digest == now.digest:
+            probe[host] = {"state": "verify", "digest": digest, "path": record_path}
+        elif rest == now.rest and set(roles) == set(now.roles):
+            # Probe against the digest it was converged with: no drift, then only these roles.
+            changed[host] = [n for n in ROLES if roles.get(n) != now.roles.get(n)]
+            probe[host] = {"state": "verify", "digest": digest, "path": record_path}
+        else:
+            found.drift[host] = ["what shapes its converge changed since the last one"]
     if probe:
         _, observed, _ = run_converge_play(inventory, probe, check=check)
         answers = observed.get("probe", {})
@@ -268,6 +405,16 @@ def plan(
                 found.drift[host] = ["the drift probe could not ask it (unreachable or failed)"]
             elif answer["drift"]:
                 found.drift[host] = [str(item) for item in answer["drift"]]
+            elif host in changed and not answer.get("owned"):
+                found.drift[host] = [
+                    "what shapes its converge changed, and its record predates per-role converges"
+                ]
+            elif host in changed:
+                found.partial[host] = to_run(set(changed[host]))
+                found.drift[host] = [
+                    "the inputs of " + ", ".join(changed[host]) + " changed (no drift): "
+                    "converging " + ", ".join(found.partial[host])
+                ]
             else:
                 found.up_to_date[host] = int(answer.get("checked") or 0)
     return found
@@ -282,9 +429,23 @@ def hooks_for(host: str, groups: dict[str, list[str]], inputs: dict[str, Any]) -
     return []
 
 
+def owners(observed_host: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
+    """Which roles manage each item the callback saw (the record keeps a skipped role's)."""
+    found: dict[str, dict[str, list[str]]] = {"files": {}, "units": {}, "packages": {}}
+    for item in observed_host.get("files", []):
+        found["files"][item["path"]] = list(item.get("roles") or [])
+    for item in observed_host.get("units", []):
+        found["units"][item["name"]] = list(item.get("roles") or [])
+    for name, roles in (observed_host.get("package_roles") or {}).items():
+        found["packages"][name] = list(roles)
+    return found
+
+
 def record(found: Plan, observed: dict[str, Any], hosts: list[str]) -> list[str]:
-    """Write the record on each of `hosts` that converged; hosts it could not record on."""
+    """Write the record on each of `hosts` that converged (a host that converged in part keeps
+    the items of the roles it skipped); the hosts it could not record on."""
     seen = observed.get("hosts", {})
+    skip = found.skip_roles()
     per_host = {
         host: {
             "state": "record",
@@ -294,9 +455,11 @@ def record(found: Plan, observed: dict[str, Any], hosts: list[str]) -> list[str]
             "units": seen.get(host, {}).get("units", []),
             "packages": seen.get(host, {}).get("packages", []),
             "hooks": found.hooks.get(host, []),
+            "owners": owners(seen.get(host, {})),
+            "keep_roles": skip.get(host, []),
         }
         for host in hosts
-        if host in found.digests
+        if host in found.digests and host not in found.up_to_date
     }
     if not per_host:
         return []
@@ -306,7 +469,12 @@ def record(found: Plan, observed: dict[str, Any], hosts: list[str]) -> list[str]
     done = answers.get("probe", {})
     for host in per_host:
         if isinstance(done.get(host), dict) and "checked" in done[host]:
-            notes[host] = found.digests[host]
+            split = found.split.get(host)
+            notes[host] = (
+                {"digest": split.digest, "roles": split.roles, "rest": split.rest}
+                if split
+                else found.digests[host]
+            )
         else:
             notes.pop(host, None)
             failed.append(host)
@@ -341,7 +509,7 @@ def report(found: Plan, say: Callable[[str], None]) -> None:
 def repaired_lines(found: Plan, changes: dict[str, int]) -> list[str]:
     """After the converge: what it repaired on hosts whose probe had found drift."""
     lines = []
-    probed = {"what shapes", "no converge", "a full converge"}
+    probed = {"what shapes", "no converge", "a full converge", "the inputs of"}
     for host, items in sorted(found.drift.items()):
         if any(items[0].startswith(p) for p in probed):
             continue

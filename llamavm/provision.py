@@ -219,7 +219,12 @@ def provision(
                     total.merge(recap)
             observe["LLAMAVM_OBSERVE"] = f"{tmp}/provision.json"
             rc, recap = run_playbook(
-                PLAYBOOK, inv.path, extra, limit=limit, check=check, env=observe
+                PLAYBOOK,
+                inv.path,
+                {**extra, "llamavm_skip_roles": found.skip_roles()},
+                limit=limit,
+                check=check,
+                env=observe,
             )
             if rc != 0:
                 raise LlamavmError(

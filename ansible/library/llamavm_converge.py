@@ -11,7 +11,10 @@
   machine id, a GPU driver) — and says what differs. No difference: the controller skips the
   roles' module runs for the host. Read-only, also in check mode.
 - `state: record` after a converge that succeeded: snapshots the items the controller saw the
-  roles manage (llamavm_observe callback) and writes the record (0600 root, atomically).
+  roles manage (llamavm_observe callback) and writes the record (0600 root, atomically), with
+  the roles that manage each item (`owners`). A converge that ran only some roles names the
+  others in `keep_roles`: the items they manage in the old record are snapshotted again and
+  kept (the probe before it found them as recorded).
 
 Hooks are host commands that report drift in their own domain as JSON (`{"drift": [...]}`):
 `llamavm-switch drift` says whether `llamavm-switch apply` would install, restart, remove or
@@ -72,6 +75,15 @@ options:
     description: argv lists of commands that print C({"drift": [...]}).
     type: list
     elements: list
+    default: []
+  owners:
+    description: C(files), C(units), C(packages) - per item the roles that manage it.
+    type: dict
+    default: {}
+  keep_roles:
+    description: roles that did not run; the old record's items they manage are kept.
+    type: list
+    elements: str
     default: []
 """
 
@@ -309,24 +321,62 @@ def verify(params: dict) -> dict:
     )
     drift = compare(record, now) + run_hooks(record.get("hooks", []))
     checked = sum(len(record.get(k, {})) for k in ("files", "units", "packages"))
-    return {"drift": drift, "checked": checked}
+    return {"drift": drift, "checked": checked, "owned": isinstance(record.get("owners"), dict)}
+
+
+def kept(params: dict) -> tuple:
+    """The old record's files, units, packages and owners that `keep_roles` manage."""
+    keep = set(params.get("keep_roles") or [])
+    if not keep:
+        return [], [], [], {}
+    old, problem = load_record(params["path"])
+    if old is None or not isinstance(old.get("owners"), dict):
+        raise ValueError(problem or "the record has no owners to keep the skipped roles' items by")
+    owners = old["owners"]
+
+    def theirs(kind: str) -> dict:
+        return {
+            name: roles
+            for name, roles in (owners.get(kind) or {}).items()
+            if keep.intersection(roles or [])
+        }
+
+    files = [
+        {"path": p, "content": "sha256" in old["files"][p] or "size" in old["files"][p]}
+        for p in theirs("files")
+        if p in old.get("files", {})
+    ]
+    units = [
+        {"name": n, "active": "active" in old["units"][n]}
+        for n in theirs("units")
+        if n in old.get("units", {})
+    ]
+    packages = [n for n in theirs("packages") if n in old.get("packages", {})]
+    return files, units, packages, {k: theirs(k) for k in ("files", "units", "packages")}
 
 
 def record(params: dict) -> dict:
+    old_files, old_units, old_packages, old_owners = kept(params)
     files = {}
-    for item in params["files"]:  # the same path seen twice: content wins
+    for item in old_files + params["files"]:  # the same path seen twice: content wins
         files[item["path"]] = files.get(item["path"], False) or bool(item.get("content"))
     units = {}
-    for item in params["units"]:
+    for item in old_units + params["units"]:
         units[item["name"]] = units.get(item["name"], False) or bool(item.get("active"))
     taken = snapshot(
         [{"path": p, "content": c} for p, c in files.items()],
         [{"name": n, "active": a} for n, a in units.items()],
-        params["packages"],
+        sorted(set(old_packages) | set(params["packages"])),
     )
     # A unit that failed to load at record time is not a baseline to hold the host to.
     taken["units"] = {n: s for n, s in taken["units"].items() if s.get("load") == "loaded"}
-    taken.update(digest=params["digest"], hooks=params["hooks"])
+    owners = {}
+    for kind in ("files", "units", "packages"):
+        merged = {name: sorted(roles) for name, roles in old_owners.get(kind, {}).items()}
+        for name, roles in ((params.get("owners") or {}).get(kind) or {}).items():
+            merged[name] = sorted(set(merged.get(name, [])) | set(roles or []))
+        owners[kind] = {name: roles for name, roles in merged.items() if name in taken[kind]}
+    taken.update(digest=params["digest"], hooks=params["hooks"], owners=owners)
     write_record(params["path"], taken)
     return {"changed": True, "checked": sum(len(taken[k]) for k in ("files", "units", "packages"))}
 
@@ -341,6 +391,8 @@ def main() -> None:
             "units": {"type": "list", "elements": "dict", "default": []},
             "packages": {"type": "list", "elements": "str", "default": []},
             "hooks": {"type": "list", "elements": "list", "default": []},
+            "owners": {"type": "dict", "default": {}},
+            "keep_roles": {"type": "list", "elements": "str", "default": []},
         },
         supports_check_mode=True,
     )
@@ -352,6 +404,8 @@ def main() -> None:
         module.exit_json(changed=False, checked=0)
     try:
         result = record(params)
+    except ValueError as exc:
+        module.fail_json(msg=f"could not keep the skipped roles' items: {exc}")
     except OSError as exc:
         module.fail_json(msg="could not write {}: {}".format(params["path"], exc))
     module.exit_json(**result)

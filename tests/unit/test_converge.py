@@ -50,7 +50,7 @@ def test_a_record_then_an_unchanged_host_has_no_drift(tmp_path: Path) -> None:
     params = _params(tmp_path, files=files)
     assert mod.record(params)["checked"] == 2
     assert (tmp_path / "state" / "converge.json").stat().st_mode & 0o777 == 0o600
-    assert mod.verify(params) == {"drift": [], "checked": 2}
+    assert mod.verify(params) == {"drift": [], "checked": 2, "owned": True}
 
 
 def test_hand_edits_are_drift_named_by_path(tmp_path: Path) -> None:
@@ -299,7 +299,7 @@ def test_the_whole_loop_through_ansible_playbook(
     probe = {"here": {"state": "verify", "digest": "digest-1", "path": record_path}}
     rc, answers, output = converge.run_converge_play(inventory, probe)
     assert rc == 0, output
-    assert answers["probe"]["here"] == {"drift": [], "checked": 8}
+    assert answers["probe"]["here"] == {"drift": [], "checked": 8, "owned": True}
     (work / "owned.conf").write_text("edited by hand\n")
     (work / "templated.conf").write_text("3\n")
     (work / "key").write_text("rotated, not drift\n")
@@ -362,3 +362,199 @@ def test_the_module_runs_with_the_hosts_python_alone() -> None:
         "__future__", "ansible", "hashlib", "json", "os", "platform", "shutil", "stat",
         "subprocess", "tempfile",
     }  # fmt: skip
+
+
+# --- converging only the roles whose inputs changed -----------------------------------------
+
+
+def test_a_role_runs_again_with_every_role_it_builds_on() -> None:
+    assert converge.to_run({"model_services"}) == ["model_services", "expose", "control"]
+    assert converge.to_run({"llama_cpp"}) == ["llama_cpp", "model_services", "expose", "control"]
+    assert converge.to_run({"control"}) == ["control"]
+    assert converge.to_run({"base"}) == list(converge.ROLES)
+    assert converge.to_run(set()) == []
+
+
+def _split(tmp_path: Path, extra: dict, hostvars: dict | None = None) -> converge.Digest:
+    return converge.host_digests({"provision": extra}, hostvars or {"h": {}})["h"]
+
+
+def test_each_role_digest_follows_only_what_that_role_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "src.tar"
+    archive.write_bytes(b"one")
+    contract = {"install": {"config_dir": "/etc/llamavm"}, "share_path": "/mnt/models",
+                "models": [{"name": "a", "gguf_in_share": "a.gguf"}], "ports": [8001]}  # fmt: skip
+    extra = {"llamavm_contract": contract, "llama_cpp_source_archive": str(archive)}
+    first = _split(tmp_path, extra)
+    assert first == _split(tmp_path, extra)
+
+    def changed(other: converge.Digest) -> set[str]:
+        return {n for n in converge.ROLES if other.roles[n] != first.roles[n]}
+
+    more = {**contract, "models": [*contract["models"], {"name": "b", "gguf_in_share": "b.gguf"}]}
+    added = _split(tmp_path, {**extra, "llamavm_contract": more})
+    assert changed(added) == {"model_share", "model_services", "expose", "control"}
+    assert added.rest == first.rest and added.digest != first.digest
+    ports = _split(tmp_path, {**extra, "llamavm_contract": {**contract, "ports": [8002]}})
+    assert changed(ports) == {"model_services", "expose", "control"}
+    archive.write_bytes(b"two")  # the same path, another source
+    rebuilt = _split(tmp_path, extra)
+    assert changed(rebuilt) == {"llama_cpp"} and rebuilt.rest == first.rest
+    archive.write_bytes(b"one")
+    unknown = _split(tmp_path, {**extra, "something_new": 1})
+    assert unknown.rest != first.rest and not changed(unknown)  # counts for every role
+    moved = _split(tmp_path, extra, {"h": {"ansible_host": "10.0.0.9"}})
+    assert moved.rest != first.rest and not changed(moved)
+
+
+def _provision_roles() -> list[dict]:
+    import yaml
+
+    plays = yaml.safe_load((REPO_ROOT / "ansible" / "playbooks" / "provision.yml").read_text())
+    return [
+        task
+        for play in plays
+        for task in play.get("tasks", [])
+        if "ansible.builtin.include_role" in task
+    ]
+
+
+#: What `invoke provision` passes provision.yml (llamavm/provision.py) besides role-named vars.
+EXTRA_VARS = (
+    "llamavm_contract",
+    "llamavm_default_models",
+    "llamavm_controller_share",
+    "llamavm_host_package",
+)
+
+
+def test_the_role_map_covers_what_the_playbook_gives_each_role() -> None:
+    """Each role the playbook includes is in converge.ROLES, may be skipped by name, and reads
+    no extra variable the map does not give it: a skip is never stale."""
+    import re
+
+    tasks = _provision_roles()
+    assert {t["ansible.builtin.include_role"]["name"] for t in tasks} == set(converge.ROLES)
+    for task in tasks:
+        name = task["ansible.builtin.include_role"]["name"]
+        assert task["when"] == f"'{name}' not in __llamavm_skip"
+        used = set(re.findall(r"\b(llamavm_[a-z_]+)", json.dumps(task.get("vars", {}))))
+        reads = {r.partition(".")[0] for r in converge.ROLES[name].reads}
+        assert used & set(EXTRA_VARS) <= reads, (name, used)
+        if "llamavm_contract" in used and "llamavm_contract" not in converge.ROLES[name].reads:
+            keys = set(re.findall(r"llamavm_contract\.([a-z_]+)", json.dumps(task["vars"])))
+            keys |= {"models"} if "llamavm_contract.models" in json.dumps(task["vars"]) else set()
+            assert keys <= {r.partition(".")[2] for r in converge.ROLES[name].reads}, name
+    for path in (REPO_ROOT / "ansible" / "roles").rglob("*"):
+        if path.is_file() and path.suffix in (".yml", ".j2", ".py"):
+            text = path.read_text(errors="replace")
+            assert not any(v in text for v in EXTRA_VARS), f"{path} reads an extra var itself"
+
+
+def test_only_changed_roles_converge_when_the_probe_finds_no_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path))
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    inventory = tmp_path / "inv"
+    hostvars = {"a": {}, "b": {}, "c": {}}
+    old = {"provision": {"llamavm_contract": {"models": [1]}}}
+    new = {"provision": {"llamavm_contract": {"models": [1, 2]}}}
+    was = converge.host_digests(old, hostvars)
+    notes = {h: {"digest": d.digest, "roles": d.roles, "rest": d.rest} for h, d in was.items()}
+    converge._save_notes(inventory, notes)
+    answers = {
+        "a": {"drift": [], "checked": 3, "owned": True},
+        "b": {"drift": ["/etc/x: deleted"], "checked": 3, "owned": True},
+        "c": {"drift": [], "checked": 3, "owned": False},
+    }
+    asked = []
+
+    def probe(_inv, per_host, **_):
+        asked.append(per_host)
+        return 0, {"probe": answers}, ""
+
+    monkeypatch.setattr(converge, "run_converge_play", probe)
+    found = converge.plan(inventory, new, hostvars, {}, "/r")
+    assert {h: p["digest"] for h, p in asked[0].items()} == {h: d.digest for h, d in was.items()}
+    run = ["model_share", "nfs_server", "model_services", "expose", "control"]
+    assert found.partial == {"a": run}
+    assert found.skip_roles() == {"a": ["base", "gpu", "llama_cpp"]}
+    assert found.drift["a"][0].startswith("the inputs of model_share, model_services")
+    assert found.drift["b"] == ["/etc/x: deleted"]  # drift: everything converges
+    assert "predates per-role" in found.drift["c"][0]
+    assert converge.repaired_lines(found, {"a": 3, "b": 1}) == [
+        "llamavm: b: repaired (1 changes): /etc/x: deleted"
+    ]
+    moved = converge.plan(inventory, new, {**hostvars, "a": {"ansible_host": "x"}}, {}, "/r")
+    assert moved.drift["a"] == ["what shapes its converge changed since the last one"]
+    same = converge.plan(inventory, old, hostvars, {}, "/r")
+    assert same.up_to_date == {"a": 3, "c": 3}
+    assert same.skip_roles() == {"a": list(converge.ROLES), "c": list(converge.ROLES)}
+
+
+def test_a_partial_record_keeps_the_skipped_roles_items(tmp_path: Path) -> None:
+    base_conf, unit = tmp_path / "base.conf", tmp_path / "model.service"
+    base_conf.write_text("base\n")
+    unit.write_text("[Service]\n")
+    first = _params(
+        tmp_path,
+        files=[{"path": str(base_conf), "content": True}, {"path": str(unit), "content": True}],
+        owners={"files": {str(base_conf): ["base"], str(unit): ["model_services"]}},
+    )
+    mod.record(first)
+    other = tmp_path / "other.service"
+    other.write_text("[Service]\n")
+    again = _params(
+        tmp_path,
+        digest="d2",
+        files=[{"path": str(other), "content": True}],
+        owners={"files": {str(other): ["model_services"]}},
+        keep_roles=["base"],
+    )
+    assert mod.record(again)["checked"] == 2  # base's file kept, the old unit gone with its role
+    stored = json.loads((tmp_path / "state" / "converge.json").read_text())
+    assert set(stored["files"]) == {str(base_conf), str(other)}
+    assert stored["owners"]["files"] == {str(base_conf): ["base"], str(other): ["model_services"]}
+    base_conf.write_text("edited\n")
+    assert mod.verify(again)["drift"] == [f"{base_conf}: content changed"]
+    (tmp_path / "state" / "converge.json").write_text(json.dumps({"digest": "d0"}))
+    with pytest.raises(ValueError, match="no owners"):
+        mod.record(again)
+
+
+def test_the_callback_names_the_role_that_managed_each_item(tmp_path: Path) -> None:
+    role = tmp_path / "roles" / "demo" / "tasks"
+    role.mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    role.joinpath("main.yml").write_text(
+        f'- ansible.builtin.copy: {{content: "x\\n", dest: "{work}/by-role.conf", mode: "0644"}}\n'
+    )
+    play = tmp_path / "play.yml"
+    play.write_text(
+        "- hosts: all\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role: {name: demo}\n"
+        "    - ansible.builtin.copy:\n"
+        f'        {{content: "y\\n", dest: "{work}/loose.conf", mode: "0644"}}\n'
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "all:\n  hosts:\n    here:\n      ansible_connection: local\n"
+        f"      ansible_python_interpreter: {sys.executable}\n      ansible_become: false\n"
+    )
+    observed = tmp_path / "observed.json"
+    rc, _ = provision.run_playbook(
+        play,
+        inventory,
+        {},
+        echo=lambda _: None,
+        env={"LLAMAVM_OBSERVE": str(observed), "ANSIBLE_ROLES_PATH": str(tmp_path / "roles")},
+    )
+    assert rc == 0
+    seen = json.loads(observed.read_text())["hosts"]["here"]
+    owners = converge.owners(seen)
+    assert owners["files"] == {f"{work}/by-role.conf": ["demo"], f"{work}/loose.conf": []}

@@ -3,8 +3,9 @@
 An aggregate callback, silent unless $LLAMAVM_OBSERVE names a file: then, at the end of the
 playbook, it writes there per host the files the roles wrote or shaped (copy, template, file,
 lineinfile, ...), the units they enabled or started, the Debian packages they installed, and
-the answers of the llamavm_converge module. llamavm/converge.py turns the first three into the
-host's converge record (ansible/library/llamavm_converge.py), and reads the last.
+the answers of the llamavm_converge module — each item with the roles whose tasks managed it.
+llamavm/converge.py turns the first three into the host's converge record
+(ansible/library/llamavm_converge.py), and reads the last.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class CallbackModule(CallbackBase):
         self._probe: dict[str, dict] = {}
 
     def _host(self, name: str) -> dict[str, dict]:
-        return self._hosts.setdefault(name, {"files": {}, "units": {}, "packages": {}})
+        return self._hosts.setdefault(name, {"files": {}, "units": {}, "packages": {}, "roles": {}})
 
     def v2_runner_on_ok(self, result) -> None:
         if not self._out:
@@ -76,7 +77,9 @@ class CallbackModule(CallbackBase):
             if not isinstance(item, dict) or item.get("skipped") or item.get("failed"):
                 continue
             if action == PROBE_MODULE:
-                self._probe[host] = {k: item.get(k) for k in ("drift", "checked") if k in item}
+                self._probe[host] = {
+                    k: item.get(k) for k in ("drift", "checked", "owned") if k in item
+                }
             else:
                 self._observe(host, action, task, item)
 
@@ -85,6 +88,13 @@ class CallbackModule(CallbackBase):
         if not isinstance(args, dict):
             return  # no_log: nothing to learn from
         seen = self._host(host)
+        role = task._role.get_name() if getattr(task, "_role", None) else None
+
+        def owned(kind: str, name: str) -> None:
+            roles = seen["roles"].setdefault(kind, {}).setdefault(name, set())
+            if role:
+                roles.add(role)
+
         if action in FILE_MODULES:
             key, content = FILE_MODULES[action]
             path = args.get(key) if action in ("stat", "slurp") else None
@@ -95,26 +105,42 @@ class CallbackModule(CallbackBase):
                 force = task.args.get("force", True)
                 owns = content and not _false(force) and args.get("state") != "absent"
                 seen["files"][path] = seen["files"].get(path, False) or owns
+                owned("files", path)
         elif action in UNIT_MODULES:
             name = args.get("name") or item.get("name")
             if isinstance(name, str) and name and args.get("scope") in (None, "system"):
                 wants = args.get("state") in ("started", "restarted", "reloaded")
                 seen["units"][name] = seen["units"].get(name, False) or wants
+                owned("units", name)
         elif action in PACKAGE_MODULES:
             names = args.get("name") or args.get("pkg") or []
             for name in [names] if isinstance(names, str) else names:
                 if isinstance(name, str) and not any(c in name for c in "*?/"):
                     seen["packages"][name.split("=", 1)[0]] = True
+                    owned("packages", name.split("=", 1)[0])
 
     def v2_playbook_on_stats(self, stats) -> None:
         if not self._out:
             return
+
+        def roles(seen: dict, kind: str, name: str) -> list:
+            return sorted(seen["roles"].get(kind, {}).get(name, ()))
+
         summary = {
             "hosts": {
                 host: {
-                    "files": [{"path": p, "content": c} for p, c in sorted(seen["files"].items())],
-                    "units": [{"name": n, "active": a} for n, a in sorted(seen["units"].items())],
+                    "files": [
+                        {"path": p, "content": c, "roles": roles(seen, "files", p)}
+                        for p, c in sorted(seen["files"].items())
+                    ],
+                    "units": [
+                        {"name": n, "active": a, "roles": roles(seen, "units", n)}
+                        for n, a in sorted(seen["units"].items())
+                    ],
                     "packages": sorted(seen["packages"]),
+                    "package_roles": {
+                        n: roles(seen, "packages", n) for n in sorted(seen["packages"])
+                    },
                 }
                 for host, seen in self._hosts.items()
             },
