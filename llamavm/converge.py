@@ -81,8 +81,27 @@ ROLES: dict[str, Role] = {
         after=("base", "gpu", "model_share", "llama_cpp"),
         reads=("llamavm_contract", "llamavm_default_models", "llamavm_host_package"),
     ),
-    "expose": Role(after=("base", "model_services"), reads=("llamavm_contract",)),
-    "control": Role(after=("base", "model_services", "expose"), reads=("llamavm_contract",)),
+    "expose": Role(
+        after=("base", "model_services"),
+        reads=(
+            "llamavm_contract.firewall",
+            "llamavm_contract.front_door",
+            "llamavm_contract.metrics",
+            "llamavm_contract.paths",
+        ),
+    ),
+    # The control service re-reads the models from the contract file; it restarts when its own
+    # settings or the host package it runs change.
+    "control": Role(
+        after=("base",),
+        reads=(
+            "llamavm_contract.control",
+            "llamavm_contract.api_key",
+            "llamavm_contract.paths",
+            "llamavm_contract.install",
+            "llamavm_host_package",
+        ),
+    ),
 }
 
 

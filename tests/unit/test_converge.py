@@ -368,8 +368,8 @@ def test_the_module_runs_with_the_hosts_python_alone() -> None:
 
 
 def test_a_role_runs_again_with_every_role_it_builds_on() -> None:
-    assert converge.to_run({"model_services"}) == ["model_services", "expose", "control"]
-    assert converge.to_run({"llama_cpp"}) == ["llama_cpp", "model_services", "expose", "control"]
+    assert converge.to_run({"model_services"}) == ["model_services", "expose"]
+    assert converge.to_run({"llama_cpp"}) == ["llama_cpp", "model_services", "expose"]
     assert converge.to_run({"control"}) == ["control"]
     assert converge.to_run({"base"}) == list(converge.ROLES)
     assert converge.to_run(set()) == []
@@ -386,7 +386,9 @@ def test_each_role_digest_follows_only_what_that_role_reads(
     archive = tmp_path / "src.tar"
     archive.write_bytes(b"one")
     contract = {"install": {"config_dir": "/etc/llamavm"}, "share_path": "/mnt/models",
-                "models": [{"name": "a", "gguf_in_share": "a.gguf"}], "ports": [8001]}  # fmt: skip
+                "models": [{"name": "a", "gguf_in_share": "a.gguf"}],
+                "firewall": {"model_ports": [8001]}, "control": {"port": 8090},
+                "default_model": "a"}  # fmt: skip
     extra = {"llamavm_contract": contract, "llama_cpp_source_archive": str(archive)}
     first = _split(tmp_path, extra)
     assert first == _split(tmp_path, extra)
@@ -394,12 +396,18 @@ def test_each_role_digest_follows_only_what_that_role_reads(
     def changed(other: converge.Digest) -> set[str]:
         return {n for n in converge.ROLES if other.roles[n] != first.roles[n]}
 
-    more = {**contract, "models": [*contract["models"], {"name": "b", "gguf_in_share": "b.gguf"}]}
+    more = {
+        **contract,
+        "models": [*contract["models"], {"name": "b", "gguf_in_share": "b.gguf"}],
+        "firewall": {"model_ports": [8001, 8002]},
+    }
     added = _split(tmp_path, {**extra, "llamavm_contract": more})
-    assert changed(added) == {"model_share", "model_services", "expose", "control"}
+    assert changed(added) == {"model_share", "model_services", "expose"}
     assert added.rest == first.rest and added.digest != first.digest
-    ports = _split(tmp_path, {**extra, "llamavm_contract": {**contract, "ports": [8002]}})
-    assert changed(ports) == {"model_services", "expose", "control"}
+    control = _split(tmp_path, {**extra, "llamavm_contract": {**contract, "control": {}}})
+    assert changed(control) == {"model_services", "control"}
+    default = _split(tmp_path, {**extra, "llamavm_contract": {**contract, "default_model": "b"}})
+    assert changed(default) == {"model_services"}
     archive.write_bytes(b"two")  # the same path, another source
     rebuilt = _split(tmp_path, extra)
     assert changed(rebuilt) == {"llama_cpp"} and rebuilt.rest == first.rest
@@ -448,6 +456,21 @@ def test_the_role_map_covers_what_the_playbook_gives_each_role() -> None:
             keys = set(re.findall(r"llamavm_contract\.([a-z_]+)", json.dumps(task["vars"])))
             keys |= {"models"} if "llamavm_contract.models" in json.dumps(task["vars"]) else set()
             assert keys <= {r.partition(".")[2] for r in converge.ROLES[name].reads}, name
+        # The whole contract under the role's own name, but only some keys in the map: the
+        # role may read only those keys of it.
+        whole = [
+            v for v, value in task.get("vars", {}).items() if value == "{{ llamavm_contract }}"
+        ]
+        picked = {r.partition(".")[2] for r in converge.ROLES[name].reads if "." in r}
+        if whole and "llamavm_contract" not in converge.ROLES[name].reads:
+            for var in whole:
+                for path in (REPO_ROOT / "ansible" / "roles" / name).rglob("*"):
+                    if not path.is_file() or path.parent.name in ("defaults", "meta"):
+                        continue
+                    text = path.read_text(errors="replace")
+                    keys = set(re.findall(rf"\b{var}\.([a-z_]+)", text))
+                    assert keys <= picked, (path, keys - picked)
+                    assert not re.search(rf"\b{var}\s*(\||}}}})", text), (path, "whole contract")
     for path in (REPO_ROOT / "ansible" / "roles").rglob("*"):
         if path.is_file() and path.suffix in (".yml", ".j2", ".py"):
             text = path.read_text(errors="replace")
@@ -480,9 +503,9 @@ def test_only_changed_roles_converge_when_the_probe_finds_no_drift(
     monkeypatch.setattr(converge, "run_converge_play", probe)
     found = converge.plan(inventory, new, hostvars, {}, "/r")
     assert {h: p["digest"] for h, p in asked[0].items()} == {h: d.digest for h, d in was.items()}
-    run = ["model_share", "nfs_server", "model_services", "expose", "control"]
+    run = ["model_share", "nfs_server", "model_services", "expose"]
     assert found.partial == {"a": run}
-    assert found.skip_roles() == {"a": ["base", "gpu", "llama_cpp"]}
+    assert found.skip_roles() == {"a": ["base", "gpu", "llama_cpp", "control"]}
     assert found.drift["a"][0].startswith("the inputs of model_share, model_services")
     assert found.drift["b"] == ["/etc/x: deleted"]  # drift: everything converges
     assert "predates per-role" in found.drift["c"][0]
