@@ -13,7 +13,8 @@ host's fingerprint (OS, kernel, CPU flags, machine id, a GPU driver) and `llamav
 The next provision asks each host — one module run, no facts — whether its record has the same
 digest and its snapshot still holds. Hosts that say yes are up to date and the roles' hundred
 module runs are skipped; drift (a hand-edited unit, a deleted file, a stopped service, a removed
-package, a new GPU) runs the whole converge, says what it found, and records again.
+package) runs the roles that manage what drifted and those that build on them (every role when
+the host itself changed: a new GPU, kernel or OS), says what it found, and records again.
 
 The digest is made of one per role of provision.yml (its own files, the playbook inputs it reads,
 see ROLES) and the rest (the playbooks, plugins, the host's variables, Ansible). When only some
@@ -424,6 +425,10 @@ def plan(
                 found.drift[host] = ["the drift probe could not ask it (unreachable or failed)"]
             elif answer["drift"]:
                 found.drift[host] = [str(item) for item in answer["drift"]]
+                # What drifted is some roles' alone: those run, with what changed.
+                theirs = answer.get("roles")
+                if isinstance(theirs, list) and set(theirs) <= set(ROLES):
+                    found.partial[host] = to_run(set(theirs) | set(changed.get(host, [])))
             elif host in changed and not answer.get("owned"):
                 found.drift[host] = [
                     "what shapes its converge changed, and its record predates per-role converges"
@@ -523,6 +528,9 @@ def report(found: Plan, say: Callable[[str], None]) -> None:
                 say(f"llamavm: {host}:   {item}")
             if len(items) > SHOWN:
                 say(f"llamavm: {host}:   … and {len(items) - SHOWN} more")
+        if host in found.partial and not items[0].startswith("the inputs of"):
+            run = ", ".join(found.partial[host])
+            say(f"llamavm: {host}: only the roles that manage what drifted run: {run}")
 
 
 def repaired_lines(found: Plan, changes: dict[str, int]) -> list[str]:

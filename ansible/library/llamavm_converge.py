@@ -90,6 +90,8 @@ options:
 # Files above this size are compared by size and modification time, not by content: a lab's
 # NFS export holds GGUFs of many GiB, and a hand edit changes the mtime anyway.
 CONTENT_LIMIT = 8 * 1024 * 1024
+#: The role whose state the hooks (`llamavm-switch drift`) report.
+HOOK_ROLE = "model_services"
 FINGERPRINT_FILES = ("/etc/os-release", "/etc/machine-id", "/proc/driver/nvidia/version")
 GPU_TOOLS = ("nvidia-smi",)
 
@@ -251,28 +253,50 @@ def describe_file(path: str, was: dict, now: dict) -> str:
 
 
 def compare(record: dict, now: dict) -> list:
+    return [message for _, _, message in differences(record, now)]
+
+
+def differences(record: dict, now: dict) -> list:
+    """(kind, name, message) for each difference; kind None for the host's fingerprint."""
     drift = []
     for path, was in sorted(record.get("files", {}).items()):
         state = now["files"].get(path)
         if state != was:
-            drift.append(describe_file(path, was, state or {"type": "absent"}))
+            drift.append(("files", path, describe_file(path, was, state or {"type": "absent"})))
     for name, was in sorted(record.get("units", {}).items()):
         state = now["units"].get(name, {})
         if state.get("load") != was.get("load") or state.get("file") != was.get("file"):
-            drift.append(
-                "unit {}: {}/{} (was {}/{})".format(
-                    name, state.get("load"), state.get("file"), was.get("load"), was.get("file")
-                )
+            message = "unit {}: {}/{} (was {}/{})".format(
+                name, state.get("load"), state.get("file"), was.get("load"), was.get("file")
             )
+            drift.append(("units", name, message))
         elif "active" in was and state.get("active") != was["active"]:
-            drift.append("unit {}: {} (was {})".format(name, state.get("active"), was["active"]))
+            message = "unit {}: {} (was {})".format(name, state.get("active"), was["active"])
+            drift.append(("units", name, message))
     for name, was in sorted(record.get("packages", {}).items()):
         if now["packages"].get(name) != was:
-            drift.append("package {}: {} (was {})".format(name, now["packages"].get(name), was))
+            message = "package {}: {} (was {})".format(name, now["packages"].get(name), was)
+            drift.append(("packages", name, message))
     for key, was in sorted(record.get("fingerprint", {}).items()):
         if now["fingerprint"].get(key) != was:
-            drift.append(f"the host changed: {key}")
+            drift.append((None, key, f"the host changed: {key}"))
     return drift
+
+
+def drift_roles(record: dict, found: list, hook_drift: list):
+    """The roles that manage what drifted (sorted), or None when any of it has no owner in the
+    record (the host itself changed, an item from before owners): then every role runs. The
+    hooks report the model services' own state (`llamavm-switch drift`)."""
+    owners = record.get("owners")
+    if not isinstance(owners, dict):
+        return None
+    roles = {HOOK_ROLE} if hook_drift else set()
+    for kind, name, _ in found:
+        theirs = (owners.get(kind) or {}).get(name) if kind else None
+        if not theirs:
+            return None
+        roles.update(theirs)
+    return sorted(roles)
 
 
 def load_record(path: str):
@@ -319,9 +343,15 @@ def verify(params: dict) -> dict:
         [{"name": n, "active": "active" in s} for n, s in record.get("units", {}).items()],
         list(record.get("packages", {})),
     )
-    drift = compare(record, now) + run_hooks(record.get("hooks", []))
+    found = differences(record, now)
+    hooked = run_hooks(record.get("hooks", []))
     checked = sum(len(record.get(k, {})) for k in ("files", "units", "packages"))
-    return {"drift": drift, "checked": checked, "owned": isinstance(record.get("owners"), dict)}
+    return {
+        "drift": [message for _, _, message in found] + hooked,
+        "checked": checked,
+        "owned": isinstance(record.get("owners"), dict),
+        "roles": drift_roles(record, found, hooked),
+    }
 
 
 def kept(params: dict) -> tuple:

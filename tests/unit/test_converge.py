@@ -50,7 +50,7 @@ def test_a_record_then_an_unchanged_host_has_no_drift(tmp_path: Path) -> None:
     params = _params(tmp_path, files=files)
     assert mod.record(params)["checked"] == 2
     assert (tmp_path / "state" / "converge.json").stat().st_mode & 0o777 == 0o600
-    assert mod.verify(params) == {"drift": [], "checked": 2, "owned": True}
+    assert mod.verify(params) == {"drift": [], "checked": 2, "owned": True, "roles": []}
 
 
 def test_hand_edits_are_drift_named_by_path(tmp_path: Path) -> None:
@@ -299,7 +299,7 @@ def test_the_whole_loop_through_ansible_playbook(
     probe = {"here": {"state": "verify", "digest": "digest-1", "path": record_path}}
     rc, answers, output = converge.run_converge_play(inventory, probe)
     assert rc == 0, output
-    assert answers["probe"]["here"] == {"drift": [], "checked": 8, "owned": True}
+    assert answers["probe"]["here"] == {"drift": [], "checked": 8, "owned": True, "roles": []}
     (work / "owned.conf").write_text("edited by hand\n")
     (work / "templated.conf").write_text("3\n")
     (work / "key").write_text("rotated, not drift\n")
@@ -581,3 +581,54 @@ def test_the_callback_names_the_role_that_managed_each_item(tmp_path: Path) -> N
     seen = json.loads(observed.read_text())["hosts"]["here"]
     owners = converge.owners(seen)
     assert owners["files"] == {f"{work}/by-role.conf": ["demo"], f"{work}/loose.conf": []}
+
+
+def test_drift_names_the_roles_that_manage_it(tmp_path: Path) -> None:
+    unit, base_conf = tmp_path / "control.service", tmp_path / "base.conf"
+    unit.write_text("[Service]\n")
+    base_conf.write_text("base\n")
+    params = _params(
+        tmp_path,
+        files=[{"path": str(unit), "content": True}, {"path": str(base_conf), "content": True}],
+        owners={"files": {str(unit): ["control"], str(base_conf): ["base"]}},
+    )
+    mod.record(params)
+    unit.write_text("[Service]\n# edited\n")
+    assert mod.verify(params)["roles"] == ["control"]
+    base_conf.unlink()
+    assert mod.verify(params)["roles"] == ["base", "control"]
+    record = json.loads(Path(params["path"]).read_text())
+    found = mod.differences(record, {**mod.snapshot([], [], []), "files": {}})
+    assert mod.drift_roles(record, found, ["a model unit differs"]) == [
+        "base",
+        "control",
+        "model_services",
+    ]
+    moved = [(None, "kernel", "the host changed: kernel")]
+    assert mod.drift_roles(record, moved, []) is None  # the host itself: every role
+    assert mod.drift_roles({}, [("files", "/x", "")], []) is None  # no owners recorded
+
+
+def test_drift_of_one_roles_items_converges_that_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path))
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    inventory = tmp_path / "inv"
+    hostvars = {"a": {}, "b": {}}
+    now = converge.host_digests({}, hostvars)
+    notes = {h: {"digest": d.digest, "roles": d.roles, "rest": d.rest} for h, d in now.items()}
+    converge._save_notes(inventory, notes)
+    answers = {
+        "a": {"drift": ["/etc/x.service: content changed"], "checked": 3, "roles": ["control"]},
+        "b": {"drift": ["the host changed: kernel"], "checked": 3, "roles": None},
+    }
+    monkeypatch.setattr(converge, "run_converge_play", lambda *a, **k: (0, {"probe": answers}, ""))
+    found = converge.plan(inventory, {}, hostvars, {}, "/r")
+    assert found.partial == {"a": ["control"]}
+    assert found.skip_roles() == {"a": [n for n in converge.ROLES if n != "control"]}
+    assert found.drift["b"] == ["the host changed: kernel"] and "b" not in found.partial
+    lines: list[str] = []
+    converge.report(found, lines.append)
+    assert "llamavm: a: only the roles that manage what drifted run: control" in lines
+    assert converge.repaired_lines(found, {"a": 1, "b": 0})[0].startswith("llamavm: a: repaired")

@@ -78,7 +78,7 @@ class CallbackModule(CallbackBase):
                 continue
             if action == PROBE_MODULE:
                 self._probe[host] = {
-                    k: item.get(k) for k in ("drift", "checked", "owned") if k in item
+                    k: item.get(k) for k in ("drift", "checked", "owned", "roles") if k in item
                 }
             else:
                 self._observe(host, action, task, item)
