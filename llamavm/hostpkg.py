@@ -62,15 +62,26 @@ def archive_bytes() -> bytes:
     return SHEBANG + buffer.getvalue()
 
 
+def source_key() -> str:
+    """The package's key: its sources (and this Python's bytecode magic), not the zip's bytes —
+    marshal's output for the same code differs between processes (reference counts, string
+    interning), so the .pyc in two builds need not be byte-equal."""
+    digest = hashlib.sha256(importlib.util.MAGIC_NUMBER + SHEBANG + _INIT)
+    for path in sorted(SOURCE.glob("*.py")):
+        data = path.read_bytes()
+        digest.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()
+
+
 def build(cache: Path | None = None) -> Path:
-    """Write the zipapp (once per content) and return its path."""
+    """Write the zipapp once per source and return its path: the same sources give the same
+    file in every later run (a provision's digest and Ansible's copy see no change)."""
     root = cache or Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
-    data = archive_bytes()
-    path = root / "host" / f"llamavm-host-{hashlib.sha256(data).hexdigest()[:16]}.pyz"
+    path = root / "host" / f"llamavm-host-{source_key()[:16]}.pyz"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        tmp.write_bytes(archive_bytes())
         tmp.chmod(0o755)
         os.replace(tmp, path)
     return path

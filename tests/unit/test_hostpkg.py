@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,33 @@ def test_without_a_contract_it_says_what_to_do(tmp_path) -> None:
     assert run.returncode == 2, run.stderr
     assert "run 'invoke provision'" in run.stdout
     assert "Traceback" not in run.stderr
+
+
+def test_the_same_sources_give_the_same_file_in_every_process(tmp_path) -> None:
+    """marshal's bytes differ between processes; the package's name and file must not (a
+    provision's digest and Ansible's copy would see a new package every run)."""
+    script = "import sys; from pathlib import Path; from llamavm import hostpkg; " \
+             "print(hostpkg.build(Path(sys.argv[1])))"  # fmt: skip
+    paths, stamps = set(), set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True, text=True, check=True, env=env, cwd=REPO_ROOT,
+        )  # fmt: skip
+        path = Path(out.stdout.strip())
+        paths.add(path)
+        stamps.add(path.stat().st_mtime_ns)
+    assert len(paths) == 1 and len(stamps) == 1  # built once, found the second time
+    assert paths.pop().name == f"llamavm-host-{hostpkg.source_key()[:16]}.pyz"
+
+
+def test_a_source_change_is_a_new_package(tmp_path, monkeypatch) -> None:
+    copy = tmp_path / "host"
+    copy.mkdir()
+    for path in hostpkg.SOURCE.glob("*.py"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(hostpkg, "SOURCE", copy)
+    before = hostpkg.source_key()
+    (copy / "status.py").write_text((copy / "status.py").read_text() + "\n# changed\n")
+    assert hostpkg.source_key() != before
