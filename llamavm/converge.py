@@ -248,10 +248,34 @@ class Digest:
     rest: str
 
 
+#: Paths in a VM's entry (vm.yml's llamavm_vms) that name what the hypervisor makes — the
+#: VM's own disk, its seed and base image there — not inputs: on a hypervisor that is this
+#: machine they exist here and change as the VM runs, so they count by name, not by content.
+VM_OUTPUTS = ("disk", "seed", "base_disk")
+
+
+def _vm_outputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    vm = inputs.get("vm")
+    if not isinstance(vm, dict) or not isinstance(vm.get("llamavm_vms"), list):
+        return inputs
+    vms = []
+    for entry in vm["llamavm_vms"]:
+        entry = dict(entry)
+        for key in VM_OUTPUTS:
+            if isinstance(entry.get(key), str):
+                entry[key] = f"hypervisor:{entry[key]}"
+        entry["offline_files"] = [
+            {**item, "dest": f"hypervisor:{item.get('dest')}"}
+            for item in entry.get("offline_files") or []
+        ]
+        vms.append(entry)
+    return {**inputs, "vm": {**vm, "llamavm_vms": vms}}
+
+
 def host_digests(inputs: dict[str, Any], hostvars: dict[str, dict[str, Any]]) -> dict[str, Digest]:
     """Per host, the digest of everything that shapes its converge, split by role."""
     files = _Digests()
-    normalized = normalize(inputs, files)
+    normalized = normalize(_vm_outputs(inputs), files)
     files.save()
     roles_dir = ANSIBLE_TREE / "roles"
     own, unclaimed = _role_inputs(normalized.get("provision") or {})

@@ -632,3 +632,22 @@ def test_drift_of_one_roles_items_converges_that_role(
     converge.report(found, lines.append)
     assert "llamavm: a: only the roles that manage what drifted run: control" in lines
     assert converge.repaired_lines(found, {"a": 1, "b": 0})[0].startswith("llamavm: a: repaired")
+
+
+def test_a_vms_own_disk_counts_by_name_not_by_its_changing_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a hypervisor that is this machine, the VM's disk is here and changes as it runs."""
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    disk, seed_src = tmp_path / "vm.qcow2", tmp_path / "seed.iso"
+    disk.write_bytes(b"running")
+    seed_src.write_bytes(b"seed")
+    vm = {"name": "v", "disk": str(disk), "seed": str(tmp_path / "v-seed.iso"),
+          "base_disk": str(disk), "seed_src": str(seed_src),
+          "offline_files": [{"src": str(seed_src), "dest": str(disk)}]}  # fmt: skip
+    inputs = {"provision": {}, "vm": {"llamavm_vms": [vm]}}
+    first = converge.digests(inputs, {"h": {}})
+    disk.write_bytes(b"running, some blocks later")
+    assert converge.digests(inputs, {"h": {}}) == first
+    seed_src.write_bytes(b"another seed")  # an input: it counts
+    assert converge.digests(inputs, {"h": {}}) != first
