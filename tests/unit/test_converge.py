@@ -519,16 +519,22 @@ def test_only_changed_roles_converge_when_the_probe_finds_no_drift(
     assert same.skip_roles() == {"a": list(converge.ROLES), "c": list(converge.ROLES)}
 
 
-def test_a_partial_record_keeps_the_skipped_roles_items(tmp_path: Path) -> None:
-    base_conf, unit = tmp_path / "base.conf", tmp_path / "model.service"
-    base_conf.write_text("base\n")
+def _recorded_pair(tmp_path: Path, unit_name: str, unit_role: str) -> tuple[Path, Path, dict]:
+    """A record of a base-owned file and a unit owned by `unit_role`: (unit, base file, params)."""
+    unit, base_conf = tmp_path / unit_name, tmp_path / "base.conf"
     unit.write_text("[Service]\n")
-    first = _params(
+    base_conf.write_text("base\n")
+    params = _params(
         tmp_path,
-        files=[{"path": str(base_conf), "content": True}, {"path": str(unit), "content": True}],
-        owners={"files": {str(base_conf): ["base"], str(unit): ["model_services"]}},
+        files=[{"path": str(unit), "content": True}, {"path": str(base_conf), "content": True}],
+        owners={"files": {str(unit): [unit_role], str(base_conf): ["base"]}},
     )
-    mod.record(first)
+    mod.record(params)
+    return unit, base_conf, params
+
+
+def test_a_partial_record_keeps_the_skipped_roles_items(tmp_path: Path) -> None:
+    _, base_conf, _ = _recorded_pair(tmp_path, "model.service", "model_services")
     other = tmp_path / "other.service"
     other.write_text("[Service]\n")
     again = _params(
@@ -584,15 +590,7 @@ def test_the_callback_names_the_role_that_managed_each_item(tmp_path: Path) -> N
 
 
 def test_drift_names_the_roles_that_manage_it(tmp_path: Path) -> None:
-    unit, base_conf = tmp_path / "control.service", tmp_path / "base.conf"
-    unit.write_text("[Service]\n")
-    base_conf.write_text("base\n")
-    params = _params(
-        tmp_path,
-        files=[{"path": str(unit), "content": True}, {"path": str(base_conf), "content": True}],
-        owners={"files": {str(unit): ["control"], str(base_conf): ["base"]}},
-    )
-    mod.record(params)
+    unit, base_conf, params = _recorded_pair(tmp_path, "control.service", "control")
     unit.write_text("[Service]\n# edited\n")
     assert mod.verify(params)["roles"] == ["control"]
     base_conf.unlink()
