@@ -60,6 +60,7 @@ class HostConfig:
     lock_timeout_s: int
     api_key_min_length: int
     front_door_port: int
+    wake_port: int
 
 
 def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
@@ -98,11 +99,17 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         ("switch", "lock_timeout_s", 1, 86400, "lock_timeout_s"),
         ("api_key", "min_length", 16, 4096, "api_key_min_length"),
         ("front_door", "internal_port", 1, 65535, "front_door_port"),
+        ("front_door", "wake_port", 1, 65535, "wake_port"),
     ):
         value = sections[section].get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise fail(f"{section}.{key}", f"{value!r} is not in {low}-{high}", "fix the number")
         values[field] = value
+    if values["wake_port"] == values["front_door_port"]:
+        raise fail(
+            "front_door.wake_port", f"{values['wake_port']} is the internal port too",
+            "give the wake listener a port of its own",
+        )  # fmt: skip
     return HostConfig(**values)
 
 
@@ -189,12 +196,13 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
     front = s.expose.front_door.enabled
     if front:
         services["front_door"] = s.reserved_ports["proxy"]
-        clash = next((m for m in catalog.models if m.port == cfg.front_door_port), None)
-        if clash:
-            raise LlamavmError(
-                f"{catalog.path}: models: {clash.name}: port {clash.port} is the front door's "
-                f"internal port (config/host.yaml front_door.internal_port) — pick another port"
-            )
+        for port, what in ((cfg.front_door_port, "internal_port"), (cfg.wake_port, "wake_port")):
+            clash = next((m for m in catalog.models if m.port == port), None)
+            if clash:
+                raise LlamavmError(
+                    f"{catalog.path}: models: {clash.name}: port {clash.port} is the front "
+                    f"door's {what} (config/host.yaml front_door.{what}) — pick another port"
+                )
     return {
         "enabled": s.expose.firewall,
         "unit": FIREWALL_UNIT,
@@ -210,6 +218,7 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
             "map": FRONT_DOOR_MAP,
             "chain": f"{FRONT_DOOR_MAP}_nat",
             "internal_port": cfg.front_door_port,
+            "wake_port": cfg.wake_port,
         },
         "allow_from": {
             "ipv4": [str(n) for n in networks if n.version == 4],
@@ -279,6 +288,7 @@ def build(
                 "ctx_size": model.ctx_size,
                 "parallel": model.parallel,
                 "health_timeout_s": model.health_timeout_s,
+                "idle_unload_s": model.idle_unload_s,
                 "size_bytes": model.size_bytes,
                 "sha256": model.sha256,
                 "vram": vram.get(model.name, {}),
@@ -363,6 +373,10 @@ def build(
             "user": CONTROL_USER,
             "helper_socket": HELPER_SOCKET,
             "helper_socket_unit": HELPER_SOCKET_UNIT,
+            # A sleeping model's wake listener (127.0.0.1 only; the front door's map points
+            # there while it sleeps), and how long a waking request waits for the model.
+            "wake_port": cfg.wake_port if settings.expose.front_door.enabled else None,
+            "wake_wait_s": settings.expose.front_door.wait_s,
         },
         "models": models,
     }

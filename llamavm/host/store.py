@@ -131,6 +131,9 @@ def empty_state() -> dict[str, Any]:
         "history": {},
         "pending": None,
         "last": None,
+        #: {"model": NAME, "at": UNIX TIME, "idle_s": S}: put to sleep for idleness; the next
+        #: request through the front door or the routing endpoint wakes it.
+        "asleep": None,
     }
 
 
@@ -171,6 +174,9 @@ def load_state(path: Path, *, repair: bool = True) -> dict[str, Any]:
     for key in ("pending", "last"):
         if isinstance(raw.get(key), dict):
             state[key] = raw[key]
+    asleep = raw.get("asleep")
+    if isinstance(asleep, dict) and isinstance(asleep.get("model"), str):
+        state["asleep"] = asleep
     return state
 
 

@@ -71,6 +71,7 @@ class Host:
     open_ports: Callable[[Firewall, list[int]], bool] = firewall.set_open
     firewall_state: Callable[[Firewall], list[int]] = firewall.open_ports
     front_door_hold: Callable[[Firewall], bool] = firewall.hold
+    front_door_wake: Callable[[Firewall], bool] = firewall.wake
 
     # --- what runs --------------------------------------------------------------------------
 
@@ -114,6 +115,17 @@ class Host:
                 if model
                 else "firewall: every model port closed"
             )
+        return changed
+
+    def asleep(self) -> bool:
+        """Close every model port; the front door now reaches the control service's wake
+        listener (with no wake listener, its requests wait as during a switch)."""
+        fw = self.active_firewall()
+        if fw is None:
+            return False
+        changed = self.front_door_wake(fw)
+        if changed:
+            self.progress("firewall: every model port closed; the front door wakes the model")
         return changed
 
     def hold_front_door(self) -> None:
@@ -340,9 +352,40 @@ class Transaction:
         self.host.stop_units(running)
         closed = self.host.expose(None)
         state = self._state()
-        state["desired"], state["stopped"] = None, True
+        state["desired"], state["stopped"], state["asleep"] = None, True, None
         self._save(state)
         return {"changed": bool(running) or closed, "stopped": [m.name for m in running]}
+
+    def sleep(self, name: str) -> dict[str, Any]:
+        """Stop `name` for idleness (the control service asks): only if it alone serves and
+        is processing nothing; it stays the chosen model, and the next request through the
+        front door or the routing endpoint wakes it."""
+        target = self.contract.resolve(name)
+        running = self.host.running()
+        if [m.name for m in running] != [target.name]:
+            serving = ", ".join(m.name for m in running) or "nothing"
+            raise HostError(f"{target.name} is not what serves ({serving}): not put to sleep",
+                            EXIT_REFUSED)  # fmt: skip
+        key = checks.api_key(self.contract)
+        if busy := self.host.in_flight(target, key):
+            raise HostError(f"{target.name} has {busy} request(s) in flight: not put to sleep",
+                            EXIT_REFUSED)  # fmt: skip
+        self.host.hold_front_door()
+        self.host.drain(running)
+        self.host.stop_units(running)
+        self.host.asleep()
+        state = self._state()
+        state["desired"], state["stopped"] = target.name, False
+        idle_s = target.idle_unload_s
+        state["asleep"] = {"model": target.name, "at": time.time(), "idle_s": idle_s}
+        state["last"] = {"tx": self.tx, "op": self.op, "model": None, "at": time.time()}
+        self._save(state)
+        self.host.progress(
+            f"{target.name} is asleep"
+            + (f" after {idle_s}s without a request" if idle_s else "")
+            + "; the next request through the front door or the routing endpoint wakes it"
+        )
+        return {"changed": True, "asleep": target.name, "stopped": [target.name]}
 
     def restart(self) -> dict[str, Any]:
         """Restart the serving model through the transaction (gated; rolled back on failure)."""
@@ -358,6 +401,8 @@ class Transaction:
         """Open the port of the model that serves (healthy) and close the others."""
         running = self.host.running()
         serving = running[0] if len(running) == 1 and self.host.healthy(running[0]) else None
+        if serving is None and not running and self._state()["asleep"]:
+            return {"changed": self.host.asleep(), "open": []}
         changed = self.host.expose(serving)
         return {"changed": changed, "open": [serving.port] if serving else []}
 
@@ -369,6 +414,10 @@ class Transaction:
             return {"changed": False, "model": None, "why": "a model already runs"}
         if state["stopped"]:
             return {"changed": False, "model": None, "why": "stopped by the operator"}
+        if state["asleep"]:
+            # Asleep it stays: the next request wakes it (no load only to sleep again).
+            self.host.asleep()
+            return {"changed": False, "model": None, "why": f"{state['asleep']['model']} sleeps"}
         wanted = self.contract.find(state["desired"]) or self.contract.default
         try:
             return self.switch(wanted.name)
@@ -619,6 +668,7 @@ class Transaction:
             "backup": str(backup) if backup else None,
             "started": time.time(),
         }
+        state["asleep"] = None  # whatever this ends in, it is not the idle sleep
         self._save(state)
         began = mark = host.clock()
         phases: dict[str, float] = {}
