@@ -127,6 +127,8 @@ class Model:
     reasoning: Reasoning | None = None
     #: Seconds without a request before the control service puts the model to sleep (0: never).
     idle_unload_s: int = 0
+    #: Save the slots (prompt caches) before a stop, restore them at the next start.
+    prompt_cache: bool = True
 
     @property
     def unit(self) -> str:

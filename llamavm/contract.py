@@ -38,6 +38,8 @@ CONTROL_UNIT = "llamavm-control.service"
 HELPER_SOCKET_UNIT = "llamavm-switchd.socket"
 HELPER_SOCKET = "/run/llamavm-switchd.sock"
 CONTROL_USER = "llamavm-control"
+#: systemd's CacheDirectory= root: the slot directories lie under it.
+CACHE_ROOT = "/var/cache"
 #: Where systemd puts the service's credentials: `%d` in a unit. Never quoted.
 CREDENTIAL_DIR = "%d"
 _PATH_RE = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
@@ -50,6 +52,7 @@ class HostConfig:
 
     state_dir: str
     stage_dir: str
+    slot_dir: str
     run_dir: str
     llama_cpp_prefix: str
     lib_dir: str
@@ -83,13 +86,18 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         )  # fmt: skip
     values: dict[str, Any] = {}
     for key in (
-        "state_dir", "stage_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir",
-        "textfile_dir",
+        "state_dir", "stage_dir", "slot_dir", "run_dir", "llama_cpp_prefix", "lib_dir",
+        "bin_dir", "textfile_dir",
     ):  # fmt: skip
         value = sections["paths"].get(key)
         if not isinstance(value, str) or not _PATH_RE.fullmatch(value):
             raise fail(f"paths.{key}", f"{value!r} is not an absolute path", "use plain /a/b")
         values[key] = value
+    if not values["slot_dir"].startswith(CACHE_ROOT + "/") or ".." in values["slot_dir"]:
+        raise fail(
+            "paths.slot_dir", f"{values['slot_dir']!r} is not under {CACHE_ROOT}",
+            f"use a directory under {CACHE_ROOT} (systemd's CacheDirectory= creates it)",
+        )  # fmt: skip
     for key in ("user", "group"):
         value = sections["service"].get(key)
         if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
@@ -143,9 +151,11 @@ def server_gguf(catalog: Catalog, model: Model, cfg: HostConfig) -> str:
     return f"{catalog.settings.share_path}/{model.gguf}"
 
 
-def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[str]:
+def argv(
+    catalog: Catalog, model: Model, llama_server: str, gguf: str, slot_dir: str | None = None
+) -> list[str]:
     """The llama-server command line of `model` (the API key file as %d/api-key), without
-    the loading flags (SHARE_LOAD_ARGS)."""
+    the loading flags (SHARE_LOAD_ARGS); `slot_dir`: where its slots are saved (None: not)."""
     s = catalog.settings
     args = [
         llama_server,
@@ -168,6 +178,8 @@ def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[s
             "--reasoning-format", model.reasoning.format,
             "--reasoning-effort", model.reasoning.effort,
         ]  # fmt: skip
+    if slot_dir:
+        args += ["--slot-save-path", slot_dir]
     return [*args, *model.extra_args, "--metrics"]
 
 
@@ -266,7 +278,8 @@ def build(
         base_url = f"http://{url_host}:{model.port}"
         load = catalog.load_mode(model)
         gguf = server_gguf(catalog, model, cfg)
-        args = argv(catalog, model, llama_server, gguf)
+        slot_dir = f"{cfg.slot_dir}/{model.name}" if model.prompt_cache else None
+        args = argv(catalog, model, llama_server, gguf, slot_dir)
         models.append(
             {
                 "name": model.name,
@@ -289,6 +302,7 @@ def build(
                 "parallel": model.parallel,
                 "health_timeout_s": model.health_timeout_s,
                 "idle_unload_s": model.idle_unload_s,
+                "slot_dir": slot_dir,
                 "size_bytes": model.size_bytes,
                 "sha256": model.sha256,
                 "vram": vram.get(model.name, {}),
@@ -310,6 +324,10 @@ def build(
                         cfg.stage_dir if load == "stage" else settings.share_path
                     ),
                     "read_only_paths": settings.share_path,
+                    # systemd creates the slot directory for the model's user (0700).
+                    "cache_directory": (
+                        slot_dir.removeprefix(CACHE_ROOT + "/") if slot_dir else None
+                    ),
                     "load_credential": (
                         f"api-key:{settings.api_key.file}"
                         if settings.api_key.policy == "required"

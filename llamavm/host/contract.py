@@ -66,6 +66,8 @@ class Model:
     reasoning: dict[str, Any] | None = None
     #: Seconds without a request before the control service puts it to sleep (0: never).
     idle_unload_s: int = 0
+    #: Where its server saves its slots (prompt caches) across switches (None: not saved).
+    slot_dir: Path | None = None
 
     @property
     def source(self) -> Path:
@@ -176,6 +178,7 @@ def parse(data: dict[str, Any]) -> Contract:
             description=str(m["description"]),
             reasoning=dict(m["reasoning"]) if m["reasoning"] else None,
             idle_unload_s=int(m.get("idle_unload_s", 0)),
+            slot_dir=Path(m["slot_dir"]) if m.get("slot_dir") else None,
         )
         for m in data["models"]
     )

@@ -45,6 +45,10 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             "unit": model.unit,
             "state": unit.get("ActiveState"),
             "idle_unload_s": model.idle_unload_s,
+            # Its slots saved at its last stop (restored at its next start): {slot: tokens}.
+            "prompt_cache": (state["slots"].get(model.name) or {}).get("slots")
+            if model.slot_dir
+            else None,
             "loads": state["loads"].get(model.name, []),
             "load": model.load,
             "file": share.location(contract, model),
