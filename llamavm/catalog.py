@@ -125,6 +125,10 @@ class Model:
     vram_mib: int | None = None
     load: str | None = None
     reasoning: Reasoning | None = None
+    #: Seconds without a request before the control service puts the model to sleep (0: never).
+    idle_unload_s: int = 0
+    #: Save the slots (prompt caches) before a stop, restore them at the next start.
+    prompt_cache: bool = True
 
     @property
     def unit(self) -> str:
@@ -335,6 +339,24 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
                 ["settings", "control", "port"],
                 f"{port} is already used by {taken[port]}",
                 "give the control service a port of its own",
+            )
+    wakers = control.get("routing", False) or front_door.get("enabled", False)
+    for i, model in enumerate(data["models"]):
+        if not model.get("idle_unload_s"):
+            continue
+        if not control.get("enabled", True):
+            raise check.fail(
+                ["models", i, "idle_unload_s"],
+                "needs the control service (it watches for idle and wakes the model), and "
+                "settings.control.enabled is false",
+                "turn the control service on, or set idle_unload_s: 0",
+            )
+        if not wakers:
+            raise check.fail(
+                ["models", i, "idle_unload_s"],
+                "nothing would wake the model: the front door and routing are both off",
+                "turn on settings.expose.front_door.enabled or settings.control.routing "
+                "(or set idle_unload_s: 0)",
             )
     if settings["default_model"] not in owners:
         raise check.fail(

@@ -38,6 +38,8 @@ CONTROL_UNIT = "llamavm-control.service"
 HELPER_SOCKET_UNIT = "llamavm-switchd.socket"
 HELPER_SOCKET = "/run/llamavm-switchd.sock"
 CONTROL_USER = "llamavm-control"
+#: systemd's CacheDirectory= root: the slot directories lie under it.
+CACHE_ROOT = "/var/cache"
 #: Where systemd puts the service's credentials: `%d` in a unit. Never quoted.
 CREDENTIAL_DIR = "%d"
 _PATH_RE = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
@@ -50,6 +52,7 @@ class HostConfig:
 
     state_dir: str
     stage_dir: str
+    slot_dir: str
     run_dir: str
     llama_cpp_prefix: str
     lib_dir: str
@@ -60,6 +63,7 @@ class HostConfig:
     lock_timeout_s: int
     api_key_min_length: int
     front_door_port: int
+    wake_port: int
 
 
 def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
@@ -82,13 +86,18 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         )  # fmt: skip
     values: dict[str, Any] = {}
     for key in (
-        "state_dir", "stage_dir", "run_dir", "llama_cpp_prefix", "lib_dir", "bin_dir",
-        "textfile_dir",
+        "state_dir", "stage_dir", "slot_dir", "run_dir", "llama_cpp_prefix", "lib_dir",
+        "bin_dir", "textfile_dir",
     ):  # fmt: skip
         value = sections["paths"].get(key)
         if not isinstance(value, str) or not _PATH_RE.fullmatch(value):
             raise fail(f"paths.{key}", f"{value!r} is not an absolute path", "use plain /a/b")
         values[key] = value
+    if not values["slot_dir"].startswith(CACHE_ROOT + "/") or ".." in values["slot_dir"]:
+        raise fail(
+            "paths.slot_dir", f"{values['slot_dir']!r} is not under {CACHE_ROOT}",
+            f"use a directory under {CACHE_ROOT} (systemd's CacheDirectory= creates it)",
+        )  # fmt: skip
     for key in ("user", "group"):
         value = sections["service"].get(key)
         if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
@@ -98,11 +107,17 @@ def load_host_config(path: Path = HOST_CONFIG) -> HostConfig:
         ("switch", "lock_timeout_s", 1, 86400, "lock_timeout_s"),
         ("api_key", "min_length", 16, 4096, "api_key_min_length"),
         ("front_door", "internal_port", 1, 65535, "front_door_port"),
+        ("front_door", "wake_port", 1, 65535, "wake_port"),
     ):
         value = sections[section].get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise fail(f"{section}.{key}", f"{value!r} is not in {low}-{high}", "fix the number")
         values[field] = value
+    if values["wake_port"] == values["front_door_port"]:
+        raise fail(
+            "front_door.wake_port", f"{values['wake_port']} is the internal port too",
+            "give the wake listener a port of its own",
+        )  # fmt: skip
     return HostConfig(**values)
 
 
@@ -136,9 +151,11 @@ def server_gguf(catalog: Catalog, model: Model, cfg: HostConfig) -> str:
     return f"{catalog.settings.share_path}/{model.gguf}"
 
 
-def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[str]:
+def argv(
+    catalog: Catalog, model: Model, llama_server: str, gguf: str, slot_dir: str | None = None
+) -> list[str]:
     """The llama-server command line of `model` (the API key file as %d/api-key), without
-    the loading flags (SHARE_LOAD_ARGS)."""
+    the loading flags (SHARE_LOAD_ARGS); `slot_dir`: where its slots are saved (None: not)."""
     s = catalog.settings
     args = [
         llama_server,
@@ -161,6 +178,8 @@ def argv(catalog: Catalog, model: Model, llama_server: str, gguf: str) -> list[s
             "--reasoning-format", model.reasoning.format,
             "--reasoning-effort", model.reasoning.effort,
         ]  # fmt: skip
+    if slot_dir:
+        args += ["--slot-save-path", slot_dir]
     return [*args, *model.extra_args, "--metrics"]
 
 
@@ -189,12 +208,13 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
     front = s.expose.front_door.enabled
     if front:
         services["front_door"] = s.reserved_ports["proxy"]
-        clash = next((m for m in catalog.models if m.port == cfg.front_door_port), None)
-        if clash:
-            raise LlamavmError(
-                f"{catalog.path}: models: {clash.name}: port {clash.port} is the front door's "
-                f"internal port (config/host.yaml front_door.internal_port) — pick another port"
-            )
+        for port, what in ((cfg.front_door_port, "internal_port"), (cfg.wake_port, "wake_port")):
+            clash = next((m for m in catalog.models if m.port == port), None)
+            if clash:
+                raise LlamavmError(
+                    f"{catalog.path}: models: {clash.name}: port {clash.port} is the front "
+                    f"door's {what} (config/host.yaml front_door.{what}) — pick another port"
+                )
     return {
         "enabled": s.expose.firewall,
         "unit": FIREWALL_UNIT,
@@ -210,6 +230,7 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
             "map": FRONT_DOOR_MAP,
             "chain": f"{FRONT_DOOR_MAP}_nat",
             "internal_port": cfg.front_door_port,
+            "wake_port": cfg.wake_port,
         },
         "allow_from": {
             "ipv4": [str(n) for n in networks if n.version == 4],
@@ -257,7 +278,8 @@ def build(
         base_url = f"http://{url_host}:{model.port}"
         load = catalog.load_mode(model)
         gguf = server_gguf(catalog, model, cfg)
-        args = argv(catalog, model, llama_server, gguf)
+        slot_dir = f"{cfg.slot_dir}/{model.name}" if model.prompt_cache else None
+        args = argv(catalog, model, llama_server, gguf, slot_dir)
         models.append(
             {
                 "name": model.name,
@@ -279,6 +301,8 @@ def build(
                 "ctx_size": model.ctx_size,
                 "parallel": model.parallel,
                 "health_timeout_s": model.health_timeout_s,
+                "idle_unload_s": model.idle_unload_s,
+                "slot_dir": slot_dir,
                 "size_bytes": model.size_bytes,
                 "sha256": model.sha256,
                 "vram": vram.get(model.name, {}),
@@ -300,6 +324,10 @@ def build(
                         cfg.stage_dir if load == "stage" else settings.share_path
                     ),
                     "read_only_paths": settings.share_path,
+                    # systemd creates the slot directory for the model's user (0700).
+                    "cache_directory": (
+                        slot_dir.removeprefix(CACHE_ROOT + "/") if slot_dir else None
+                    ),
                     "load_credential": (
                         f"api-key:{settings.api_key.file}"
                         if settings.api_key.policy == "required"
@@ -363,6 +391,10 @@ def build(
             "user": CONTROL_USER,
             "helper_socket": HELPER_SOCKET,
             "helper_socket_unit": HELPER_SOCKET_UNIT,
+            # A sleeping model's wake listener (127.0.0.1 only; the front door's map points
+            # there while it sleeps), and how long a waking request waits for the model.
+            "wake_port": cfg.wake_port if settings.expose.front_door.enabled else None,
+            "wake_wait_s": settings.expose.front_door.wait_s,
         },
         "models": models,
     }

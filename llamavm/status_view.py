@@ -34,8 +34,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             )
         active = next((m for m in answer.get("models", []) if m["name"] in running), None)
         if active is None:
-            idle = "(none, stopped)" if answer.get("stopped_by_operator") else "(none)"
-            rows.append((host, idle, "-", "-", "-", "-", gpu))
+            asleep = (answer.get("asleep") or {}).get("model")
+            if asleep:
+                idle = f"{asleep} (asleep: the next request wakes it)"
+            else:
+                idle = "(none, stopped)" if answer.get("stopped_by_operator") else "(none)"
+            rows.append((host, idle, "-", "asleep" if asleep else "-", "-", "-", gpu))
             continue
         health = active.get("health")
         loads = active.get("loads") or []

@@ -2,6 +2,8 @@
 
     llamavm-switch switch NAME [--json] [--tx ID]   serve NAME (name or alias); roll back on failure
     llamavm-switch stop [--json] [--tx ID]          stop whatever model runs
+    llamavm-switch sleep NAME [--json] [--tx ID]    stop NAME for idleness: it stays chosen, the
+                                                    next front-door or routed request wakes it
     llamavm-switch restart [--json] [--tx ID]       restart the serving model (health-gated)
     llamavm-switch apply [--json] [--tx ID]         install staged units (invoke provision runs it)
     llamavm-switch check NAME [--json]              the pre-switch checks alone, nothing stopped
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 # every switch, and needn't load what only the transaction process runs.
 
 TX_RE = re.compile(TX_PATTERN)
-MUTATING = ("switch", "stop", "restart", "apply", "rotate-key")
+MUTATING = ("switch", "stop", "restart", "apply", "rotate-key", "sleep")
 #: How long a follower waits for `recover` after the transaction's unit vanished.
 RECOVER_GRACE_S = 60.0
 
@@ -125,6 +127,8 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
             result = transaction.switch(args[0])
         elif op == "stop":
             result = transaction.stop()
+        elif op == "sleep":
+            result = transaction.sleep(args[0])
         elif op == "apply":
             result = transaction.apply()
         elif op == "rotate-key":
@@ -345,11 +349,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="llamavm-switch", description=(__doc__ or "").split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("switch", "check"):
+    for name in ("switch", "check", "sleep"):
         p = sub.add_parser(name)
         p.add_argument("model")
         p.add_argument("--json", action="store_true")
-        if name == "switch":
+        if name != "check":
             p.add_argument("--tx", default=None)
     for name in ("stop", "restart", "apply", "rotate-key"):
         p = sub.add_parser(name)
@@ -422,12 +426,13 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
             from llamavm.host import control
 
             return control.main(contract, contract_path or contract_mod.CONTRACT_PATH)
-        # switch, stop, restart, apply, rotate-key: detached, then followed
-        if args.command == "switch":
-            contract.resolve(args.model)  # an unknown name is refused before any unit starts
+        # switch, stop, sleep, restart, apply, rotate-key: detached, then followed
+        op_args = []
+        if args.command in ("switch", "sleep"):
+            # An unknown name is refused before any unit starts.
+            op_args = [contract.resolve(args.model).name]
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        op_args = [args.model] if args.command == "switch" else []
         outcome = start_and_follow(contract, args.command, op_args, _relay, args.tx)
         return _print(outcome, args.command, as_json)
     except HostError as exc:

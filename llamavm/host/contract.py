@@ -64,6 +64,10 @@ class Model:
     description: str = ""
     #: Reasoning presets: {"effort": default, "presets": [...]}, or None.
     reasoning: dict[str, Any] | None = None
+    #: Seconds without a request before the control service puts it to sleep (0: never).
+    idle_unload_s: int = 0
+    #: Where its server saves its slots (prompt caches) across switches (None: not saved).
+    slot_dir: Path | None = None
 
     @property
     def source(self) -> Path:
@@ -80,6 +84,8 @@ class Firewall:
     set: str
     front_door_map: str = ""
     front_door_port: int = 0
+    #: Where the map sends the internal port while the model sleeps (the control service).
+    wake_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,10 @@ class Control:
     routing: bool
     helper_socket: Path
     unit: str = "llamavm-control.service"
+    #: The loopback listener that wakes a sleeping model (0: none, no front door).
+    wake_port: int = 0
+    #: How long a request that wakes the model waits for it before a retryable 503.
+    wake_wait_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,8 @@ def parse(data: dict[str, Any]) -> Contract:
             source_path=Path(m["source"]),
             description=str(m["description"]),
             reasoning=dict(m["reasoning"]) if m["reasoning"] else None,
+            idle_unload_s=int(m.get("idle_unload_s", 0)),
+            slot_dir=Path(m["slot_dir"]) if m.get("slot_dir") else None,
         )
         for m in data["models"]
     )
@@ -204,6 +216,8 @@ def _control(data: dict[str, Any]) -> Control | None:
         routing=bool(data["routing"]),
         helper_socket=Path(data["helper_socket"]),
         unit=str(data["unit"]),
+        wake_port=int(data.get("wake_port") or 0),
+        wake_wait_s=float(data.get("wake_wait_s", 120.0)),
     )
 
 
@@ -217,6 +231,7 @@ def _firewall(data: dict[str, Any]) -> Firewall | None:
         set=str(data["set"]),
         front_door_map=str(front["map"]) if front["enabled"] else "",
         front_door_port=int(front["internal_port"]) if front["enabled"] else 0,
+        wake_port=int(front.get("wake_port") or 0) if front["enabled"] else 0,
     )
 
 

@@ -21,6 +21,13 @@ this service's group may open, and the helper runs the same transaction `invoke 
 
 With settings.api_key.policy required, every other endpoint wants the key as
 `Authorization: Bearer KEY` or `X-Api-Key: KEY` (401 otherwise).
+
+Idle unload: a model with `idle_unload_s` in the catalog is put to sleep (the helper's `sleep`
+transaction: stopped, GPU memory freed, still the chosen model) once its server has seen no
+request for that long — its /metrics counters unchanged, nothing in flight there or here. While
+it sleeps the firewall sends the front door to this service's wake listener (127.0.0.1 on the
+contract's control.wake_port): any request there wakes the model, waits for it (at most
+control.wake_wait_s, then a retryable 503) and is passed on; a routed /v1 request wakes it too.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import hmac
 import json
 import os
 import re
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,22 @@ HTTP_STATUS = {0: 200, 1: 500, 2: 409, 3: 409, 4: 500, 5: 500, 6: 202}
 #: A routed request waits at most this long for its model (behind a switch and its queue).
 ROUTE_WAIT_S = 900.0
 ROUTED = ("chat/completions", "completions", "embeddings")
+#: The idle watcher looks at the serving model's counters this often, and asks the helper what
+#: serves at least this often (a switch over SSH is not told to this service).
+IDLE_TICK_S = 1.0
+REFRESH_S = 30.0
+#: llama-server's /metrics: counters that move with every request, and requests under way.
+ACTIVITY_COUNTERS = (
+    "llamacpp:prompt_tokens_total",
+    "llamacpp:tokens_predicted_total",
+    "llamacpp:n_decode_total",
+)
+ACTIVITY_BUSY = ("llamacpp:requests_processing", "llamacpp:requests_deferred")
+#: Headers a proxy does not pass on (RFC 9110 7.6.1), and those httpx sets itself.
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}  # fmt: skip
 #: ?tx=ID: the caller's own transaction id, so that it can ask how the transaction ended when
 #: its connection breaks (the controller's `invoke switch` does).
 TX_QUERY = Query(None, max_length=64, description="this transaction's id (a-z, 0-9; 6-32)")
@@ -169,11 +194,59 @@ class Router:
         #: After a switch: how many requests for the new model go in before a waiting
         #: request for another model may switch again.
         self.batch = 0
+        #: The model put to sleep for idleness (None: none); a request for it wakes it.
+        self.asleep: str | None = None
+        self.refreshed = float("-inf")
+        self.clock = time.monotonic
 
     async def _refresh(self) -> None:
         status = await self.helper.call("status")
-        self.serving = status.get("active") if status.get("ok") else None
-        self.known = bool(status.get("ok"))
+        self._heard(status)
+
+    def _heard(self, status: dict[str, Any]) -> None:
+        ok = bool(status.get("ok"))
+        self.serving = status.get("active") if ok else None
+        self.asleep = (status.get("asleep") or {}).get("model") if ok else None
+        self.known = ok
+        self.refreshed = self.clock()
+
+    async def refresh(self) -> None:
+        """Ask the helper what serves (unless a switch of this router's is under way)."""
+        async with self.cond:
+            if self.switching:
+                return
+        status = await self.helper.call("status")
+        async with self.cond:
+            if not self.switching:
+                self._heard(status)
+                self.cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight through this service, or waiting for a model."""
+        return bool(self.in_flight or self.switching or any(self.waiting.values()))
+
+    async def sleep(self, name: str) -> dict[str, Any] | None:
+        """Put `name` to sleep (the helper's sleep transaction) if it still serves and nothing
+        goes through this service; None when that no longer holds. Routed requests that come
+        meanwhile wait, then wake it."""
+        async with self.cond:
+            if self.busy or self.serving != name:
+                return None
+            self.switching = True
+        outcome: dict[str, Any] = {}
+        try:
+            outcome = await self.helper.call("sleep", model=name)
+        finally:
+            async with self.cond:
+                self.switching = False
+                self.batch = 0
+                if outcome.get("ok"):
+                    self.serving, self.asleep, self.known = None, name, True
+                else:
+                    self.known = False
+                self.cond.notify_all()
+        return outcome
 
     async def acquire(self, name: str) -> Model:
         """Wait until `name` serves, switching to it when its turn comes."""
@@ -202,7 +275,7 @@ class Router:
                     self.switching = False
                     if outcome.get("ok"):
                         # This turn: the requests waiting for `name` now, and this one.
-                        self.serving, self.known = name, True
+                        self.serving, self.known, self.asleep = name, True, None
                         self.batch = self.waiting.get(name, 0) + 1
                     else:
                         self.known, self.batch = False, 0
@@ -235,11 +308,12 @@ class Router:
                 return
             if not outcome.get("ok"):
                 self.known = op == "status" and self.known
-            elif op == "status" or (op == "switch" and outcome.get("model")):
-                self.serving = outcome.get("active") if op == "status" else outcome["model"]
-                self.known = True
+            elif op == "status":
+                self._heard(outcome)
+            elif op == "switch" and outcome.get("model"):
+                self.serving, self.known, self.asleep = outcome["model"], True, None
             elif op == "stop":
-                self.serving, self.known = None, True
+                self.serving, self.known, self.asleep = None, True, None
             if op != "status":
                 self.batch = 0
             self.cond.notify_all()
@@ -250,6 +324,121 @@ class Router:
             if stale:
                 self.known = False
             self.cond.notify_all()
+
+
+def activity(text: str) -> tuple[tuple[float, ...], int] | None:
+    """(request counters, requests under way) from llama-server's /metrics text; None when
+    it has none of the counters (then nobody can tell idle from busy, and nothing sleeps)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in ACTIVITY_COUNTERS or name in ACTIVITY_BUSY:
+            try:
+                values[name] = float(rest.split()[0])
+            except (IndexError, ValueError):
+                continue
+    if not any(name in values for name in ACTIVITY_COUNTERS):
+        return None
+    busy = sum(values.get(name, 0.0) for name in ACTIVITY_BUSY)
+    return tuple(values.get(name, 0.0) for name in ACTIVITY_COUNTERS), int(busy)
+
+
+class IdleClock:
+    """How long the serving model has gone without a request: its clock starts when it is
+    first seen serving and starts again at any change of its counters, any request under way
+    (on the server or through this service), and any look that could not read the counters."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.counters: tuple[float, ...] | None = None
+        self.since = 0.0
+
+    def observe(
+        self, model: str | None, counters: tuple[float, ...] | None, busy: bool, now: float
+    ) -> None:
+        if model != self.model or busy or counters is None or counters != self.counters:
+            self.model, self.counters, self.since = model, counters, now
+
+    def idle_s(self, now: float) -> float:
+        return now - self.since if self.model is not None else 0.0
+
+    def due(self, limit_s: float, now: float) -> bool:
+        return self.model is not None and limit_s > 0 and self.idle_s(now) >= limit_s
+
+
+async def _read_activity(
+    client: Any, model: Model, key: str | None
+) -> tuple[tuple[float, ...], int] | bool | None:
+    """The model's activity, None when its /metrics says nothing usable, False when its server
+    does not answer at all (it no longer serves: ask the helper again)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        answer = await client.get(f"{model.base_url}/metrics", headers=headers, timeout=3.0)
+    except httpx.ConnectError:
+        return False
+    except httpx.HTTPError:
+        return None
+    if answer.status_code != 200:
+        return None
+    return activity(answer.text)
+
+
+async def idle_step(
+    router: Router, live: LiveContract, clock: IdleClock, client: Any, key: str | None,
+    now: float,
+) -> dict[str, Any] | None:  # fmt: skip
+    """One look of the idle watcher; the sleep transaction's outcome when it put one to sleep."""
+    contract = live.now
+    if not any(m.idle_unload_s for m in contract.models):
+        clock.observe(None, None, False, now)
+        return None
+    if not router.known or now - router.refreshed >= REFRESH_S:
+        await router.refresh()
+    model = contract.find(router.serving)
+    if model is None or router.switching:
+        clock.observe(None, None, False, now)
+        return None
+    seen = await _read_activity(client, model, key)
+    if seen is False:
+        router.known = False
+        clock.observe(None, None, False, now)
+        return None
+    counters, busy = seen if seen else (None, 0)
+    clock.observe(model.name, counters, bool(busy) or router.busy, now)
+    if not clock.due(model.idle_unload_s, now):
+        return None
+    idle = clock.idle_s(now)
+    outcome = await router.sleep(model.name)
+    if outcome is None:
+        return None
+    if outcome.get("ok"):
+        print(f"llamavm-control: {model.name} asleep after {idle:.0f}s idle", flush=True)
+    else:
+        print(f"llamavm-control: {model.name} stays: {outcome.get('error')}", flush=True)
+    clock.observe(None, None, False, now)
+    return outcome
+
+
+async def watch_idle(
+    router: Router, live: LiveContract, client: Any, key: str | None, tick_s: float
+) -> None:
+    """The idle watcher: a look every `tick_s`; it never dies of a failed look."""
+    clock = IdleClock()
+    while True:
+        await asyncio.sleep(tick_s)
+        try:
+            await idle_step(router, live, clock, client, key, time.monotonic())
+        except Exception as exc:  # a look that failed is only told, the next one comes
+            print(f"llamavm-control: idle watcher: {type(exc).__name__}: {exc}", flush=True)
+
+
+def key_given(request: Request, key: str) -> bool:
+    """The request carries `key` (Authorization: Bearer KEY, or X-Api-Key)."""
+    given = request.headers.get("x-api-key", "")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        given = token.strip()
+    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 
 def resolve_route(contract: Contract, requested: Any, serving: str | None) -> tuple[Model, str]:
@@ -306,6 +495,7 @@ def model_list(contract: Contract, serving: str | None) -> dict[str, Any]:
 def catalog_view(contract: Contract, status: dict[str, Any]) -> list[dict[str, Any]]:
     """GET /models: each model with its VRAM verdict, presets, and what serves."""
     by_name = {m["name"]: m for m in status.get("models", [])}
+    asleep = (status.get("asleep") or {}).get("model")
     out = []
     for model in contract.models:
         live = by_name.get(model.name, {})
@@ -316,6 +506,8 @@ def catalog_view(contract: Contract, status: dict[str, Any]) -> list[dict[str, A
                 "description": model.description,
                 "port": model.port,
                 "active": status.get("active") == model.name,
+                "asleep": asleep == model.name,
+                "idle_unload_s": model.idle_unload_s,
                 "state": live.get("state"),
                 "vram": model.vram,
                 "reasoning": model.reasoning,
@@ -347,9 +539,12 @@ def create_app(
     key: str | None,
     upstream: Any = None,
     contract_path: Path | None = None,
+    idle_tick_s: float | None = None,
 ) -> Any:
     """The FastAPI application. `upstream`: the httpx.AsyncClient that reaches the models;
-    `contract_path`: the file to follow for models added or changed since the start."""
+    `contract_path`: the file to follow for models added or changed since the start;
+    `idle_tick_s`: run the idle watcher, a look this often (None: not). `app.state.wake` is
+    the wake listener's application, `app.state.router` the router both share."""
     live = LiveContract(contract, contract_path)
     control = contract.control
     routing = bool(control and control.routing)
@@ -362,15 +557,12 @@ def create_app(
     )
     client = upstream or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
     router = Router(live, helper)
+    app.state.router = router
+    app.state.wake = wake_app(router, live, client, key, control.wake_wait_s if control else 120)
+    watcher: list[asyncio.Task[None]] = []
 
     def authorized(request: Request) -> None:
-        if key is None:
-            return
-        given = request.headers.get("x-api-key", "")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip()
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        if key is not None and not key_given(request, key):
             raise HTTPException(
                 401,
                 "this endpoint wants the API key: Authorization: Bearer KEY (or X-Api-Key)",
@@ -476,8 +668,12 @@ def create_app(
             return openai_error(400, "the request body is not JSON")
         if not isinstance(body, dict):
             return openai_error(400, "the request body must be a JSON object")
+        if body.get("model") in (None, "") and not router.known:
+            await router.refresh()  # no model named: the one serving, or asleep
         try:
-            model, preset = resolve_route(live.now, body.get("model"), router.serving)
+            model, preset = resolve_route(
+                live.now, body.get("model"), router.serving or router.asleep
+            )
             if preset:
                 body["reasoning_effort"] = preset
             body["model"] = model.name
@@ -537,11 +733,130 @@ def create_app(
             name=f"v1_{path.replace('/', '_')}",
         )
 
+    @app.on_event("startup")
+    async def start() -> None:
+        if idle_tick_s:
+            watcher.append(asyncio.create_task(watch_idle(router, live, client, key, idle_tick_s)))
+
     @app.on_event("shutdown")
     async def close() -> None:
+        for task in watcher:
+            task.cancel()
         await client.aclose()
 
     return app
+
+
+def wake_app(
+    router: Router, live: LiveContract, client: Any, key: str | None, wait_s: float
+) -> Any:
+    """The wake listener (127.0.0.1, the front door's map points here while the model
+    sleeps): any request wakes the sleeping model — with the key, when there is one; the web
+    UI's page is public, as on llama-server — waits for it, at most `wait_s`, and goes on to
+    it. Once it serves, the firewall sends the front door straight to it again."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+    def refuse(status: int, message: str, retry: bool = False) -> JSONResponse:
+        kind = "authentication_error" if status == 401 else "unavailable_error"
+        return JSONResponse(
+            {"error": {"code": status, "message": message, "type": kind}},
+            status_code=status,
+            headers={"Retry-After": "5"} if retry else None,
+        )
+
+    @app.api_route("/{path:path}", methods=methods)
+    async def wake(request: Request, path: str) -> Any:
+        public = request.method in ("GET", "HEAD") and request.url.path in ("/", "/index.html")
+        if key is not None and not public and not key_given(request, key):
+            return refuse(401, "Invalid API Key")
+        if not router.known:
+            await router.refresh()
+        name = router.serving or router.asleep
+        if name is None:
+            return refuse(
+                503,
+                "llamavm: no model is serving (stopped) — 'invoke switch --model NAME' starts one",
+                retry=True,
+            )
+        turn = asyncio.ensure_future(router.acquire(name))
+        try:
+            # Shielded: a request that stops waiting leaves the wake going for the next one.
+            served = await asyncio.wait_for(asyncio.shield(turn), wait_s)
+        except TimeoutError:
+            turn.add_done_callback(_release_when_admitted(router))
+            return refuse(
+                503, f"llamavm: waking {name}, not ready after {wait_s:.0f}s — retry shortly",
+                retry=True,
+            )  # fmt: skip
+        except RouteError as exc:
+            return refuse(503, f"llamavm: {exc}", retry=True)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        url = f"{served.base_url}/{path}" + (f"?{request.url.query}" if request.url.query else "")
+        upstream = client.build_request(
+            request.method, url, headers=headers, content=await request.body()
+        )
+        try:
+            answer = await client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            await router.release(stale=True)
+            return refuse(502, f"llamavm: {served.name} did not answer: {exc}", retry=True)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in answer.aiter_raw():
+                    yield chunk
+            finally:
+                await answer.aclose()
+                await router.release()
+
+        return StreamingResponse(
+            relay(),
+            status_code=answer.status_code,
+            headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP},
+        )
+
+    return app
+
+
+_BACKGROUND: set[asyncio.Future[None]] = set()
+
+
+def _release_when_admitted(router: Router) -> Any:
+    """For a wake nobody waits for any more: give back the turn it gets, if it gets one."""
+
+    def done(turn: asyncio.Future[Model]) -> None:
+        if not turn.cancelled() and turn.exception() is None:
+            task = asyncio.ensure_future(router.release())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    return done
+
+
+def dispatch(main: Any, wake: Any, wake_port: int) -> Any:
+    """One ASGI application for both listeners: a request that came in on `wake_port` goes to
+    the wake listener's application, everything else (and the lifespan) to the main one."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        server = scope.get("server") or (None, None)
+        if scope["type"] == "http" and wake_port and server[1] == wake_port:
+            await wake(scope, receive, send)
+        else:
+            await main(scope, receive, send)
+
+    return app
+
+
+def listener(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((address, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
@@ -550,18 +865,22 @@ def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
 
     if contract.control is None:
         raise HostError("the control service is off in the catalog (settings.control)", 2)
+    control = contract.control
     app = create_app(
         contract,
-        Helper(contract.control.helper_socket),
+        Helper(control.helper_socket),
         read_key(contract),
         contract_path=path,
+        idle_tick_s=IDLE_TICK_S,
     )
-    uvicorn.run(
-        app,
-        host=contract.control.bind_address,
-        port=contract.control.port,
+    sockets = [listener(control.bind_address, control.port)]
+    if control.wake_port:
+        sockets.append(listener("127.0.0.1", control.wake_port))
+    config = uvicorn.Config(
+        dispatch(app, app.state.wake, control.wake_port),
         log_level="info",
         proxy_headers=False,
         server_header=False,
     )
+    uvicorn.Server(config).run(sockets=sockets)
     return 0

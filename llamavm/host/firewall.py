@@ -115,3 +115,9 @@ def hold(fw: Firewall) -> bool:
     if not fw.front_door_map:
         return False
     return _apply(fw, open_ports(fw), None)
+
+
+def wake(fw: Firewall) -> bool:
+    """While the model sleeps: every model port closed, the front door's internal port sent to
+    the control service's wake listener (or nowhere without one: its requests wait)."""
+    return _apply(fw, [], fw.wake_port or None)

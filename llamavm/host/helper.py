@@ -7,10 +7,10 @@ lines: `{"event": "progress", "message": ...}` while a transaction runs, then on
 `{"event": "outcome", ...}` — the same outcome `llamavm-switch` prints with --json.
 
 Requests: {"op": "status"} · {"op": "switch", "model": NAME} · {"op": "stop"} ·
-{"op": "restart"} · {"op": "check", "model": NAME} · {"op": "result", "tx": ID}. switch, stop
-and restart may name their transaction id ("tx"), so a caller whose connection breaks can ask
-for that transaction's outcome.
-switch, stop and restart run exactly as `llamavm-switch switch/stop/restart` do: in their own
+{"op": "restart"} · {"op": "sleep", "model": NAME} (the idle timer) · {"op": "check", "model":
+NAME} · {"op": "result", "tx": ID}. switch, stop, sleep and restart may name their transaction
+id ("tx"), so a caller whose connection breaks can ask for that transaction's outcome.
+switch, stop, sleep and restart run exactly as `llamavm-switch switch/stop/...` do: in their own
 transient unit, under the switch lock, so they finish (or roll back) even when the caller goes
 away mid-way. Nothing else is accepted; a malformed request gets an outcome with code 2.
 """
@@ -31,7 +31,7 @@ from llamavm.host.systemd import Systemd
 #: A request is one short line; anything longer is refused unread.
 MAX_REQUEST = 4096
 TX_RE = re.compile(TX_PATTERN)
-OPS = ("status", "switch", "stop", "restart", "check", "result")
+OPS = ("status", "switch", "stop", "restart", "check", "result", "sleep")
 
 
 def parse(line: bytes) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def parse(line: bytes) -> dict[str, Any]:
     for key in ("model", "tx"):
         if key in request and not isinstance(request[key], str):
             raise HostError(f"{key} must be a string", EXIT_REFUSED)
-    if request["op"] in ("switch", "check") and not request.get("model"):
+    if request["op"] in ("switch", "check", "sleep") and not request.get("model"):
         raise HostError(f"{request['op']} needs a model", EXIT_REFUSED)
     if request["op"] == "result" and not request.get("tx"):
         raise HostError("result needs a tx", EXIT_REFUSED)
@@ -85,7 +85,7 @@ def serve(contract: Contract, reader: IO[bytes], writer: IO[bytes]) -> int:
         elif op == "result":
             outcome = cli.follow(contract, Systemd(), request["tx"], 0.0, lambda _line: None)
         else:
-            args = [contract.resolve(request["model"]).name] if op == "switch" else []
+            args = [contract.resolve(request["model"]).name] if op in ("switch", "sleep") else []
             outcome = cli.start_and_follow(
                 contract,
                 op,

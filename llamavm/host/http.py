@@ -24,7 +24,7 @@ def request(
     host, port = parts.hostname, parts.port
     if not host or not port:
         raise OSError(f"not a host:port URL: {url}")
-    path = parts.path or "/"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     payload = json.dumps(body).encode() if body is not None else b""
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     head = [

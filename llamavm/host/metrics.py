@@ -33,6 +33,10 @@ SERIES: dict[str, tuple[str, str]] = {
     "llamavm_gpu_power_limit_watts": ("gauge", "GPU power limit (nvidia-smi)."),
     "llamavm_model_info": ("gauge", "One per catalog model, always 1: its port and loading mode."),
     "llamavm_model_active": ("gauge", "1 for the model whose server runs, else 0."),
+    "llamavm_model_asleep": (
+        "gauge",
+        "1 for the model stopped for idleness (its idle_unload_s) that the next request wakes.",
+    ),
     "llamavm_model_healthy": ("gauge", "1 when the model's /health answers 200, else 0."),
     "llamavm_model_vram_estimate_bytes": ("gauge", "The catalog's VRAM estimate of the model."),
     "llamavm_model_last_load_seconds": ("gauge", "The model's last load time (start to healthy)."),
@@ -125,12 +129,14 @@ def collect(
     gpu_series(out, gpus)
     state = store.load_state(contract.paths.state, repair=False)
     props = systemd.show([m.unit for m in contract.models], ["ActiveState", "MainPID"])
+    asleep = (state["asleep"] or {}).get("model")
     for model in contract.models:
         unit = props.get(model.unit, {})
         active = unit.get("ActiveState") == "active"
         labels = {"model": model.name}
         out.add("llamavm_model_info", 1, **labels, port=model.port, load=model.load)
         out.add("llamavm_model_active", int(active), **labels)
+        out.add("llamavm_model_asleep", int(model.name == asleep and not active), **labels)
         out.add("llamavm_model_healthy", int(active and health(model.health_url) == 200), **labels)
         estimate = model.vram.get("total_mib")
         out.add(

@@ -24,6 +24,7 @@ PAGE = """<!doctype html>
   tr.active { background: #eef8ee; }
   .badge { display: inline-block; padding: 0 .4rem; border-radius: .3rem; font-size: .8rem;
            background: #2e7d32; color: #fff; }
+  .badge.asleep { background: #5c6bc0; }
   .fits { color: #2e7d32; } .over { color: #b71c1c; } .unknown { color: #8d6e00; }
   button { font: inherit; padding: .25rem .8rem; cursor: pointer; }
   button:disabled { cursor: default; opacity: .5; }
@@ -106,6 +107,10 @@ function renderModels(data) {
     const name = el("td");
     name.append(el("strong", m.name));
     if (m.active) { name.append(" "); name.append(el("span", "serving", "badge")); }
+    if (m.asleep) { name.append(" "); name.append(el("span", "asleep", "badge asleep")); }
+    if (m.idle_unload_s) {
+      name.append(el("div", "sleeps after " + m.idle_unload_s + " s idle", "muted"));
+    }
     if (m.aliases.length) name.append(el("div", "aliases: " + m.aliases.join(", "), "muted"));
     if (m.description) name.append(el("div", m.description, "muted"));
     if (m.reasoning) {
@@ -126,7 +131,9 @@ function renderModels(data) {
     body.append(row);
   }
   const active = data.models.find((m) => m.active);
-  $("serving").textContent = active ? "Serving: " + active.name + "." : "No model serves.";
+  const asleep = data.models.find((m) => m.asleep);
+  $("serving").textContent = active ? "Serving: " + active.name + "." :
+    asleep ? asleep.name + " is asleep (idle); the next request wakes it." : "No model serves.";
   $("serving").dataset.active = active ? active.name : "";
   const chat = $("chat");
   if (active) {

@@ -27,6 +27,8 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
         "running": [m.name for m in running],
         "desired": state["desired"],
         "stopped_by_operator": state["stopped"],
+        # Stopped for idleness: {"model", "at", "idle_s"}; the next request wakes it.
+        "asleep": state["asleep"] if not running else None,
         "gpu": [{"used_mib": g["used_mib"], "total_mib": g["total_mib"]} for g in gpus or []],
         "gpus": gpus,
         "system": system(),
@@ -42,6 +44,11 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             "port": model.port,
             "unit": model.unit,
             "state": unit.get("ActiveState"),
+            "idle_unload_s": model.idle_unload_s,
+            # Its slots saved at its last stop (restored at its next start): {slot: tokens}.
+            "prompt_cache": (state["slots"].get(model.name) or {}).get("slots")
+            if model.slot_dir
+            else None,
             "loads": state["loads"].get(model.name, []),
             "load": model.load,
             "file": share.location(contract, model),

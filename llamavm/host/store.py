@@ -131,6 +131,11 @@ def empty_state() -> dict[str, Any]:
         "history": {},
         "pending": None,
         "last": None,
+        #: {"model": NAME, "at": UNIX TIME, "idle_s": S}: put to sleep for idleness; the next
+        #: request through the front door or the routing endpoint wakes it.
+        "asleep": None,
+        #: Per model, its slots saved at its last stop: {"stamp", "slots": {id: tokens}, "at"}.
+        "slots": {},
     }
 
 
@@ -171,6 +176,17 @@ def load_state(path: Path, *, repair: bool = True) -> dict[str, Any]:
     for key in ("pending", "last"):
         if isinstance(raw.get(key), dict):
             state[key] = raw[key]
+    slots = raw.get("slots")
+    if isinstance(slots, dict):
+        state["slots"] = {
+            name: record
+            for name, record in slots.items()
+            if isinstance(name, str) and isinstance(record, dict)
+            and isinstance(record.get("slots"), dict)
+        }  # fmt: skip
+    asleep = raw.get("asleep")
+    if isinstance(asleep, dict) and isinstance(asleep.get("model"), str):
+        state["asleep"] = asleep
     return state
 
 

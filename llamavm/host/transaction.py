@@ -11,6 +11,7 @@ finished by `recover` (the transient unit's ExecStopPost, and the boot unit).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -50,6 +51,11 @@ class Deferred(HostError):
 
 #: While a server loads, how often systemd is asked anyway (its process is watched in /proc).
 SYSTEMD_EVERY_S = 5.0
+#: How long saving or restoring one slot (a prompt cache) may take before it is given up.
+SLOT_TIMEOUT_S = 60.0
+#: A slot holding fewer tokens is not kept: such a prompt costs next to nothing to process
+#: again (the verification's own one-token request leaves about this much).
+MIN_SLOT_TOKENS = 32
 
 
 def _noop(_: str) -> None:
@@ -71,6 +77,8 @@ class Host:
     open_ports: Callable[[Firewall, list[int]], bool] = firewall.set_open
     firewall_state: Callable[[Firewall], list[int]] = firewall.open_ports
     front_door_hold: Callable[[Firewall], bool] = firewall.hold
+    front_door_wake: Callable[[Firewall], bool] = firewall.wake
+    server_request: Callable[..., tuple[int, Any]] = http.request
 
     # --- what runs --------------------------------------------------------------------------
 
@@ -114,6 +122,17 @@ class Host:
                 if model
                 else "firewall: every model port closed"
             )
+        return changed
+
+    def asleep(self) -> bool:
+        """Close every model port; the front door now reaches the control service's wake
+        listener (with no wake listener, its requests wait as during a switch)."""
+        fw = self.active_firewall()
+        if fw is None:
+            return False
+        changed = self.front_door_wake(fw)
+        if changed:
+            self.progress("firewall: every model port closed; the front door wakes the model")
         return changed
 
     def hold_front_door(self) -> None:
@@ -161,6 +180,85 @@ class Host:
 
     def healthy(self, model: Model) -> bool:
         return self.health(model.health_url) == 200
+
+    # --- prompt caches across a switch -------------------------------------------------------
+
+    def slot_stamp(self, model: Model) -> str:
+        """What a saved slot is only good for: this unit (model file, context, cache type, every
+        flag), this llama-server build, these GGUF bytes."""
+        digest = hashlib.sha256()
+        try:
+            digest.update((self.contract.paths.units_live / model.unit).read_bytes())
+        except OSError:
+            digest.update(b"no unit")
+        digest.update(os.path.realpath(self.contract.paths.llama_server).encode())
+        try:
+            st = model.gguf.stat()
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(b"no gguf")
+        return digest.hexdigest()
+
+    def _slot_action(self, model: Model, slot: int, action: str) -> int | None:
+        """Save or restore slot `slot` of `model`'s server: the tokens it held, None on failure
+        (told: a prompt cache never stops a switch)."""
+        url = f"{model.base_url}/slots/{slot}?action={action}"
+        try:
+            key = checks.api_key(self.contract)
+            status, answer = self.server_request(
+                url, {"filename": f"slot-{slot}.bin"}, key=key, timeout=SLOT_TIMEOUT_S
+            )
+        except (OSError, HostError) as exc:
+            self.progress(f"prompt cache: {model.name} slot {slot} not {action}d ({exc})")
+            return None
+        if status != 200 or not isinstance(answer, dict):
+            why = answer.get("error", {}).get("message") if isinstance(answer, dict) else answer
+            self.progress(f"prompt cache: {model.name} slot {slot} not {action}d ({status}: {why})")
+            return None
+        return int(answer.get("n_saved" if action == "save" else "n_restored", 0) or 0)
+
+    def save_slots(self, model: Model) -> dict[str, Any] | None:
+        """Before `model` stops: its slots saved to its slot directory, as the record to keep
+        ({"stamp", "slots": {id: tokens}, "at"}); None when it has nothing to keep."""
+        if model.slot_dir is None:
+            return None
+        began = self.clock()
+        saved = {}
+        for slot in range(model.parallel):
+            tokens = self._slot_action(model, slot, "save")
+            if tokens and tokens >= MIN_SLOT_TOKENS:
+                saved[str(slot)] = tokens
+        if not saved:
+            return None
+        self.progress(
+            f"prompt cache: saved {sum(saved.values())} tokens of {model.name} "
+            f"({len(saved)} slot(s), {self.clock() - began:.2f}s)"
+        )
+        return {"stamp": self.slot_stamp(model), "slots": saved, "at": time.time()}
+
+    def restore_slots(self, model: Model, record: dict[str, Any] | None) -> int:
+        """After `model` started and was verified: the slots saved at its last stop restored
+        (only into the same unit, build and GGUF); the tokens restored."""
+        if model.slot_dir is None or not record:
+            return 0
+        if record.get("stamp") != self.slot_stamp(model):
+            self.progress(
+                f"prompt cache: {model.name}'s saved slots are of another build, file or "
+                "settings; not restored"
+            )
+            return 0
+        began = self.clock()
+        restored = 0
+        for slot in record.get("slots", {}):
+            if not str(slot).isdigit() or int(slot) >= model.parallel:
+                continue
+            restored += self._slot_action(model, int(slot), "restore") or 0
+        if restored:
+            self.progress(
+                f"prompt cache: restored {restored} tokens of {model.name} "
+                f"({self.clock() - began:.2f}s)"
+            )
+        return restored
 
     def runs_current_build(self, model: Model) -> bool | None:
         """Does the model's server run the llama-server that `current` points at now?"""
@@ -340,9 +438,41 @@ class Transaction:
         self.host.stop_units(running)
         closed = self.host.expose(None)
         state = self._state()
-        state["desired"], state["stopped"] = None, True
+        state["desired"], state["stopped"], state["asleep"] = None, True, None
         self._save(state)
         return {"changed": bool(running) or closed, "stopped": [m.name for m in running]}
+
+    def sleep(self, name: str) -> dict[str, Any]:
+        """Stop `name` for idleness (the control service asks): only if it alone serves and
+        is processing nothing; it stays the chosen model, and the next request through the
+        front door or the routing endpoint wakes it."""
+        target = self.contract.resolve(name)
+        running = self.host.running()
+        if [m.name for m in running] != [target.name]:
+            serving = ", ".join(m.name for m in running) or "nothing"
+            raise HostError(f"{target.name} is not what serves ({serving}): not put to sleep",
+                            EXIT_REFUSED)  # fmt: skip
+        key = checks.api_key(self.contract)
+        if busy := self.host.in_flight(target, key):
+            raise HostError(f"{target.name} has {busy} request(s) in flight: not put to sleep",
+                            EXIT_REFUSED)  # fmt: skip
+        self.host.hold_front_door()
+        self.host.drain(running)
+        state = self._state()
+        self._keep_slots(running, state)
+        self.host.stop_units(running)
+        self.host.asleep()
+        state["desired"], state["stopped"] = target.name, False
+        idle_s = target.idle_unload_s
+        state["asleep"] = {"model": target.name, "at": time.time(), "idle_s": idle_s}
+        state["last"] = {"tx": self.tx, "op": self.op, "model": None, "at": time.time()}
+        self._save(state)
+        self.host.progress(
+            f"{target.name} is asleep"
+            + (f" after {idle_s}s without a request" if idle_s else "")
+            + "; the next request through the front door or the routing endpoint wakes it"
+        )
+        return {"changed": True, "asleep": target.name, "stopped": [target.name]}
 
     def restart(self) -> dict[str, Any]:
         """Restart the serving model through the transaction (gated; rolled back on failure)."""
@@ -358,6 +488,8 @@ class Transaction:
         """Open the port of the model that serves (healthy) and close the others."""
         running = self.host.running()
         serving = running[0] if len(running) == 1 and self.host.healthy(running[0]) else None
+        if serving is None and not running and self._state()["asleep"]:
+            return {"changed": self.host.asleep(), "open": []}
         changed = self.host.expose(serving)
         return {"changed": changed, "open": [serving.port] if serving else []}
 
@@ -369,6 +501,10 @@ class Transaction:
             return {"changed": False, "model": None, "why": "a model already runs"}
         if state["stopped"]:
             return {"changed": False, "model": None, "why": "stopped by the operator"}
+        if state["asleep"]:
+            # Asleep it stays: the next request wakes it (no load only to sleep again).
+            self.host.asleep()
+            return {"changed": False, "model": None, "why": f"{state['asleep']['model']} sleeps"}
         wanted = self.contract.find(state["desired"]) or self.contract.default
         try:
             return self.switch(wanted.name)
@@ -619,6 +755,7 @@ class Transaction:
             "backup": str(backup) if backup else None,
             "started": time.time(),
         }
+        state["asleep"] = None  # whatever this ends in, it is not the idle sleep
         self._save(state)
         began = mark = host.clock()
         phases: dict[str, float] = {}
@@ -634,6 +771,8 @@ class Transaction:
                 host.hold_front_door()
                 host.drain(running)
                 phase("drain")
+                if self._keep_slots(running, state):
+                    phase("cache_save")
             host.stop_units(running)
             phase("stop")
             host.failpoint("after_stop")
@@ -645,6 +784,9 @@ class Transaction:
             host.progress(f"verifying {target.name}")
             host.verify(target)
             phase("verify")
+            # After the verification's own request, which would take a slot.
+            if restored := host.restore_slots(target, state["slots"].get(target.name)):
+                phase("cache_restore")
             # Only now may the LAN reach it: a half-loaded or failing model is never exposed.
             host.failpoint("before_expose")
             host.expose(target)
@@ -666,6 +808,7 @@ class Transaction:
             # No model answered from the stop until the new one was healthy.
             "downtime_seconds": round(phases["stop"] + phases["load"], 3),
             "phases": phases,
+            **({"cache_restored_tokens": restored} if restored else {}),
             **({"fetch": fetched} if fetched else {}),
         }
 
@@ -710,6 +853,7 @@ class Transaction:
         try:
             if keep is None:
                 host.start_and_watch(fallback, state["loads"].get(fallback.name, []))
+                host.restore_slots(fallback, state["slots"].get(fallback.name))
         except BaseException as second:
             state["pending"] = None
             self._save(state)
@@ -729,6 +873,18 @@ class Transaction:
         )
         serves += self._expose_after(fallback)
         raise HostError(f"{reason} — rolled back, {serves}", EXIT_FAILED, detail)
+
+    def _keep_slots(self, models: list[Model], state: dict[str, Any]) -> bool:
+        """Save the slots of `models` before they stop, and record them (state saved)."""
+        kept = False
+        for model in models:
+            record = self.host.save_slots(model)
+            if record:
+                state["slots"][model.name] = record
+                kept = True
+        if kept:
+            self._save(state)
+        return kept
 
     def _expose_after(self, model: Model | None) -> str:
         """The rollback's firewall update: what serves is what the LAN reaches. Its failure

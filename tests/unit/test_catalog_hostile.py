@@ -140,7 +140,7 @@ def test_every_field_is_checked_for_what_it_is(tmp_path, path, value, fragment) 
         (["--tools", "all"], "--tools is refused: server-side tools"),
         (["--agent"], "--agent is refused"),
         (["--mcp-servers-json", "{}"], "MCP servers"),
-        (["--slot-save-path", "/tmp"], "writes KV-cache files"),
+        (["--slot-save-path", "/tmp"], "llamavm sets it itself"),
         (["--props"], "change the server's settings"),
         (["--path", "/"], "serves files"),
         (["--log-file", "/tmp/x"], "writes files"),
