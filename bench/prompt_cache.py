@@ -3,8 +3,12 @@ against its first time, and against the same detour with the saved slots removed
 
 Run on a provisioned test bed (`invoke provision` first), as root:
 
-    .venv/bin/python -u bench/prompt_cache.py [--runs 3] [--words 600]
+    .venv/bin/python -u bench/prompt_cache.py [--runs 3] [--ctx 4096] [--words N]
 
+The test bed's tiny models process a short prompt in about the time of one request's fixed
+cost, so the run first provisions the catalog with the default model at `--ctx` tokens in one
+slot (a prompt of 0.6 of that, by default; the tiny models were trained on 4096), and
+provisions the catalog back at the end.
 Each run, from the LAN client's namespace straight to the default model's port: a long prompt
 (a fresh one per run, so nothing is cached before) — its prompt processing as llama-server's
 own `timings` report it (prompt_n tokens, prompt_ms); `invoke switch` to the other model and
@@ -18,8 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+import yaml
 
 from llamavm import REPO_ROOT, catalog, remote, testbed
 from llamavm import inventory as inventory_mod
@@ -46,9 +56,13 @@ def chat(address: str, prompt: str) -> tuple[dict, str]:
     return reply["timings"], reply["choices"][0]["message"]["content"]
 
 
-def switch(name: str) -> None:
-    import subprocess
+def provision() -> None:
+    done = subprocess.run([str(INVOKE), "provision"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"invoke provision failed:\n{done.stdout[-3000:]}{done.stderr}")
 
+
+def switch(name: str) -> None:
     done = subprocess.run([str(INVOKE), "switch", "--model", name], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"invoke switch --model {name} failed:\n{done.stdout}{done.stderr}")
@@ -57,9 +71,30 @@ def switch(name: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--words", type=int, default=600, help="words in the long prompt")
+    parser.add_argument("--ctx", type=int, default=4096, help="0: the catalog as it is")
+    parser.add_argument("--words", type=int, default=0, help="default: 0.6 of the context")
     args = parser.parse_args()
-    cat = catalog.load(catalog.catalog_path(None, inventory_mod.resolve(None).catalog))
+    path = catalog.catalog_path(None, inventory_mod.resolve(None).catalog)
+    if not args.ctx:
+        return measure(args, catalog.load(path))
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for entry in data["models"]:
+        if entry["name"] == data["settings"]["default_model"]:
+            entry["ctx_size"], entry["parallel"] = args.ctx, 1
+    with tempfile.TemporaryDirectory(prefix="llamavm-bench-") as tmp:
+        variant = Path(tmp) / "models.yaml"
+        variant.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        os.environ[catalog.CATALOG_ENV] = str(variant)
+        try:
+            provision()
+            return measure(args, catalog.load(variant))
+        finally:
+            del os.environ[catalog.CATALOG_ENV]
+            provision()
+
+
+def measure(args: argparse.Namespace, cat: catalog.Catalog) -> int:
+    words = args.words or int(cat.default.ctx_size // cat.default.parallel * 0.6)
     model = cat.default
     other = next(m for m in cat.models if m.name != model.name)
     info = testbed.up()
@@ -70,8 +105,8 @@ def main() -> int:
     first, again, cold = [], [], []
     same = True
     for run in range(args.runs + 1):
-        words = TEXT.split()
-        prompt = f"Run {run}. " + " ".join(words[i % len(words)] for i in range(args.words))
+        vocabulary = TEXT.split()
+        prompt = f"Run {run}. " + " ".join(vocabulary[i % len(vocabulary)] for i in range(words))
         t1, a1 = chat(address, prompt)
         switch(other.name)
         if run == args.runs:  # the baseline: the same detour, the saved slots removed
@@ -96,7 +131,7 @@ def main() -> int:
         return statistics.median(r[key] for r in rows)
 
     base = median(first, "prompt_ms")
-    print(f"\n{model.name}, {args.words}-word prompt, {args.runs} runs, medians")
+    print(f"\n{model.name}, ctx {model.ctx_size}, {words}-word prompt, {args.runs} runs, medians")
     print("| case | prompt tokens processed | prompt ms | vs first |")
     print("| --- | --- | --- | --- |")
     rows = [

@@ -236,9 +236,10 @@ class Host:
         )
         return {"stamp": self.slot_stamp(model), "slots": saved, "at": time.time()}
 
-    def restore_slots(self, model: Model, record: dict[str, Any] | None) -> int:
+    def restore_slots(self, model: Model, record: dict[str, Any] | None) -> int | None:
         """After `model` started and was verified: the slots saved at its last stop restored
-        (only into the same unit, build and GGUF); the tokens restored."""
+        (only into the same unit, build and GGUF); the tokens restored, None when the record
+        is of another unit, build or GGUF (to be forgotten)."""
         if model.slot_dir is None or not record:
             return 0
         if record.get("stamp") != self.slot_stamp(model):
@@ -246,7 +247,7 @@ class Host:
                 f"prompt cache: {model.name}'s saved slots are of another build, file or "
                 "settings; not restored"
             )
-            return 0
+            return None
         began = self.clock()
         restored = 0
         for slot in record.get("slots", {}):
@@ -785,7 +786,8 @@ class Transaction:
             host.verify(target)
             phase("verify")
             # After the verification's own request, which would take a slot.
-            if restored := host.restore_slots(target, state["slots"].get(target.name)):
+            restored = self._restore_slots(target, state)
+            if restored:
                 phase("cache_restore")
             # Only now may the LAN reach it: a half-loaded or failing model is never exposed.
             host.failpoint("before_expose")
@@ -853,7 +855,7 @@ class Transaction:
         try:
             if keep is None:
                 host.start_and_watch(fallback, state["loads"].get(fallback.name, []))
-                host.restore_slots(fallback, state["slots"].get(fallback.name))
+                self._restore_slots(fallback, state)
         except BaseException as second:
             state["pending"] = None
             self._save(state)
@@ -873,6 +875,13 @@ class Transaction:
         )
         serves += self._expose_after(fallback)
         raise HostError(f"{reason} — rolled back, {serves}", EXIT_FAILED, detail)
+
+    def _restore_slots(self, model: Model, state: dict[str, Any]) -> int:
+        """Restore `model`'s kept slots; a record that no longer fits is forgotten."""
+        restored = self.host.restore_slots(model, state["slots"].get(model.name))
+        if restored is None:
+            state["slots"].pop(model.name, None)
+        return restored or 0
 
     def _keep_slots(self, models: list[Model], state: dict[str, Any]) -> bool:
         """Save the slots of `models` before they stop, and record them (state saved)."""

@@ -32,8 +32,11 @@ def _chat(address: str, prompt: str) -> tuple[dict, str]:
 
 
 def test_a_long_prompt_is_not_processed_again_after_a_switch_away_and_back(
-    serving_default, models, host
+    provisioned, models, host
 ) -> None:
+    serving_default = models.default
+    start = invoke("switch", "--model", serving_default.name)
+    assert start.returncode == 0, start.stdout + start.stderr
     other = next(m for m in models.models if m.name != serving_default.name)
     address = url(host, serving_default, "/v1/chat/completions")
     prompt = "Summarise: " + " ".join(WORDS[i % len(WORDS)] for i in range(500))

@@ -123,6 +123,7 @@ def test_slots_saved_for_another_unit_build_or_file_are_not_restored(world, chan
     assert "restore" not in " ".join(world.server.calls)
     assert "cache_restored_tokens" not in result
     assert any("not restored" in line for line in world.lines)
+    assert "one" not in store.load_state(world.contract.paths.state)["slots"]  # forgotten
 
 
 @pytest.mark.parametrize("action", ["save", "restore"])
