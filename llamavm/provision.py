@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,26 +165,33 @@ def provision(
     # A host's default model the catalog lacks stops here too, before a test bed or VM is up.
     defaults = default_models(inv.path, catalog)
     extra: dict[str, Any] = {}
-    if inv.is_local or inv.uses_testbed:
-        from llamavm import testbed
-
-        say("llamavm: bringing up the embedded default target (local test bed)")
-        info = testbed.up()
-        say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
-    if inv.fleet:
-        from llamavm import fleetbed
-
-        say(f"llamavm: bringing up {inv.fleet} local fleet hosts on the test bed's LAN")
-        for host in fleetbed.up(inv.fleet):
-            say(f"llamavm: {host.name} up at {host.address}")
+    local = inv.is_local or inv.uses_testbed
+    share = Path(catalog.settings.controller_share_path or "")
+    # The source (the sdist, the web UI's npm build) and the tiny models are prepared while the
+    # test bed's rootfs is built and booted: the one is mostly CPU, the other mostly package
+    # downloads and unpacking, and on a cold machine each takes minutes.
     say("llamavm: preparing the llama.cpp source (cached after the first run)")
-    archive = source.prepare()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamavm-prepare") as pool:
+        prepared = pool.submit(
+            _prepare, local and bool(catalog.settings.controller_share_path), share
+        )
+        if local:
+            from llamavm import testbed
+
+            say("llamavm: bringing up the embedded default target (local test bed)")
+            info = testbed.up()
+            say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
+        if inv.fleet:
+            from llamavm import fleetbed
+
+            say(f"llamavm: bringing up {inv.fleet} local fleet hosts on the test bed's LAN")
+            for host in fleetbed.up(inv.fleet):
+                say(f"llamavm: {host.name} up at {host.address}")
+        archive, written = prepared.result()
     extra[source.EXTRA_VAR] = str(archive)
     extra[source.EXTRA_VAR_VERSION] = source.load_config().label
     extra["llama_cpp_canary_model"] = str(tinymodel.canary())
-    if (inv.is_local or inv.uses_testbed) and catalog.settings.controller_share_path:
-        share = Path(catalog.settings.controller_share_path)
-        written = tinymodel.ensure_all(share)
+    if written is not None:
         say(f"llamavm: {len(written)} tiny test models in {share}")
     extra["llamavm_contract"] = host_contract(catalog)
     if defaults:
@@ -250,6 +258,13 @@ def provision(
 
 
 _ZERO = {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}
+
+
+def _prepare(tiny: bool, share: Path) -> tuple[Path, list[Path] | None]:
+    """The llama.cpp source archive, and the tiny test models written into `share` (if
+    `tiny`): what provision ships, made ready beside the test bed's bring-up."""
+    archive = source.prepare()
+    return archive, tinymodel.ensure_all(share) if tiny else None
 
 
 def _converge_plan(
