@@ -13,6 +13,7 @@ and what to do, raised as CatalogError (exit code 2 at the CLI edge).
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import json
 import os
@@ -451,6 +452,35 @@ def parse(text: str, path: Path) -> Catalog:
             f"{path}: refused: {type(exc).__name__} — write a plain catalog"
         ) from None
     check = _Checker(path, data)
-    _validate(check, data)
+    seen = _checked_marker(text)
+    if seen is None or not seen.exists():
+        _validate(check, data)
     _rules(check, data)
-    return _build(path, data)
+    catalog = _build(path, data)
+    if seen is not None and not seen.exists():
+        _remember(seen)
+    return catalog
+
+
+def _checked_marker(text: str) -> Path | None:
+    """Where a catalog text that passed the schema is remembered: named by the text, the
+    schema and the code that checks it, so a change to any of them checks it again. Every
+    command reads the catalog, and the schema check is a third of a command's start-up (an
+    `invoke switch` is measured in tenths of a second). None: no cache to remember in."""
+    root = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "catalogs"
+    digest = hashlib.sha256(text.encode())
+    try:
+        for source in (SCHEMA_PATH, Path(validation.__file__), Path(__file__)):
+            digest.update(source.read_bytes())
+    except OSError:
+        return None
+    return root / digest.hexdigest()
+
+
+def _remember(marker: Path) -> None:
+    """Remember a text that passed; a cache that can't be written only costs time."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker.touch()
+    except OSError:
+        pass

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, yamlsafe
+from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
 
 FLAGS_FILE = REPO_ROOT / "config" / "llama-server-flags.yaml"
@@ -91,9 +91,12 @@ def _spec(flag: str, raw: Any) -> ValueSpec:
 
 @functools.cache
 def rules(path: Path = FLAGS_FILE) -> FlagRules:
-    """The rules in config/llama-server-flags.yaml (read once)."""
+    """The rules in config/llama-server-flags.yaml (read once). Our own file, not an
+    operator's: read with libyaml's loader (the pure-Python one took half a command's catalog
+    check), not yamlsafe's bounded one."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yamlsafe.load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise LlamavmError(f"{path}: cannot read the flag allow-list: {exc}") from None
     if not isinstance(data, dict):

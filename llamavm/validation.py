@@ -9,11 +9,16 @@ order, and each problem phrased as `where: problem — fix`, the fix taken from 
 from __future__ import annotations
 
 import copy
+import functools
 import unicodedata
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+if TYPE_CHECKING:
+    import jsonschema
+
+# jsonschema is imported when a file is first checked (a third of a command's start-up, and a
+# catalog already checked is not checked again: catalog.parse).
 
 #: Unicode categories refused in every string: controls (newline, tab, ESC, DEL, C1), line and
 #: paragraph separators, and invisible format characters (bidi overrides, zero-width spaces).
@@ -37,10 +42,14 @@ def _is_int(checker: Any, value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
-)
+@functools.cache
+def _validator() -> Any:
+    import jsonschema
+
+    return jsonschema.validators.extend(
+        jsonschema.Draft202012Validator,
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
+    )
 
 
 def describe(value: Any) -> str:
@@ -104,7 +113,9 @@ def _document_order(data: Any, parts: list[Any]) -> tuple[int, ...]:
 
 def check(fail: Fail, schema: dict[str, Any], data: Any, schema_name: str) -> None:
     """Raise fail(...) for the first schema violation in document order."""
-    validator = Validator(schema, format_checker=jsonschema.FormatChecker(["ipv4", "ipv6"]))
+    import jsonschema
+
+    validator = _validator()(schema, format_checker=jsonschema.FormatChecker(["ipv4", "ipv6"]))
     errors = list(validator.iter_errors(data))
     if not errors:
         return

@@ -285,3 +285,23 @@ def test_catalog_flag_beats_environment(tmp_path, invoke_cli) -> None:
     result = invoke_cli("models", env={"LLAMAVM_CATALOG": str(bad)})
     assert result.returncode == 2
     assert str(bad) in result.stderr
+
+
+def test_a_catalog_text_that_passed_the_schema_is_not_checked_again(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
+    path = _write(tmp_path, VALID)
+    checked: list[str] = []
+    real = catalog._validate
+    monkeypatch.setattr(catalog, "_validate", lambda c, d: checked.append("x") or real(c, d))
+    catalog.load(path)
+    catalog.load(path)
+    assert checked == ["x"]  # the second read of the same text skipped the schema
+    changed = _mutated(lambda d: d["models"][0].update(port=8005))
+    catalog.load(_write(tmp_path, changed))
+    assert checked == ["x", "x"]
+    bad = _mutated(lambda d: d["models"][0].update(port="eight"))
+    for _ in range(2):  # a text that failed is never remembered
+        with pytest.raises(catalog.CatalogError):
+            catalog.load(_write(tmp_path, bad))
+    assert checked == ["x", "x", "x", "x"]
+    assert len(list((tmp_path / "cache" / "catalogs").iterdir())) == 2
