@@ -32,6 +32,8 @@ CATALOG_ENV = "LLAMAVM_CATALOG"
 DEFAULT_CATALOG = REPO_ROOT / "config" / "models.yaml"
 SCHEMA_PATH = REPO_ROOT / "config" / "models.schema.json"
 UNIT_PREFIX = "llamavm-model-"
+#: Companions' units: never in the big models' Conflicts= chain.
+COMPANION_PREFIX = "llamavm-companion-"
 
 
 class CatalogError(LlamavmError):
@@ -130,11 +132,18 @@ class Model:
     idle_unload_s: int = 0
     #: Save the slots (prompt caches) before a stop, restore them at the next start.
     prompt_cache: bool = True
+    #: Runs beside the exclusive big model when the VRAM admission says it fits.
+    companion: bool = False
+    #: chat, embeddings or rerank.
+    task: str = "chat"
+    #: The companion this model loads as its speculative draft (None: none).
+    draft: str | None = None
 
     @property
     def unit(self) -> str:
         """The systemd unit that serves this model."""
-        return f"{UNIT_PREFIX}{self.name}.service"
+        prefix = COMPANION_PREFIX if self.companion else UNIT_PREFIX
+        return f"{prefix}{self.name}.service"
 
 
 @dataclass(frozen=True)
@@ -158,8 +167,21 @@ class Catalog:
     def default(self) -> Model:
         return self.resolve(self.settings.default_model)
 
+    @property
+    def big(self) -> tuple[Model, ...]:
+        """The exclusive models: one of them holds the GPU at a time."""
+        return tuple(m for m in self.models if not m.companion)
+
+    @property
+    def companions(self) -> tuple[Model, ...]:
+        """The companions, in catalog order (the order the admission keeps them in)."""
+        return tuple(m for m in self.models if m.companion)
+
     def load_mode(self, model: Model) -> str:
-        """How `model`'s file reaches its server: stage (a local copy) or share."""
+        """How `model`'s file reaches its server: stage (a local copy) or share. Companions
+        (small, started beside the big model, never switched to) read the share."""
+        if model.companion:
+            return "share"
         return model.load or self.settings.loading.default
 
     def local_gguf(self, model: Model) -> Path | None:
@@ -343,8 +365,8 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
             )
     wakers = control.get("routing", False) or front_door.get("enabled", False)
     for i, model in enumerate(data["models"]):
-        if not model.get("idle_unload_s"):
-            continue
+        if not model.get("idle_unload_s") or model.get("companion"):
+            continue  # a companion's is refused below
         if not control.get("enabled", True):
             raise check.fail(
                 ["models", i, "idle_unload_s"],
@@ -359,12 +381,76 @@ def _rules(check: _Checker, data: dict[str, Any]) -> None:
                 "turn on settings.expose.front_door.enabled or settings.control.routing "
                 "(or set idle_unload_s: 0)",
             )
+    _companion_rules(check, data["models"])
     if settings["default_model"] not in owners:
         raise check.fail(
             ["settings", "default_model"],
             f"{settings['default_model']!r} is not in the catalog",
             f"use one of: {', '.join(m['name'] for m in data['models'])}",
         )
+    default = next(
+        m for m in data["models"]
+        if settings["default_model"] in (m["name"], *m.get("aliases", []))
+    )  # fmt: skip
+    if default.get("companion"):
+        raise check.fail(
+            ["settings", "default_model"],
+            f"{settings['default_model']!r} is a companion (it runs beside a big model)",
+            "name one of the big models (those without companion: true)",
+        )
+
+
+def _companion_rules(check: _Checker, models: list[dict[str, Any]]) -> None:
+    """Companions run beside the big model, never alone and never switched to; a draft names
+    a chat companion."""
+    companions = {m["name"]: m for m in models if m.get("companion")}
+    if not any(not m.get("companion") for m in models):
+        raise check.fail(
+            "models", "every model is a companion",
+            "leave companion: false on at least one big model (one of them holds the GPU)",
+        )  # fmt: skip
+    for i, model in enumerate(models):
+        task = model.get("task", "chat")
+        if model.get("companion"):
+            if model.get("idle_unload_s"):
+                raise check.fail(
+                    ["models", i, "idle_unload_s"],
+                    "a companion stays loaded beside the big model (it does not sleep)",
+                    "remove idle_unload_s from the companion (or make it a big model)",
+                )
+            if model.get("load") == "stage":
+                raise check.fail(
+                    ["models", i, "load"],
+                    "a companion reads the share (only a switch stages a big model's copy)",
+                    "remove load from the companion",
+                )
+            if model.get("draft") is not None:
+                raise check.fail(
+                    ["models", i, "draft"], "a companion has no draft model of its own",
+                    "give the draft to a big model",
+                )  # fmt: skip
+        elif task != "chat":
+            raise check.fail(
+                ["models", i, "task"],
+                f"{task} is served by a companion, and this is a big (exclusive) model",
+                "add companion: true, or use task: chat",
+            )
+        draft = model.get("draft")
+        if draft is None:
+            continue
+        target = companions.get(draft)
+        if target is None:
+            known = ", ".join(companions) or "none"
+            raise check.fail(
+                ["models", i, "draft"], f"{draft!r} is not a companion in the catalog",
+                f"name a model with companion: true (companions: {known})",
+            )  # fmt: skip
+        if target.get("task", "chat") != "chat":
+            raise check.fail(
+                ["models", i, "draft"],
+                f"{draft!r} serves {target['task']}, a draft model must be a chat model",
+                "name a chat companion with the same vocabulary",
+            )
 
 
 def _build(path: Path, data: dict[str, Any]) -> Catalog:

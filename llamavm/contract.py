@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llamavm import REPO_ROOT, yamlsafe
+from llamavm import vram as vram_mod
 from llamavm.catalog import Catalog, Model
 from llamavm.errors import LlamavmError
 from llamavm.host import contract as host_contract
@@ -180,6 +181,19 @@ def argv(
         ]  # fmt: skip
     if slot_dir:
         args += ["--slot-save-path", slot_dir]
+    if model.task == "embeddings":
+        args += ["--embeddings"]
+    elif model.task == "rerank":
+        args += ["--reranking"]
+    if model.draft is not None:
+        draft = catalog.resolve(model.draft)
+        args += [
+            "--spec-type", "draft-simple",
+            "--model-draft", f"{s.share_path}/{draft.gguf}",
+            "--gpu-layers-draft", str(draft.n_gpu_layers),
+            "--cache-type-k-draft", draft.cache_type,
+            "--cache-type-v-draft", draft.cache_type,
+        ]  # fmt: skip
     return [*args, *model.extra_args, "--metrics"]
 
 
@@ -272,15 +286,26 @@ def build(
         "switch": switch,
     }
     url_host = _local_url_host(settings.bind_address)
-    units = [m.unit for m in catalog.models]
-    models = []
-    for index, model in enumerate(catalog.models):
+    # Only the big models exclude one another; companions run beside whichever serves.
+    units = [m.unit for m in catalog.big]
+    admitted = vram_mod.admission(
+        catalog, {m.name: vram.get(m.name, {}).get("total_mib") for m in catalog.models}
+    )
+    models: list[dict[str, Any]] = []
+    companions: list[dict[str, Any]] = []
+    for model in catalog.models:
+        index = units.index(model.unit) if not model.companion else 0
         base_url = f"http://{url_host}:{model.port}"
         load = catalog.load_mode(model)
         gguf = server_gguf(catalog, model, cfg)
-        slot_dir = f"{cfg.slot_dir}/{model.name}" if model.prompt_cache else None
+        # A companion is not stopped by a switch: it has no slots to keep across one.
+        keep_slots = model.prompt_cache and not model.companion
+        slot_dir = f"{cfg.slot_dir}/{model.name}" if keep_slots else None
         args = argv(catalog, model, llama_server, gguf, slot_dir)
-        models.append(
+        mounts = cfg.stage_dir if load == "stage" else settings.share_path
+        if model.draft is not None and mounts != settings.share_path:
+            mounts = f"{mounts} {settings.share_path}"  # the draft is read from the share
+        (companions if model.companion else models).append(
             {
                 "name": model.name,
                 "aliases": list(model.aliases),
@@ -302,6 +327,12 @@ def build(
                 "parallel": model.parallel,
                 "health_timeout_s": model.health_timeout_s,
                 "idle_unload_s": model.idle_unload_s,
+                "companion": model.companion,
+                "task": model.task,
+                "draft": model.draft,
+                # Which companions run beside this model, and why the others do not.
+                "companions": admitted.get(model.name, {}).get("beside", []),
+                "companions_stopped": admitted.get(model.name, {}).get("stopped", {}),
                 "slot_dir": slot_dir,
                 "size_bytes": model.size_bytes,
                 "sha256": model.sha256,
@@ -315,14 +346,12 @@ def build(
                         for dialect, extra in SHARE_LOAD_ARGS.items()
                     },
                     "exec_start_post": exec_line([switch, "gate", model.name]),
-                    "conflicts": [u for u in units if u != model.unit],
+                    "conflicts": ([] if model.companion else [u for u in units if u != model.unit]),
                     # Conflicts= adds no ordering: one After= chain makes every stop/start pair
                     # stop first, so a new server never loads beside the old one.
-                    "after": units[:index],
+                    "after": [] if model.companion else units[:index],
                     # A staged model needs only local disk: it starts with the share away.
-                    "requires_mounts_for": (
-                        cfg.stage_dir if load == "stage" else settings.share_path
-                    ),
+                    "requires_mounts_for": mounts,
                     "read_only_paths": settings.share_path,
                     # systemd creates the slot directory for the model's user (0700).
                     "cache_directory": (
@@ -397,4 +426,5 @@ def build(
             "wake_wait_s": settings.expose.front_door.wait_s,
         },
         "models": models,
+        "companions": companions,
     }

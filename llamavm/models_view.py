@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from llamavm.catalog import Catalog
-from llamavm.vram import Estimate, estimate
+from llamavm.vram import Estimate, admission, check_companions, estimate
 
 
 def rows(
@@ -20,10 +20,21 @@ def rows(
     ]
 
 
+def _admit(catalog: Catalog, found: list[tuple[dict[str, Any], Estimate]]) -> dict[str, Any]:
+    """Refuse companions that do not fit together; per big model, which run beside it."""
+    totals = {entry["name"]: est.total_mib for entry, est in found}
+    check_companions(catalog, totals)
+    return admission(catalog, totals)
+
+
 def as_json(catalog: Catalog) -> str:
     data = catalog.as_dict()
-    for entry, est in rows(catalog, data):
+    found = rows(catalog, data)
+    admitted = _admit(catalog, found)
+    for entry, est in found:
         entry["vram"] = est.as_dict()
+        if entry["name"] in admitted:
+            entry["admission"] = admitted[entry["name"]]
     return json.dumps(data, indent=2)
 
 
@@ -57,13 +68,15 @@ def as_table(catalog: Catalog) -> str:
     )
     table = [header]
     notes: list[str] = []
-    for model, (entry, est) in zip(catalog.models, rows(catalog), strict=True):
+    found = rows(catalog)
+    admitted = _admit(catalog, found)
+    for model, (entry, est) in zip(catalog.models, found, strict=True):
         verdict = est.verdict
         if est.source == "override":
             verdict += " (override)"
         table.append(
             (
-                entry["name"],
+                entry["name"] + (f" (companion, {model.task})" if model.companion else ""),
                 ",".join(entry["aliases"]) or "-",
                 str(entry["port"]),
                 str(entry["ctx_size"]),
@@ -91,6 +104,21 @@ def as_table(catalog: Catalog) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    if catalog.companions:
+        notes.append(
+            "companions run beside the big model while the set fits (big + companions + "
+            "reserve <= budget):"
+        )
+        for name, verdict in admitted.items():
+            beside = ", ".join(verdict["beside"]) or "none"
+            notes.append(f"  {name}: beside it {beside}")
+            notes += [f"    {c} stops: {why}" for c, why in verdict["stopped"].items()]
+    for model in catalog.models:
+        est = next(e for entry, e in found if entry["name"] == model.name)
+        if model.draft and est.draft_mib is not None:
+            notes.append(
+                f"{model.name}: drafts with {model.draft} ({_mib(est.draft_mib)} of its total)"
+            )
     if notes:
         lines.append("")
         lines.extend(notes)

@@ -80,6 +80,7 @@ def ansible_env() -> dict[str, str]:
 def host_contract(catalog: catalog_mod.Catalog) -> dict[str, Any]:
     """The host contract of `catalog`'s hosts, with each model's VRAM estimate."""
     estimates = {m.name: vram.estimate(catalog, m).as_dict() for m in catalog.models}
+    vram.check_companions(catalog, {n: e["total_mib"] for n, e in estimates.items()})
     return contract.build(catalog, estimates)
 
 
@@ -164,6 +165,10 @@ def provision(
     contract.load_host_config()  # a broken config/host.yaml stops here, before any host
     # A host's default model the catalog lacks stops here too, before a test bed or VM is up.
     defaults = default_models(inv.path, catalog)
+    # Companions that cannot fit together stop here as well (with the estimates known now; the
+    # contract checks again once every model file is there).
+    vram.check_companions(catalog, {m.name: vram.estimate(catalog, m).total_mib
+                                    for m in catalog.companions})  # fmt: skip
     extra: dict[str, Any] = {}
     local = inv.is_local or inv.uses_testbed
     share = Path(catalog.settings.controller_share_path or "")

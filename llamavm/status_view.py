@@ -40,6 +40,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             else:
                 idle = "(none, stopped)" if answer.get("stopped_by_operator") else "(none)"
             rows.append((host, idle, "-", "asleep" if asleep else "-", "-", "-", gpu))
+            _companions(rows, problems, host, answer)
             continue
         health = active.get("health")
         loads = active.get("loads") or []
@@ -54,9 +55,34 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 gpu,
             )
         )
+        _companions(rows, problems, host, answer)
     return "\n".join(
         [*_table(rows), "", *_table(_files(results)), "", *_table(_resources(results)), *problems]
     )
+
+
+def _companions(
+    rows: list[tuple[Any, ...]], problems: list[str], host: str, answer: dict[str, Any]
+) -> None:
+    """A row per companion that runs (under the big model's), a line per one kept stopped."""
+    for companion in answer.get("companions", []):
+        health = companion.get("health")
+        if companion.get("state") in ("active", "activating", "reloading"):
+            rows.append(
+                (
+                    "",
+                    f"+ {companion['name']} ({companion.get('task', 'chat')} companion)",
+                    f"http://{answer.get('address', host)}:{companion['port']}/",
+                    "ok" if health == 200 else f"HTTP {health}" if health else "down",
+                    "-",
+                    "-",
+                    "",
+                )
+            )
+        elif companion.get("why_not"):
+            problems.append(
+                f"{host}: companion {companion['name']} stopped: {companion['why_not']}"
+            )
 
 
 def _table(rows: list[tuple[Any, ...]]) -> list[str]:

@@ -13,8 +13,21 @@ The estimate, in bytes (see docs/vram.md for the reasoning and the error bars):
     kv       = ctx_size x (n_embd_k_gqa + n_embd_v_gqa) x bytes per element of cache_type,
                for each offloaded layer (ctx_size is the server total shared by all slots)
     compute  = settings.vram.compute_mib (llama.cpp's compute buffers)
-    total    = weights + kv + compute          (or the model's vram_mib override)
+    draft    = with `draft: COMPANION`: that companion's weights and KV cache (its n_gpu_layers and
+               cache_type, this model's ctx_size: the draft keeps a context as long), or its
+               vram_mib override
+    total    = weights + kv + compute + draft  (or the model's vram_mib override)
     fits     = total <= settings.vram.budget_mib - settings.vram.reserve_mib
+
+The admission of companions (catalog entries with `companion: true`), per big model, in catalog
+order: a companion runs beside it while
+
+    big total + the companions kept so far + this companion's total + reserve <= budget
+
+and is stopped while that big model serves otherwise. A companion without an estimate is never
+admitted (nothing proves it fits). The companions together must fit on their own:
+
+    sum of the companions' totals + reserve <= budget        (or the catalog is refused)
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +67,12 @@ _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.ggu
 
 class GGUFError(LlamavmError):
     """A GGUF file is missing, unreadable or not a GGUF."""
+
+
+class AdmissionError(LlamavmError):
+    """The companions do not fit the GPU together; the message names the numbers."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,8 @@ class Estimate:
     source: str = "gguf"  # "gguf", "override" or "unreachable"
     reason: str = ""
     suggested_n_cpu_moe: int | None = None
+    #: The draft model's share of total_mib (None: no draft).
+    draft_mib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,25 +316,19 @@ def estimate(catalog: Catalog, model: Model, info: GGUFInfo | None = None) -> Es
             source="override",
             reason="vram_mib set in the catalog",
         )
-    if info is None:
-        local = catalog.local_gguf(model)
-        try:
-            if local is None:
-                raise GGUFError(
-                    "the controller cannot see the model share "
-                    "(set settings.controller_share_path, or vram_mib for the model)"
-                )
-            info = read_gguf(local)
-        except GGUFError as exc:
-            return Estimate(
-                model=model.name,
-                verdict="unknown",
-                available_mib=available,
-                source="unreachable",
-                reason=str(exc),
-            )
+    try:
+        info = info or _local_info(catalog, model)
+        draft = draft_bytes(catalog, model)
+    except GGUFError as exc:
+        return Estimate(
+            model=model.name,
+            verdict="unknown",
+            available_mib=available,
+            source="unreachable",
+            reason=str(exc),
+        )
     weights, kv, compute = gpu_bytes(info, model, vram.compute_mib)
-    total = (weights + kv + compute) / MIB
+    total = (weights + kv + compute + (draft or 0)) / MIB
     result = Estimate(
         model=model.name,
         verdict="fits" if total <= available else "over budget",
@@ -321,18 +337,105 @@ def estimate(catalog: Catalog, model: Model, info: GGUFInfo | None = None) -> Es
         kv_mib=kv / MIB,
         compute_mib=compute / MIB,
         total_mib=total,
+        draft_mib=None if draft is None else draft / MIB,
     )
     if result.verdict == "over budget" and info.is_moe:
         result = replace(result, suggested_n_cpu_moe=suggest_n_cpu_moe(catalog, model, info))
     return result
 
 
+def _local_info(catalog: Catalog, model: Model) -> GGUFInfo:
+    local = catalog.local_gguf(model)
+    if local is None:
+        raise GGUFError(
+            "the controller cannot see the model share "
+            f"(set settings.controller_share_path, or vram_mib for {model.name})"
+        )
+    return read_gguf(local)
+
+
+def draft_bytes(catalog: Catalog, model: Model) -> int | None:
+    """What `model`'s draft companion adds to its server's GPU memory (None: no draft): the
+    draft's weights and a KV cache as long as `model`'s context (no compute buffers of its
+    own are counted: the draft runs in the server's), or its vram_mib override."""
+    if model.draft is None:
+        return None
+    draft = catalog.resolve(model.draft)
+    if draft.vram_mib is not None:
+        return draft.vram_mib * MIB
+    try:
+        info = _local_info(catalog, draft)
+    except GGUFError as exc:
+        raise GGUFError(f"draft {draft.name}: {exc}") from None
+    weights, kv, _ = gpu_bytes(info, replace(draft, ctx_size=model.ctx_size, n_cpu_moe=0), 0)
+    return weights + kv
+
+
 def suggest_n_cpu_moe(catalog: Catalog, model: Model, info: GGUFInfo) -> int | None:
     """The smallest n_cpu_moe at or above the model's that fits the budget, or None."""
     vram = catalog.settings.vram
     available = (vram.budget_mib - vram.reserve_mib) * MIB
+    draft = draft_bytes(catalog, model) or 0
     for n in range(model.n_cpu_moe, info.n_layer + 1):
         trial = replace(model, n_cpu_moe=n)
-        if sum(gpu_bytes(info, trial, vram.compute_mib)) <= available:
+        if sum(gpu_bytes(info, trial, vram.compute_mib)) + draft <= available:
             return n
     return None
+
+
+# --- companions beside the big model ---------------------------------------------------------
+
+
+def _mib(value: float) -> str:
+    return f"{value:.0f} MiB"
+
+
+def check_companions(catalog: Catalog, totals: Mapping[str, float | None]) -> None:
+    """Refuse (AdmissionError, one line with the numbers) companions that do not fit the GPU
+    together, whatever big model serves. `totals`: each model's estimate in MiB (None:
+    unknown; those are never admitted, so they are left out of the sum)."""
+    known = [(m.name, totals.get(m.name)) for m in catalog.companions]
+    parts = [(name, total) for name, total in known if total is not None]
+    vram = catalog.settings.vram
+    need = sum(total for _, total in parts) + vram.reserve_mib
+    if parts and need > vram.budget_mib:
+        terms = " + ".join(f"{name} {_mib(total)}" for name, total in parts)
+        raise AdmissionError(
+            f"{catalog.path}: companions: {terms} + reserve {vram.reserve_mib} MiB = "
+            f"{_mib(need)} > budget {vram.budget_mib} MiB (settings.vram.budget_mib) — the "
+            "companions do not fit the GPU together: drop one, shrink one (ctx_size, "
+            "n_gpu_layers), or make one a big model"
+        )
+
+
+def admission(catalog: Catalog, totals: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Per big model: the companions that run beside it (catalog order, each while the sum
+    fits) and, for the others, why not — {"beside": [...], "stopped": {name: reason}}."""
+    vram = catalog.settings.vram
+    out: dict[str, dict[str, Any]] = {}
+    for big in catalog.big:
+        beside: list[str] = []
+        stopped: dict[str, str] = {}
+        total = totals.get(big.name)
+        used = total or 0.0
+        for companion in catalog.companions:
+            own = totals.get(companion.name)
+            if total is None or own is None:
+                whose = big.name if total is None else companion.name
+                stopped[companion.name] = (
+                    f"no VRAM estimate for {whose} (set vram_mib for it, or "
+                    "settings.controller_share_path), so nothing shows the set fits"
+                )
+                continue
+            need = used + own + vram.reserve_mib
+            if need <= vram.budget_mib:
+                beside.append(companion.name)
+                used += own
+                continue
+            kept = "".join(f" + {name} {_mib(totals[name] or 0)}" for name in beside)
+            stopped[companion.name] = (
+                f"{big.name} {_mib(total)}{kept} + {companion.name} {_mib(own)} + reserve "
+                f"{vram.reserve_mib} MiB = {_mib(need)} > budget {vram.budget_mib} MiB"
+            )
+        out[big.name] = {"beside": beside, "stopped": stopped}
+    return out

@@ -319,7 +319,7 @@ def gate(contract: Contract, name: str) -> int:
     from llamavm.host import http, share
     from llamavm.host.watch import poll_interval
 
-    model = contract.resolve(name)
+    model = contract.resolve_any(name)
     pid = os.environ.get("MAINPID", "")
     began = time.monotonic()
     deadline = began + model.health_timeout_s

@@ -4,7 +4,7 @@ argv, GGUF path and health URLs — computed once on the controller (llamavm/con
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,13 @@ class Model:
     idle_unload_s: int = 0
     #: Where its server saves its slots (prompt caches) across switches (None: not saved).
     slot_dir: Path | None = None
+    #: A companion runs beside the big model that serves (when the admission says it fits).
+    companion: bool = False
+    #: chat, embeddings or rerank.
+    task: str = "chat"
+    #: A big model's: the companions that run beside it, and why the others do not.
+    companions: tuple[str, ...] = ()
+    companions_stopped: dict[str, str] = field(default_factory=dict)
 
     @property
     def source(self) -> Path:
@@ -132,6 +139,22 @@ class Contract:
     #: With a front door: how long to wait for requests in flight before stopping a model.
     drain_s: float = 0.0
     control: Control | None = None
+    #: Small models that run beside the big one (never switched to).
+    companions: tuple[Model, ...] = ()
+
+    def companion(self, name: str | None) -> Model | None:
+        """The companion called `name` (its name or an alias), or None."""
+        return next((m for m in self.companions if name in (m.name, *m.aliases)), None)
+
+    def resolve_any(self, name: str) -> Model:
+        """A big model or a companion called `name`; refused (exit 2) otherwise."""
+        return self.companion(name) or self.resolve(name)
+
+    def beside(self, model: Model | None) -> list[Model]:
+        """The companions that run beside `model` (None: nothing serves — all of them)."""
+        if model is None:
+            return list(self.companions)
+        return [m for m in self.companions if m.name in model.companions]
 
     def resolve(self, name: str) -> Model:
         """The model called `name` (its name or an alias); refused (exit 2) otherwise."""
@@ -158,30 +181,8 @@ def parse(data: dict[str, Any]) -> Contract:
     if data.get("version") != VERSION:
         raise ValueError(f"contract version {data.get('version')!r}, expected {VERSION}")
     paths = Paths(**{key: Path(value) for key, value in data["paths"].items()})
-    models = tuple(
-        Model(
-            name=m["name"],
-            aliases=tuple(m["aliases"]),
-            unit=m["unit"],
-            port=int(m["port"]),
-            gguf=Path(m["gguf"]),
-            base_url=m["base_url"],
-            health_url=m["health_url"],
-            ctx_size=int(m["ctx_size"]),
-            parallel=int(m["parallel"]),
-            health_timeout_s=int(m["health_timeout_s"]),
-            size_bytes=m["size_bytes"],
-            sha256=m["sha256"],
-            vram=dict(m["vram"]),
-            load=str(m["load"]),
-            source_path=Path(m["source"]),
-            description=str(m["description"]),
-            reasoning=dict(m["reasoning"]) if m["reasoning"] else None,
-            idle_unload_s=int(m.get("idle_unload_s", 0)),
-            slot_dir=Path(m["slot_dir"]) if m.get("slot_dir") else None,
-        )
-        for m in data["models"]
-    )
+    models = tuple(_model(m) for m in data["models"])
+    companions = tuple(_model(m) for m in data.get("companions", []))
     return Contract(
         paths=paths,
         service_user=data["service"]["user"],
@@ -204,6 +205,35 @@ def parse(data: dict[str, Any]) -> Contract:
         ),
         drain_s=float(data["front_door"]["drain_s"]) if data["front_door"]["enabled"] else 0.0,
         control=_control(data["control"]),
+        companions=companions,
+    )
+
+
+def _model(m: dict[str, Any]) -> Model:
+    return Model(
+        name=m["name"],
+        aliases=tuple(m["aliases"]),
+        unit=m["unit"],
+        port=int(m["port"]),
+        gguf=Path(m["gguf"]),
+        base_url=m["base_url"],
+        health_url=m["health_url"],
+        ctx_size=int(m["ctx_size"]),
+        parallel=int(m["parallel"]),
+        health_timeout_s=int(m["health_timeout_s"]),
+        size_bytes=m["size_bytes"],
+        sha256=m["sha256"],
+        vram=dict(m["vram"]),
+        load=str(m["load"]),
+        source_path=Path(m["source"]),
+        description=str(m["description"]),
+        reasoning=dict(m["reasoning"]) if m["reasoning"] else None,
+        idle_unload_s=int(m.get("idle_unload_s", 0)),
+        slot_dir=Path(m["slot_dir"]) if m.get("slot_dir") else None,
+        companion=bool(m.get("companion", False)),
+        task=str(m.get("task", "chat")),
+        companions=tuple(str(n) for n in m.get("companions", [])),
+        companions_stopped={str(k): str(v) for k, v in m.get("companions_stopped", {}).items()},
     )
 
 

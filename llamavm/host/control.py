@@ -57,7 +57,9 @@ from llamavm.host.helper import MAX_REQUEST, request_line
 HTTP_STATUS = {0: 200, 1: 500, 2: 409, 3: 409, 4: 500, 5: 500, 6: 202}
 #: A routed request waits at most this long for its model (behind a switch and its queue).
 ROUTE_WAIT_S = 900.0
-ROUTED = ("chat/completions", "completions", "embeddings")
+ROUTED = ("chat/completions", "completions", "embeddings", "rerank")
+#: The routed paths a companion of that task answers when a request names no model.
+TASK_PATHS = {"embeddings": "embeddings", "rerank": "rerank"}
 #: The idle watcher looks at the serving model's counters this often, and asks the helper what
 #: serves at least this often (a switch over SSH is not told to this service).
 IDLE_TICK_S = 1.0
@@ -462,9 +464,30 @@ def resolve_route(contract: Contract, requested: Any, serving: str | None) -> tu
     return model, preset
 
 
+def companion_route(contract: Contract, requested: Any, path: str) -> Model | None:
+    """The companion a /v1 request goes to: the one it names, or, naming none, the companion
+    whose task answers `path` (/v1/embeddings, /v1/rerank). None: a big model's request."""
+    if isinstance(requested, str) and requested:
+        return contract.companion(requested.partition(":")[0])
+    task = next((t for t, p in TASK_PATHS.items() if p == path), None)
+    return next((m for m in contract.companions if m.task == task), None) if task else None
+
+
 def model_list(contract: Contract, serving: str | None) -> dict[str, Any]:
     """/v1/models: every catalog model, and each reasoning preset as model:effort."""
     data = []
+    for model in contract.companions:
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "llamavm",
+                "aliases": list(model.aliases),
+                "companion": True,
+                "task": model.task,
+            }
+        )
     for model in contract.models:
         reasoning = model.reasoning or {}
         data.append(
@@ -668,6 +691,9 @@ def create_app(
             return openai_error(400, "the request body is not JSON")
         if not isinstance(body, dict):
             return openai_error(400, "the request body must be a JSON object")
+        companion = companion_route(live.now, body.get("model"), path)
+        if companion is not None:
+            return await beside(companion, path, body)
         if body.get("model") in (None, "") and not router.known:
             await router.refresh()  # no model named: the one serving, or asleep
         try:
@@ -712,6 +738,42 @@ def create_app(
             finally:
                 await answer.aclose()
                 await router.release()
+
+        keep = {"content-type", "cache-control"}
+        return StreamingResponse(
+            relay(),
+            status_code=answer.status_code,
+            headers={k: v for k, v in answer.headers.items() if k.lower() in keep},
+        )
+
+    async def beside(companion: Model, path: str, body: dict[str, Any]) -> Any:
+        """A companion's request: straight to its server, no switch (it runs beside the big
+        model, or the admission keeps it stopped and the answer says why)."""
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        body["model"] = companion.name
+        upstream_request = client.build_request(
+            "POST", f"{companion.base_url}/v1/{path}", headers=headers, content=json.dumps(body)
+        )
+        try:
+            answer = await client.send(upstream_request, stream=True)
+        except httpx.HTTPError:
+            status = await call("status")
+            why = next(
+                (c.get("why_not") for c in status.get("companions", [])
+                 if c.get("name") == companion.name),
+                None,
+            )  # fmt: skip
+            reason = f"stopped: {why}" if why else "not running"
+            return openai_error(503, f"companion {companion.name} is {reason}")
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in answer.aiter_bytes():
+                    yield chunk
+            finally:
+                await answer.aclose()
 
         keep = {"content-type", "cache-control"}
         return StreamingResponse(

@@ -1,4 +1,5 @@
-"""The active model's port in the firewall: one nftables set the switch keeps current.
+"""The active model's port (and its companions') in the firewall: one nftables set the switch
+keeps current.
 
 The expose role loads the rule set (table inet llamavm, from /etc/llamavm/firewall.nft): SSH
 and the enabled services are open, a model port only while it is in the set `model_ports`.
@@ -103,11 +104,11 @@ def _apply(fw: Firewall, ports: list[int], front_door: int | None) -> bool:
     return True
 
 
-def set_open(fw: Firewall, ports: Iterable[int]) -> bool:
-    """Open exactly `ports` to the LAN and point the front door at the first (atomically);
-    True when that changed anything."""
+def set_open(fw: Firewall, ports: Iterable[int], front: int | None = None) -> bool:
+    """Open exactly `ports` to the LAN and point the front door at `front` (default: the
+    lowest of them), atomically; True when that changed anything."""
     wanted = sorted(set(ports))
-    return _apply(fw, wanted, wanted[0] if wanted else None)
+    return _apply(fw, wanted, front if front is not None else (wanted[0] if wanted else None))
 
 
 def hold(fw: Firewall) -> bool:
@@ -117,7 +118,8 @@ def hold(fw: Firewall) -> bool:
     return _apply(fw, open_ports(fw), None)
 
 
-def wake(fw: Firewall) -> bool:
-    """While the model sleeps: every model port closed, the front door's internal port sent to
-    the control service's wake listener (or nowhere without one: its requests wait)."""
-    return _apply(fw, [], fw.wake_port or None)
+def wake(fw: Firewall, ports: Iterable[int] = ()) -> bool:
+    """While the model sleeps: every model port closed but `ports` (the companions beside it,
+    which stay), the front door's internal port sent to the control service's wake listener
+    (or nowhere without one: its requests wait)."""
+    return _apply(fw, sorted(set(ports)), fw.wake_port or None)

@@ -38,6 +38,11 @@ SERIES: dict[str, tuple[str, str]] = {
         "1 for the model stopped for idleness (its idle_unload_s) that the next request wakes.",
     ),
     "llamavm_model_healthy": ("gauge", "1 when the model's /health answers 200, else 0."),
+    "llamavm_companion_active": (
+        "gauge",
+        "1 for a companion (companion: true) whose server runs beside the big model, else 0.",
+    ),
+    "llamavm_companion_healthy": ("gauge", "1 when the companion's /health answers 200, else 0."),
     "llamavm_model_vram_estimate_bytes": ("gauge", "The catalog's VRAM estimate of the model."),
     "llamavm_model_last_load_seconds": ("gauge", "The model's last load time (start to healthy)."),
     "llamavm_model_process_resident_bytes": ("gauge", "Resident memory of the model's server."),
@@ -151,6 +156,14 @@ def collect(
         if stats:
             out.add("llamavm_model_process_resident_bytes", stats[0], **labels)
             out.add("llamavm_model_process_cpu_seconds_total", round(stats[1], 2), **labels)
+    if contract.companions:
+        beside = systemd.show([m.unit for m in contract.companions], ["ActiveState"])
+        for model in contract.companions:
+            active = beside.get(model.unit, {}).get("ActiveState") == "active"
+            labels = {"model": model.name, "task": model.task}
+            out.add("llamavm_companion_active", int(active), **labels)
+            healthy = active and health(model.health_url) == 200
+            out.add("llamavm_companion_healthy", int(healthy), **labels)
     counters = store.read_counters(contract.paths.counters)
     for op, results in sorted(counters["transactions"].items()):
         for result, count in sorted(results.items()):

@@ -18,7 +18,7 @@ _PROPS = ["ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic",
 
 def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
     state = store.load_state(contract.paths.state, repair=False)
-    props = systemd.show([m.unit for m in contract.models], _PROPS)
+    props = systemd.show([m.unit for m in (*contract.models, *contract.companions)], _PROPS)
     host = Host(contract, systemd=systemd)
     gpus = gpu.sample()
     running = [m for m in contract.models if props.get(m.unit, {}).get("ActiveState") in BUSY]
@@ -36,6 +36,7 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
         "transaction": _transaction(contract, state),
         "last": state["last"],
         "models": [],
+        "companions": [],
     }
     for model in contract.models:
         unit = props.get(model.unit, {})
@@ -68,6 +69,27 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             if stats:
                 entry.update(rss_mib=round(stats[0] / metrics.MIB), cpu_s=round(stats[1], 1))
         result["models"].append(entry)
+    active = running[0] if len(running) == 1 else None
+    for model in contract.companions:
+        unit = props.get(model.unit, {})
+        busy = unit.get("ActiveState") in BUSY
+        entry = {
+            "name": model.name,
+            "task": model.task,
+            "port": model.port,
+            "unit": model.unit,
+            "state": unit.get("ActiveState"),
+            "health": http.status_of(model.health_url) if busy else None,
+            # Beside the model that serves, per the VRAM admission (or why not).
+            "admitted": active is not None and model.name in active.companions,
+            "why_not": active.companions_stopped.get(model.name) if active else None,
+        }
+        if busy:
+            entry["pid"] = int(unit.get("MainPID", "0") or 0)
+            stats = metrics.process_stats(entry["pid"]) if entry["pid"] else None
+            if stats:
+                entry.update(rss_mib=round(stats[0] / metrics.MIB), cpu_s=round(stats[1], 1))
+        result["companions"].append(entry)
     return result
 
 

@@ -74,10 +74,10 @@ class Host:
     counters: Callable[[int], tuple[int, ...] | None] = watch_mod.process_counters
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    open_ports: Callable[[Firewall, list[int]], bool] = firewall.set_open
+    open_ports: Callable[..., bool] = firewall.set_open
     firewall_state: Callable[[Firewall], list[int]] = firewall.open_ports
     front_door_hold: Callable[[Firewall], bool] = firewall.hold
-    front_door_wake: Callable[[Firewall], bool] = firewall.wake
+    front_door_wake: Callable[..., bool] = firewall.wake
     server_request: Callable[..., tuple[int, Any]] = http.request
 
     # --- what runs --------------------------------------------------------------------------
@@ -88,6 +88,47 @@ class Host:
         return [
             m for m in self.contract.models if states.get(m.unit, {}).get("ActiveState") in BUSY
         ]
+
+    def running_companions(self) -> list[Model]:
+        """Companions whose unit is active, starting or stopping (one systemctl call)."""
+        companions = self.contract.companions
+        if not companions:
+            return []
+        states = self.systemd.show([m.unit for m in companions], ["ActiveState"])
+        return [m for m in companions if states.get(m.unit, {}).get("ActiveState") in BUSY]
+
+    def start_companions(self, models: list[Model]) -> dict[str, str]:
+        """Start `models` (companions) at once and wait for each to answer /health: {name:
+        why} for those that did not (told; a companion never fails a switch)."""
+        failed: dict[str, str] = {}
+        waiting = []
+        for model in models:
+            self.systemd.reset_failed([model.unit])
+            error = self.systemd.start(model.unit)
+            if error:
+                failed[model.name] = f"systemctl start failed: {error}"
+            else:
+                self.progress(f"starting companion {model.name}")
+                waiting.append(model)
+        began = self.clock()
+        while waiting:
+            elapsed = self.clock() - began
+            states = self.systemd.show([m.unit for m in waiting], ["ActiveState"])
+            for model in list(waiting):
+                state = states.get(model.unit, {}).get("ActiveState", "")
+                if self.healthy(model):
+                    waiting.remove(model)
+                elif state in ("failed", "inactive") and elapsed > 0.5:
+                    failed[model.name] = f"its server exited ({state})"
+                    waiting.remove(model)
+                elif elapsed > model.health_timeout_s:
+                    failed[model.name] = f"not healthy after {model.health_timeout_s}s"
+                    waiting.remove(model)
+            if waiting:
+                self.sleep(watch_mod.poll_interval(elapsed))
+        for name, why in failed.items():
+            self.progress(f"companion {name} did not start: {why}")
+        return failed
 
     def fetch(self, model: Model, source: dict[str, Any] | None, keep: set[str]) -> dict[str, Any]:
         """Make `model`'s bytes local (stage or pre-warm) before anything is stopped."""
@@ -110,15 +151,23 @@ class Host:
         if fw is not None:
             self.firewall_state(fw)
 
+    def companion_ports(self) -> list[int]:
+        """The ports of the companions that run and answer (the firewall opens those too)."""
+        return [m.port for m in self.running_companions() if self.healthy(m)]
+
     def expose(self, model: Model | None) -> bool:
-        """Open `model`'s port to the LAN and close every other model port (None: all)."""
+        """Open `model`'s port (and the running companions') to the LAN, point the front door
+        at `model`, and close every other model port (None: every model port)."""
         fw = self.active_firewall()
         if fw is None:
             return False
-        changed = self.open_ports(fw, [model.port] if model else [])
+        extra = self.companion_ports() if model else []
+        ports = [model.port, *extra] if model else []
+        changed = self.open_ports(fw, ports, front=model.port if model else None)
         if changed:
+            also = f" (and companion port(s) {', '.join(map(str, extra))})" if extra else ""
             self.progress(
-                f"firewall: port {model.port} ({model.name}) open, other model ports closed"
+                f"firewall: port {model.port} ({model.name}){also} open, other model ports closed"
                 if model
                 else "firewall: every model port closed"
             )
@@ -130,7 +179,7 @@ class Host:
         fw = self.active_firewall()
         if fw is None:
             return False
-        changed = self.front_door_wake(fw)
+        changed = self.front_door_wake(fw, self.companion_ports())
         if changed:
             self.progress("firewall: every model port closed; the front door wakes the model")
         return changed
@@ -411,8 +460,13 @@ class Transaction:
             if state["desired"] != target.name or state["stopped"]:
                 state["desired"], state["stopped"] = target.name, False
                 self._save(state)
+            companions = self._companions(target)
             exposed = self.host.expose(target)
-            return {"changed": exposed, "model": target.name, "previous": target.name}
+            changed = exposed or bool(companions.pop("changed"))
+            result = {"changed": changed, "model": target.name, "previous": target.name}
+            if self.contract.companions:
+                result["companions"] = companions
+            return result
         self.host.check_firewall()
         source = checks.preflight(self.contract, target, self.host.progress)
         # The new model's bytes are made local while the old model keeps serving.
@@ -435,7 +489,8 @@ class Transaction:
         }
 
     def stop(self) -> dict[str, Any]:
-        running = self.host.running()
+        """Stop the serving model and the companions beside it: the GPU is left free."""
+        running = self.host.running() + self.host.running_companions()
         self.host.stop_units(running)
         closed = self.host.expose(None)
         state = self._state()
@@ -558,7 +613,7 @@ class Transaction:
         """The staged and the installed text of every model unit."""
         paths = self.contract.paths
         staged: dict[str, str] = {}
-        for model in self.contract.models:
+        for model in (*self.contract.models, *self.contract.companions):
             try:
                 staged[model.unit] = (paths.units_staged / model.unit).read_text()
             except OSError:
@@ -566,7 +621,11 @@ class Transaction:
                     f"{paths.units_staged / model.unit} is missing — run 'invoke provision'",
                     EXIT_REFUSED,
                 ) from None
-        live = {p.name: p.read_text() for p in paths.units_live.glob("llamavm-model-*.service")}
+        live = {
+            p.name: p.read_text()
+            for pattern in ("llamavm-model-*.service", "llamavm-companion-*.service")
+            for p in paths.units_live.glob(pattern)
+        }
         return staged, live
 
     def drift(self) -> list[str]:
@@ -591,7 +650,15 @@ class Transaction:
             found.append("no model serves (provision starts the chosen one)")
         elif self.host.runs_current_build(running[0]) is False:
             found.append(f"{running[0].name} runs an older llama.cpp build")
-        enabled = self.host.systemd.enabled([m.unit for m in self.contract.models])
+        if len(running) == 1:
+            beside = {m.name for m in self.host.running_companions()}
+            found += [
+                f"companion {m.name} is not running beside {running[0].name}"
+                for m in self.contract.beside(running[0])
+                if m.name not in beside
+            ]
+        every = [m.unit for m in (*self.contract.models, *self.contract.companions)]
+        enabled = self.host.systemd.enabled(every)
         found += [f"{unit}: enabled (only the boot unit starts models)" for unit in enabled]
         return found
 
@@ -614,6 +681,15 @@ class Transaction:
             u
             for u in changed
             if serving and u == serving.unit and u in live
+            and service_section(live[u]) != service_section(staged[u])
+        ]  # fmt: skip
+        # A running companion whose [Service] changed restarts (plainly: nothing is exclusive).
+        companions = {m.unit: m for m in self.contract.companions}
+        beside = {m.unit for m in self.host.running_companions()}
+        restart_companions = [
+            companions[u]
+            for u in changed
+            if u in companions and u in beside and u in live
             and service_section(live[u]) != service_section(staged[u])
         ]  # fmt: skip
         removed = [unit for unit in live if unit not in staged]
@@ -640,7 +716,13 @@ class Transaction:
             self.host.progress(f"{self.contract.units[unit].name}: its service changed")
             self._restart(self.contract.units[unit], staged[unit])
             report["restarted"].append(unit)
-        enabled = self.host.systemd.enabled([m.unit for m in self.contract.models])
+        if restart_companions:
+            for model in restart_companions:
+                self.host.progress(f"companion {model.name}: its service changed; restarting")
+            self.host.stop_units(restart_companions)
+            report["restarted"] += [m.unit for m in restart_companions]
+        every = [m.unit for m in (*self.contract.models, *self.contract.companions)]
+        enabled = self.host.systemd.enabled(every)
         if enabled:  # the boot unit starts the chosen model; no model unit starts on its own
             self.host.systemd.disable(enabled)
             report["disabled"] = enabled
@@ -650,8 +732,11 @@ class Transaction:
             result = self.switch(wanted.name)
             report["started"] = result["model"]
         else:
+            serving = self.host.running()[0]
+            report["companions"] = self._companions(serving)
             report["firewall"] = self.sync_firewall()["changed"]
         report["changed"] = any(report[k] for k in ("installed", "restarted", "removed", "started"))
+        report["changed"] = report["changed"] or bool(report.get("companions", {}).get("changed"))
         report["changed"] = report["changed"] or bool(
             report.get("disabled") or report.get("firewall")
         )
@@ -760,6 +845,7 @@ class Transaction:
         self._save(state)
         began = mark = host.clock()
         phases: dict[str, float] = {}
+        leaving: list[Model] = []
 
         def phase(name: str) -> None:
             nonlocal mark
@@ -774,7 +860,9 @@ class Transaction:
                 phase("drain")
                 if self._keep_slots(running, state):
                     phase("cache_save")
-            host.stop_units(running)
+            # Companions that would not fit beside the target stop with the old model.
+            leaving = self._leaving(target)
+            host.stop_units(running + leaving)
             phase("stop")
             host.failpoint("after_stop")
             if before_start:
@@ -795,6 +883,14 @@ class Transaction:
             phase("expose")
         except BaseException as failure:  # every failure after the stop rolls back
             self._rollback(target, previous, running, state, failure, undo)
+        # The companions that fit beside it start once it serves (a failure is told only).
+        companions = self._companions(target)
+        companions.pop("changed")
+        companions["stopped"].update(
+            {m.name: target.companions_stopped.get(m.name, "") for m in leaving}
+        )
+        if companions["started"]:
+            phase("companions")
         store.record_load(state, target.name, load_s, fetched)
         state["desired"], state["stopped"], state["pending"] = target.name, False, None
         seconds = round(host.clock() - began, 3)
@@ -811,6 +907,7 @@ class Transaction:
             "downtime_seconds": round(phases["stop"] + phases["load"], 3),
             "phases": phases,
             **({"cache_restored_tokens": restored} if restored else {}),
+            **({"companions": companions} if self.contract.companions else {}),
             **({"fetch": fetched} if fetched else {}),
         }
 
@@ -868,6 +965,10 @@ class Transaction:
         state["desired"], state["stopped"], state["pending"] = fallback.name, False, None
         state["last"] = {"tx": self.tx, "op": self.op, "model": fallback.name, "at": time.time()}
         self._save(state)
+        try:
+            self._companions(fallback)
+        except (HostError, OSError) as exc:
+            host.progress(f"companions beside {fallback.name}: {exc}")
         serves = (
             f"the default model {fallback.name} serves (nothing was serving before)"
             if via_default
@@ -875,6 +976,39 @@ class Transaction:
         )
         serves += self._expose_after(fallback)
         raise HostError(f"{reason} — rolled back, {serves}", EXIT_FAILED, detail)
+
+    def _leaving(self, target: Model) -> list[Model]:
+        """The running companions that do not fit beside `target` (said, with the numbers)."""
+        leaving = []
+        for companion in self.host.running_companions():
+            if companion.name in target.companions:
+                continue
+            why = target.companions_stopped.get(companion.name, "not admitted beside it")
+            self.host.progress(
+                f"companion {companion.name} stops: it does not fit beside {target.name} ({why})"
+            )
+            leaving.append(companion)
+        return leaving
+
+    def _companions(self, target: Model) -> dict[str, Any]:
+        """Make the companions match the admission for `target` serving: stop those that do not
+        fit beside it, start those that do and are not running (their ports opened)."""
+        leaving = self._leaving(target)
+        self.host.stop_units(leaving)
+        running = {m.name for m in self.host.running_companions()}
+        missing = [m for m in self.contract.beside(target) if m.name not in running]
+        failed = self.host.start_companions(missing) if missing else {}
+        started = [m.name for m in missing if m.name not in failed]
+        if started:
+            self.host.expose(target)
+            self.host.progress(f"companion(s) {', '.join(started)} serve beside {target.name}")
+        return {
+            "changed": bool(leaving or started),
+            "beside": [m.name for m in self.contract.beside(target) if m.name not in failed],
+            "started": started,
+            "stopped": {m.name: target.companions_stopped.get(m.name, "") for m in leaving},
+            "failed": failed,
+        }
 
     def _restore_slots(self, model: Model, state: dict[str, Any]) -> int:
         """Restore `model`'s kept slots; a record that no longer fits is forgotten."""

@@ -129,7 +129,7 @@ class FakeSystemd:
 
     # set-up
     def add(self, contract: contract_mod.Contract, name: str, **unit: Any) -> Unit:
-        model = contract.find(name)
+        model = contract.find(name) or contract.companion(name)
         assert model is not None
         self.units[model.unit] = Unit(**unit)
         self.ports[model.health_url] = model.unit
@@ -137,7 +137,7 @@ class FakeSystemd:
 
     def serve(self, contract: contract_mod.Contract, name: str) -> None:
         """Put `name` in the running state directly (as after boot)."""
-        model = contract.find(name)
+        model = contract.find(name) or contract.companion(name)
         assert model is not None
         unit = self.units[model.unit]
         unit.active, unit.sub, unit.pid, unit.invocation = "active", "running", next(_PIDS), "x0"
@@ -183,9 +183,10 @@ class FakeSystemd:
 
     def start(self, unit: str) -> str:
         self.calls.append(("start", unit))
-        models = set(self.ports.values())
-        for other, state in self.units.items():  # Conflicts= (between the model units)
-            if other != unit and other in models and state.active != "inactive":
+        models = {u for u in self.ports.values() if "-companion-" not in u}
+        exclusive = "-companion-" not in unit
+        for other, state in self.units.items():  # Conflicts= (between the big models' units)
+            if exclusive and other != unit and other in models and state.active != "inactive":
                 state.active, state.sub, state.pid = "inactive", "dead", 0
         u = self.units.setdefault(unit, Unit())
         u.active, u.sub, u.pid = "activating", "start", next(_PIDS)
@@ -250,7 +251,7 @@ class FakeSystemd:
         return None
 
     def running_units(self) -> list[str]:
-        """The model units that run (or start)."""
+        """The model units that run (or start), companions' included."""
         models = set(self.ports.values())
         return [
             n for n, u in self.units.items() if n in models and u.active in ("active", "activating")

@@ -144,7 +144,7 @@ def test_every_field_is_checked_for_what_it_is(tmp_path, path, value, fragment) 
         (["--props"], "change the server's settings"),
         (["--path", "/"], "serves files"),
         (["--log-file", "/tmp/x"], "writes files"),
-        (["--embedding"], "completion check"),
+        (["--embedding"], "is set by llamavm"),
         (["--api-prefix", "/x"], "moves /health"),
         (["--reuse-port"], "second server"),
         (["-ot", "exps=CPU"], "tensor placement"),

@@ -45,15 +45,15 @@ class FakeNft:
             raise HostError("firewall: the nftables set is not loaded", EXIT_REFUSED)
         return sorted(self.ports)
 
-    def set_open(self, fw: Firewall, ports: list[int]) -> bool:
-        wanted = min(ports) if ports else None
+    def set_open(self, fw: Firewall, ports: list[int], front: int | None = None) -> bool:
+        wanted = front if front is not None else (min(ports) if ports else None)
         if self.state(fw) == sorted(ports) and self.front == wanted:
             return False
         if self.fail_updates:
             raise HostError("firewall: nft refused the update: boom")
         self.log.append(f"open {sorted(ports)}")
         self.ports = list(ports)
-        self.front = min(ports) if ports else None
+        self.front = wanted
         return True
 
     def hold(self, fw: Firewall) -> bool:

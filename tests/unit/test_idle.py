@@ -100,11 +100,11 @@ FW = Firewall(
 
 
 class SleepyNft(FakeNft):
-    def wake(self, fw: Firewall) -> bool:
+    def wake(self, fw: Firewall, ports: tuple[int, ...] | list[int] = ()) -> bool:
         self.state(fw)
-        changed = bool(self.ports) or self.front != fw.wake_port
+        changed = sorted(self.ports) != sorted(ports) or self.front != fw.wake_port
         self.log.append("wake")
-        self.ports, self.front = [], fw.wake_port
+        self.ports, self.front = list(ports), fw.wake_port
         return changed
 
 
