@@ -35,6 +35,23 @@ def _catalog(inventory: str | None, catalog: str | None) -> catalog_mod.Catalog:
     return catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
 
 
+def _compose(inventory, catalog=None):
+    """(catalog, engine, host) of an inventory of kind compose; None for any other kind."""
+    inv = inventory_mod.resolve(inventory)
+    if inv.platform != "compose":
+        return None
+    from llamavm import compose
+
+    cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+    hosts = remote.hosts(inv.path)
+    if len(hosts) != 1:
+        raise LlamavmError(
+            f"{inv.path}: a compose inventory has one host in {remote.GROUP} (the engine's "
+            f"machine), not {len(hosts)} — one inventory per engine"
+        )
+    return cat, compose.Engine(compose.site(inv, cat, hosts[0].address)), hosts[0]
+
+
 @task(help={"inventory": INVENTORY_HELP, "catalog": CATALOG_HELP, "json": "print JSON"})
 @errors_to_exit
 def models(c, inventory=None, catalog=None, json=False):
@@ -68,6 +85,28 @@ def doctor(c, inventory=None, catalog=None, json=False):
 def provision(c, inventory=None, catalog=None, limit=None, check=False, full=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
     from llamavm import provision as provision_mod
+
+    on_compose = _compose(inventory, catalog)
+    if on_compose:
+        from llamavm import compose
+
+        if check or limit or full:
+            raise LlamavmError("--check, --limit and --full are for Ansible hosts, not compose")
+        cat, engine, target = on_compose
+        inv = inventory_mod.resolve(inventory)
+        if inv.uses_testbed:
+            # Its LAN is the test bed's, its models the tiny stand-ins llamavm writes.
+            from llamavm import testbed, tinymodel
+
+            testbed.up()
+            if cat.settings.controller_share_path:
+                tinymodel.ensure_all(Path(cat.settings.controller_share_path))
+        done = compose.provision(cat, engine, say=say)
+        say(f"llamavm: {target.name}: " + ("; ".join(done) if done else "up to date, no changes"))
+        for name in compose._running(engine.containers()):
+            model = cat.resolve(name)
+            say(f"llamavm: web UI and API of {name}: http://{target.address}:{model.port}/")
+        return
 
     recap = provision_mod.provision(
         inventory, catalog, limit=limit, check=check, full=full, say=say
@@ -155,7 +194,9 @@ FORKS_HELP = "how many hosts at once (default: 10)"
 @errors_to_exit
 def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=False, dry=False):
     """Swap the served model: checked first, health-gated, rolls back on failure."""
-
+    on_compose = _compose(inventory, catalog)
+    if on_compose:
+        return _compose_switch(*on_compose, model, json=json, dry=dry)
     cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
     # One host: its progress streams. Many: they run at once, a line each as it ends.
@@ -193,7 +234,19 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
 @errors_to_exit
 def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
+    on_compose = _compose(inventory)
+    if on_compose:
+        from llamavm import compose
 
+        _, engine, target = on_compose
+        answer = {"running": compose._running(engine.containers())} if dry else compose.stop(engine)
+        if json:
+            say(jsonlib.dumps({target.name: answer}, indent=2))
+        elif dry:
+            say(f"llamavm: {target.name}: would stop {', '.join(answer['running']) or 'nothing'}")
+        else:
+            say(f"llamavm: {target.name}: stopped {', '.join(answer['stopped']) or 'nothing'}")
+        return
     cat, targets = _targets(inventory, None, host)
     stream = len(targets) == 1 and not json
 
@@ -235,6 +288,18 @@ def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
     """Show per host: active model, URL, health, uptime, load time, GPU memory."""
     from llamavm import fleet
 
+    on_compose = _compose(inventory, catalog)
+    if on_compose:
+        from llamavm import compose
+
+        cat, engine, target = on_compose
+        answer = {**compose.status(cat, engine), "address": target.address}
+        results = {target.name: answer}
+        say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
+        if len(answer["running"]) > 1:
+            raise Exit(code=1)
+        return
+
     _, targets = _targets(inventory, catalog, host)
     results = {}
     for target, answer in fleet.each(targets, lambda t: remote.query(t, ["status"]), forks=forks):
@@ -259,6 +324,18 @@ def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
 def logs(c, inventory=None, host=None, lines=100, follow=True):
     """Follow the active model's journal on the hosts (each line after its host's name)."""
     from llamavm import fleet
+
+    on_compose = _compose(inventory)
+    if on_compose:
+        from llamavm import compose
+
+        _, engine, _ = on_compose
+        running = compose._running(engine.containers())
+        if not running:
+            raise LlamavmError("no model's container runs — invoke status shows what there is")
+        cmd = [engine.cli, "logs", "--tail", str(lines), *(["-f"] if follow else [])]
+        raise Exit(code=subprocess.run([*cmd, f"{compose.PROJECT}-{running[0]}"],
+                                       env=engine.env).returncode)  # fmt: skip
 
     _, targets = _targets(inventory, None, host)
 
@@ -336,14 +413,16 @@ MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
         "vm_roles": "with molecule: also the scenarios of the roles that need the embedded VMs "
         "(molecule/vm/: the lab built, converged, verified and powered off; ~15 min under TCG)",
         "vm": "also the embedded VMs' test suite (marker vm: ~20 min more under TCG)",
+        "compose": "also the Compose suite on a real docker engine (marker compose: builds "
+        "llama.cpp into an image, ~10 min more)",
     }
 )
 @errors_to_exit
-def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False):
+def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False, compose=False):
     """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
     phases = Phases()
     try:
-        _test(c, phases, unit, pytest_args, molecule, vm_roles, vm)
+        _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose)
     finally:
         phases.summary()
 
@@ -372,12 +451,16 @@ class Phases:
             say(f"llamavm: phases ({total / 60:.1f} min): {parts}")
 
 
-def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm):
+def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose):
     phases.run("lint", lambda: lint(c))
     paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
     cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
-    if not vm:
+    if not vm and not compose:
+        cmd += ["-m", "not vm and not compose"]
+    elif not vm:
         cmd += ["-m", "not vm"]
+    elif not compose:
+        cmd += ["-m", "not compose"]
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
     if not unit and os.geteuid() == 0:
@@ -607,10 +690,58 @@ def wsl_build(c, inventory=None, host=None, out=None):
         )
 
 
+def _compose_switch(cat, engine, target, model, *, json=False, dry=False):
+    from llamavm import compose, contract
+
+    wanted = cat.resolve(model)
+    if dry:
+        compose._checks(cat, engine, wanted)
+        running = compose._running(engine.containers())
+        answer = {"ok": True, "running": running}
+    else:
+        if not json:
+            say(f"llamavm: {target.name}: switching to {wanted.name}")
+        timeout = contract.load_host_config().lock_timeout_s
+        answer = compose.switch(cat, engine, wanted.name, lock_timeout=timeout)
+    if json:
+        say(jsonlib.dumps({target.name: answer}, indent=2))
+    else:
+        say(switch_view.line(target, wanted, 0, answer, dry=dry))
+
+
+@task(
+    name="render",
+    help={
+        "inventory": INVENTORY_HELP,
+        "catalog": CATALOG_HELP,
+        "out": "write the project here (default: the inventory's llamavm_compose_dir, else "
+        "/var/lib/llamavm/compose/<inventory>/)",
+    },
+)
+@errors_to_exit
+def compose_render(c, inventory=None, catalog=None, out=None):
+    """Write the catalog as a Compose project: Dockerfile, compose.yaml, entrypoint, source."""
+    from llamavm import compose
+
+    inv = inventory_mod.resolve(inventory)
+    cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+    site = compose.site(inv, cat)
+    rendered = compose.render(cat, site, Path(out).absolute() if out else None)
+    state = f"wrote {', '.join(rendered.changed)}" if rendered.changed else "up to date"
+    say(f"llamavm: compose project {rendered.dir}: {state}")
+    say(f"llamavm:   image {rendered.image}; services: {', '.join(m.name for m in cat.models)}")
+    say(
+        f"llamavm:   docker compose -p {compose.PROJECT} --profile {cat.default.name} up -d "
+        f"{cat.default.name}   (or: invoke provision -i <an inventory with llamavm_platform: "
+        "compose>)"
+    )
+
+
 testbed_ns = Collection("testbed", testbed_up, testbed_down, testbed_status, testbed_ssh)
 key_ns = Collection("key", key_rotate)
 vm_ns = Collection("vm", vm_render, vm_list, vm_console, vm_destroy)
 wsl_ns = Collection("wsl", wsl_build)
+compose_ns = Collection("compose", compose_render)
 ns = Collection(
     models,
     doctor,
@@ -625,5 +756,6 @@ ns = Collection(
     vm_ns,
     key_ns,
     wsl_ns,
+    compose_ns,
 )
 ns.configure({"run": {"echo": False}})

@@ -153,15 +153,26 @@ def server_gguf(catalog: Catalog, model: Model, cfg: HostConfig) -> str:
 
 
 def argv(
-    catalog: Catalog, model: Model, llama_server: str, gguf: str, slot_dir: str | None = None
+    catalog: Catalog,
+    model: Model,
+    llama_server: str,
+    gguf: str,
+    slot_dir: str | None = None,
+    *,
+    bind: str | None = None,
+    share: str | None = None,
+    key_file: str = f"{CREDENTIAL_DIR}/api-key",
 ) -> list[str]:
     """The llama-server command line of `model` (the API key file as %d/api-key), without
-    the loading flags (SHARE_LOAD_ARGS); `slot_dir`: where its slots are saved (None: not)."""
+    the loading flags (SHARE_LOAD_ARGS); `slot_dir`: where its slots are saved (None: not).
+    A container (llamavm/compose.py) gives its own `bind`, `share` (where the GGUF folder is
+    mounted) and `key_file`."""
     s = catalog.settings
+    share = s.share_path if share is None else share
     args = [
         llama_server,
         "--model", gguf,
-        "--host", s.bind_address,
+        "--host", s.bind_address if bind is None else bind,
         "--port", str(model.port),
         "--alias", model.name,
         "--ctx-size", str(model.ctx_size),
@@ -173,7 +184,7 @@ def argv(
         "--fit", "off",
     ]  # fmt: skip
     if s.api_key.policy == "required":
-        args += ["--api-key-file", f"{CREDENTIAL_DIR}/api-key"]
+        args += ["--api-key-file", key_file]
     if model.reasoning is not None:
         args += [
             "--reasoning-format", model.reasoning.format,
@@ -189,7 +200,7 @@ def argv(
         draft = catalog.resolve(model.draft)
         args += [
             "--spec-type", "draft-simple",
-            "--model-draft", f"{s.share_path}/{draft.gguf}",
+            "--model-draft", f"{share}/{draft.gguf}",
             "--gpu-layers-draft", str(draft.n_gpu_layers),
             "--cache-type-k-draft", draft.cache_type,
             "--cache-type-v-draft", draft.cache_type,

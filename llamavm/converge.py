@@ -73,6 +73,7 @@ ROLES: dict[str, Role] = {
         reads=(
             "llamavm_contract.share_path",
             "llamavm_contract.models",
+            "llamavm_contract.companions",
             "llamavm_controller_share",
         ),
     ),

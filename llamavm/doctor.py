@@ -176,9 +176,27 @@ def run(inventory: str | None, catalog: str | None) -> list[Check]:
             "invoke provision installs it (apt-get install systemd-container debootstrap iproute2)",
         )
         checks.append(check_testbed())
+    elif inv.platform == "compose":
+        checks += [check_disk(cache, 2.0), check_engine(inv, catalog)]
     else:
         checks += [check_disk(cache, 2.0), check_remote(inv.path)]
     return checks
+
+
+def check_engine(inv: inventory_mod.Inventory, catalog: str | None) -> Check:
+    """A compose host: its settings, the engine's CLI and compose, and the engine answering."""
+    from llamavm import catalog as catalog_mod
+    from llamavm import compose
+
+    try:
+        cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+        engine = compose.Engine(compose.site(inv, cat))
+        cli = " ".join(engine.compose_cli())
+        engine.run([engine.cli, "version", "--format", "{{.Server.Version}}"], timeout=30)
+    except LlamavmError as exc:
+        return Check(FAIL, "engine", str(exc), "start the engine (dockerd, podman) and check "
+                     "llamavm_compose_engine / llamavm_compose_engine_host")  # fmt: skip
+    return Check(OK, "engine", f"{engine.cli} answers; compose: {cli}")
 
 
 def render(checks: list[Check], as_json: bool = False) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,8 +13,10 @@ from llamavm.errors import LlamavmError
 
 #: The embedded default target: the local systemd test bed.
 DEFAULT_INVENTORY = "local"
-#: What a model host can be: a VM (libvirt, Proxmox), a WSL 2 distro, a container (the test bed).
-PLATFORMS = ("vm", "wsl", "container")
+#: What a model host can be: a VM (libvirt, Proxmox), a WSL 2 distro, a container (the test bed),
+#: native: the GPU box itself, its NVIDIA driver already installed (no VM, no passthrough), or
+#: compose: a Docker Compose project on a box with a container engine (llamavm/compose.py).
+PLATFORMS = ("vm", "wsl", "container", "native", "compose")
 #: Platforms operators ask for that can't give a Linux model host the GPU, and the way that can.
 NO_GPU_PATH = {
     "hyperv": "Hyper-V passes a GPU to a VM only by discrete device assignment, on Windows "
@@ -33,6 +36,9 @@ class Inventory:
     uses_testbed: bool = False
     #: llamavm_testbed_fleet: how many local fleet hosts (llamavm.fleetbed) it runs on.
     fleet: int = 0
+    #: Every llamavm_* setting of its group_vars/all (later files win), and where each was read.
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+    sources: dict[str, Path] = field(default_factory=dict, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -52,6 +58,7 @@ def resolve(name: str | None = None) -> Inventory:
         )
         raise LlamavmError(f"inventory {name!r} not found — pass a path or one of: {known}")
     settings: dict[str, object] = {}
+    sources: dict[str, Path] = {}
     group_vars = path / "group_vars" / "all" if path.is_dir() else None
     if group_vars and group_vars.is_dir():
         for file in sorted(group_vars.glob("*.yml")):
@@ -60,7 +67,9 @@ def resolve(name: str | None = None) -> Inventory:
             except yaml.YAMLError as exc:
                 raise LlamavmError(f"{file}: invalid YAML ({exc}) — fix the syntax") from None
             if isinstance(data, dict):
-                settings.update({k: v for k, v in data.items() if str(k).startswith("llamavm_")})
+                mine = {str(k): v for k, v in data.items() if str(k).startswith("llamavm_")}
+                settings.update(mine)
+                sources.update(dict.fromkeys(mine, file))
     catalog = settings.get("llamavm_catalog")
     if catalog is not None and not isinstance(catalog, str):
         raise LlamavmError(f"{path}: llamavm_catalog must be a path string, not {catalog!r}")
@@ -89,4 +98,6 @@ def resolve(name: str | None = None) -> Inventory:
         platform=str(platform),
         uses_testbed=settings.get("llamavm_testbed") is True or fleet > 0,
         fleet=fleet,
+        settings=settings,
+        sources=sources,
     )

@@ -11,7 +11,8 @@
 # `run` then, with the same cmake flags as the llama_cpp role's CUDA build:
 #   1. checks the toolchain (nvidia-smi, nvcc + cuBLAS, cmake, a C++ compiler) and fails fast;
 #      the gpu role's card table against nvidia-smi (gpu-role.json), and the role's own preflight
-#      + verify tasks run by ansible-playbook on the machine (scripts/gpu-check-role.yml);
+#      + verify tasks run by ansible-playbook on the machine (scripts/gpu-check-role.yml), as a
+#      VM would plan it and as a native host (its driver checked, the toolkit only);
 #   2. configures + compiles llama-server with GGML_CUDA=ON for the GPU's compute capability
 #      (9.0 -> sm_90 on an H100/H200; LLAMAVM_CUDA_ARCH overrides), FlashAttention kernels on,
 #      while the Qwen3-MoE and GPT-OSS stand-ins (config/tiny-models.yaml) and a 1 GiB f16 llama
@@ -193,7 +194,18 @@ role_check() {
     else
         echo "fail: $(grep -m1 -E 'fatal|ERROR' "${log}" | cut -c1-300)" >"${OUT}/role_check.txt"
     fi
-    log "gpu role: $(cat "${OUT}/role_check.txt")"
+    # The host-native path (issue 25): the same role on this box as a native host — its driver
+    # found and checked against the toolkit, the toolkit the only thing it would install.
+    if (cd "${HERE}" && LC_ALL=C.UTF-8 ANSIBLE_ROLES_PATH=ansible/roles ANSIBLE_NOCOLOR=1 \
+        timeout 120 python3 -m ansible playbook scripts/gpu-check-role.yml \
+        -e llamavm_check_platform=native) >"${OUT}/gpu-role-native.log" 2>&1; then
+        echo "native pass: $(grep -o '"driver_version": "[^"]*"' "${OUT}/gpu-role-native.log" \
+            | head -1)" >>"${OUT}/role_check.txt"
+    else
+        echo "native fail: $(grep -m1 -E 'fatal|ERROR' "${OUT}/gpu-role-native.log" \
+            | cut -c1-300)" >>"${OUT}/role_check.txt"
+    fi
+    log "gpu role: $(tr '\n' ' ' <"${OUT}/role_check.txt")"
 }
 
 # Write the MoE stand-ins and the bench model (runs in the background during the build).

@@ -2,12 +2,14 @@
 24.04 VM, a WSL 2 distro): every task's templated arguments are recorded by a callback
 (tests/fixtures/gpu/callback_plugins/task_plan.py), so the tests read what the role would do —
 the repository, the packages, the module flavour, the reboot — without a GPU or NVIDIA's
-servers. NVIDIA's key is replaced by a local one (the test bed is offline)."""
+servers. NVIDIA's key is replaced by a local one (the test bed is offline). A native host (the
+GPU box itself) is planned with and without a driver of its own."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from llamavm import REPO_ROOT
 from tests.integration.conftest import INVENTORY, VENV_BIN, ansible_env
-from tests.integration.helpers import host_run
+from tests.integration.helpers import STUB_MARK, host_run
 
 pytestmark = pytest.mark.testbed
 
@@ -173,4 +175,59 @@ def test_the_test_bed_is_a_container_and_gets_no_gpu_stack(
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert recorded_plan(rows)["action"] == "none"
     assert "a container uses its host's driver" in task(rows, "Say why")["msg"]
+    assert not [r for r in ran(rows) if r["action"].endswith(("apt", "deb822_repository"))]
+
+
+@pytest.fixture
+def host_driver(testbed_info: Any) -> Any:
+    """What a native GPU box has before llamavm comes: a driver whose nvidia-smi answers (a
+    stand-in naming an H200 and its driver — the seam that can't exist here)."""
+    script = f"#!/bin/sh\n# {STUB_MARK}\necho 'NVIDIA H200, 9.0, 570.124.06'\n"
+    done = host_run(
+        f"printf '%s' {shlex.quote(script)} > /usr/local/bin/nvidia-smi && "
+        "chmod 0755 /usr/local/bin/nvidia-smi"
+    )
+    assert done.returncode == 0, done.stderr
+    yield "/usr/local/bin/nvidia-smi"
+    host_run("rm -f /usr/local/bin/nvidia-smi")
+
+
+def test_a_native_host_with_its_driver_plans_the_toolkit_only(
+    host_driver: str, tmp_path: Path
+) -> None:
+    proc, rows = check_mode(tmp_path, UBUNTU_2404, gpu_platform="native")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    plan = recorded_plan(rows)
+    assert (plan["action"], plan["repo"]) == ("native", "ubuntu2404")
+    assert plan["packages"] == ["cuda-toolkit-12-8"]
+    assert (plan["card"], plan["cuda_architectures"]) == ("NVIDIA H200", "90")
+    assert plan["driver_version"] == "570.124.06"
+    assert task(rows, "driver found is new enough")["status"] == "ok"
+    for row in ran(rows):
+        text = json.dumps(plan["packages"] if "Record the plan" in row["name"] else row["args"])
+        assert not DRIVER.search(text), (row["name"], text)
+    names = " ".join(r["name"] for r in ran(rows))
+    assert "Reboot" not in names and "nouveau" not in names and "persistence" not in names
+    assert task(rows, "Add NVIDIA's CUDA repository")["changed"]
+
+
+def test_a_native_host_with_a_driver_too_old_is_refused(host_driver: str, tmp_path: Path) -> None:
+    proc, rows = check_mode(
+        tmp_path, UBUNTU_2404, gpu_platform="native", gpu_cuda_toolkit_version="13-0",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    refused = task(rows, "driver found is new enough")
+    assert refused["status"] == "failed"
+    assert "570.124.06" in refused["msg"] and "580.65.06" in refused["msg"]
+    assert not any(r["action"].endswith("apt") and r["status"] != "skipped" for r in rows)
+
+
+def test_a_native_host_without_a_driver_gets_no_gpu_stack(
+    testbed_info: Any, tmp_path: Path
+) -> None:
+    proc, rows = check_mode(tmp_path, UBUNTU_2404, gpu_platform="native")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    plan = recorded_plan(rows)
+    assert plan["action"] == "none" and plan["packages"] == []
+    assert "installs no driver on a native host" in task(rows, "Say why")["msg"]
     assert not [r for r in ran(rows) if r["action"].endswith(("apt", "deb822_repository"))]

@@ -174,3 +174,55 @@ def test_a_debian_point_release_finds_its_repository() -> None:
 def test_a_vm_without_lspci_says_so() -> None:
     got = plan(UBUNTU_2404, __gpu_lspci={"rc": 2, "msg": "[Errno 2] No such file or directory"})
     assert got["action"] == "none" and "install pciutils or set gpu_card" in got["why"]
+
+
+def native_smi(*lines: str, rc: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"rc": rc, "stdout": "\n".join(lines), "stdout_lines": list(lines), **extra}
+
+
+def test_a_native_host_keeps_its_driver_and_gets_the_toolkit_only() -> None:
+    got = plan(
+        UBUNTU_2404,
+        gpu_platform="native",
+        __gpu_native_smi=native_smi("NVIDIA GeForce RTX 5090, 12.0, 575.57.08"),
+    )
+    assert (got["action"], got["repo"]) == ("native", "ubuntu2404")
+    assert got["packages"] == ["cuda-toolkit-12-8"] and got["driver_packages"] == []
+    assert (got["card"], got["cuda_architectures"]) == ("NVIDIA GeForce RTX 5090", "120")
+    assert (got["driver_version"], got["driver_minimum"]) == ("575.57.08", "525.60.13")
+    assert not got["blacklist_nouveau"] and not got["reboot_allowed"]
+    assert got["kernel_modules"] == "" and got["nvcc"] == "/usr/local/cuda-12.8/bin/nvcc"
+
+
+def test_a_native_host_names_a_driver_package_an_operator_adds() -> None:
+    got = plan(
+        UBUNTU_2204,
+        gpu_platform="native",
+        gpu_extra_packages=["nvidia-driver-570", "cuda-nsight-12-8"],
+        __gpu_native_smi=native_smi("NVIDIA H200, 9.0, 570.124.06"),
+    )
+    assert got["driver_packages"] == ["nvidia-driver-570"] and got["repo"] == "ubuntu2204"
+
+
+@pytest.mark.parametrize(
+    ("smi", "said"),
+    [
+        (native_smi(rc=2, msg="[Errno 2] No such file or directory: b'nvidia-smi'"), "Errno 2"),
+        (
+            native_smi(
+                "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
+                "Make sure that the latest NVIDIA driver is installed and running.",
+                rc=9,
+            ),
+            "couldn't communicate",
+        ),
+        (native_smi(), "no card listed"),
+    ],
+)
+def test_a_native_host_without_a_driver_installs_nothing_and_says_why(
+    smi: dict[str, Any], said: str
+) -> None:
+    got = plan(UBUNTU_2404, gpu_platform="native", __gpu_native_smi=smi)
+    assert got["action"] == "none" and got["packages"] == [] and got["repo"] == ""
+    assert said in got["why"] and "installs no driver on a native host" in got["why"]
+    assert "Make sure" not in got["why"]  # one line: the first of what nvidia-smi said

@@ -18,8 +18,8 @@ INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.
 
 
 def test_the_examples_and_local_sites_are_all_here() -> None:
-    expected = {"local", "local-vm", "local-fleet", "example-lab", "example-wsl",
-                "example-proxmox"}  # fmt: skip
+    expected = {"local", "local-vm", "local-fleet", "local-native", "example-lab",
+                "example-wsl", "example-proxmox"}  # fmt: skip
     assert expected <= set(INVENTORIES)
 
 

@@ -1,0 +1,209 @@
+"""The catalog as a Compose project (llamavm/compose.py): what `invoke compose.render` writes for
+every inventory — one service per model in a profile of its own, the models read-only, the GPU
+requested the Compose way only where the host has one, the key as a secret file, a healthcheck —
+checked by `docker-compose config` where it is installed; the Dockerfile's cmake flags against
+the llama_cpp role's; the entrypoint's lock, run for real; bad settings refused in one line.
+(tests/integration/test_compose.py builds and runs it on a real engine.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamavm import REPO_ROOT, catalog, compose, inventory
+from llamavm.errors import LlamavmError
+
+INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for the prepared llama.cpp source (render only copies it)."""
+    folder = tmp_path_factory.mktemp("src")
+    (folder / "llama.cpp").mkdir()
+    (folder / "llama.cpp" / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    out = folder / "llama.cpp-test.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(folder / "llama.cpp", arcname="llama.cpp")
+    return out
+
+
+def rendered(name: str, out: Path, archive: Path, **settings: object):
+    inv = inventory.resolve(name)
+    if settings:
+        inv = inventory.Inventory(
+            path=inv.path, catalog=inv.catalog, platform=inv.platform,
+            settings={**inv.settings, **settings}, sources=inv.sources,
+        )  # fmt: skip
+    cat = catalog.load(catalog.catalog_path(None, inv.catalog))
+    site = compose.site(inv, cat)
+    result = compose.render(cat, site, out, archive=archive)
+    return cat, site, result, yaml.safe_load((out / "compose.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", INVENTORIES)
+def test_every_inventory_renders_one_service_per_model(
+    name: str, tmp_path: Path, archive: Path
+) -> None:
+    cat, site, result, doc = rendered(name, tmp_path, archive)
+    services = doc["services"]
+    assert set(services) == {m.name for m in cat.models}
+    for model in cat.models:
+        svc = services[model.name]
+        assert svc["profiles"][0] == model.name
+        assert svc["image"] == result.image and svc["container_name"] == f"llamavm-{model.name}"
+        bind = svc["volumes"][0]
+        assert (bind["source"], bind["target"], bind["read_only"]) == (
+            site.models_dir,
+            "/models",
+            True,
+        )
+        assert svc["ports"] == [f"{site.bind_address}:{model.port}:{model.port}"]
+        assert svc["healthcheck"]["test"][-1] == f"http://127.0.0.1:{model.port}/health"
+        command = svc["command"]
+        assert command[command.index("--model") + 1] == f"/models/{model.gguf}"
+        assert command[command.index("--port") + 1] == str(model.port)
+        assert svc["user"] == "10001:10001" and svc["read_only"] and svc["cap_drop"] == ["ALL"]
+        assert svc["environment"]["LLAMAVM_EXCLUSIVE"] == ("0" if model.companion else "1")
+        devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {})
+        if site.gpu and model.n_gpu_layers > 0:
+            assert devices["devices"] == [
+                {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+            ]
+        else:
+            assert not devices
+        if cat.settings.api_key.policy == "required":
+            assert svc["secrets"] == ["api_key"]
+            assert command[command.index("--api-key-file") + 1] == "/run/secrets/api_key"
+        else:
+            assert "secrets" not in svc and "--api-key-file" not in command
+    assert "&id" not in (tmp_path / "compose.yaml").read_text()  # no YAML anchors
+
+
+def test_a_gpu_host_reserves_the_gpu_and_a_cpu_host_renders_none(
+    tmp_path: Path, archive: Path
+) -> None:
+    _, _, gpu, doc = rendered("example-compose", tmp_path / "gpu", archive)
+    for svc in doc["services"].values():
+        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+        assert svc["build"]["args"] == {"GGML_CUDA": "ON", "APT_INSTALL": "1",
+                                        "CUDA_ARCHITECTURES": "120"}  # fmt: skip
+    _, _, cpu, doc = rendered("local-compose", tmp_path / "cpu", archive)
+    assert all("deploy" not in svc for svc in doc["services"].values())
+    assert "-cuda-" in gpu.image and "-cpu-" in cpu.image
+    assert "ARG GGML_CUDA=OFF" in (tmp_path / "cpu" / "Dockerfile").read_text()
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose here")
+@pytest.mark.parametrize("name", INVENTORIES)
+def test_docker_compose_config_accepts_the_project(
+    name: str, tmp_path: Path, archive: Path
+) -> None:
+    cat, _, _, _ = rendered(name, tmp_path, archive)
+    profiles = [arg for m in cat.models for arg in ("--profile", m.name)]
+    done = subprocess.run(
+        ["docker-compose", "-p", "llamavm", "-f", str(tmp_path / "compose.yaml"), *profiles,
+         "config"],
+        capture_output=True, text=True, check=False, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    normalized = yaml.safe_load(done.stdout)
+    assert set(normalized["services"]) == {m.name for m in cat.models}
+
+
+def test_the_dockerfile_builds_with_the_llama_cpp_roles_flags(
+    tmp_path: Path, archive: Path
+) -> None:
+    rendered("example-compose", tmp_path, archive)
+    text = (tmp_path / "Dockerfile").read_text()
+    role = yaml.safe_load((REPO_ROOT / "ansible/roles/llama_cpp/defaults/main.yml").read_text())
+    for flag, value in role["llama_cpp_portable_cpu_flags"].items():
+        assert f"'-D{flag}={value}'" in text
+    for expected in ("'-DGGML_NATIVE=OFF'", "'-DBUILD_SHARED_LIBS=ON'", "'-DLLAMA_CURL=OFF'",
+                     "'-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib;$ORIGIN'", "'-DLLAMA_BUILD_UI=OFF'",
+                     "--target llama-server", f"ADD {archive.name} /src/"):  # fmt: skip
+        assert expected in text, expected
+    assert (tmp_path / archive.name).read_bytes() == archive.read_bytes()
+    assert "secrets/" in (tmp_path / ".dockerignore").read_text()  # the key stays out of builds
+
+
+def test_a_render_is_stable_and_the_key_is_made_once(tmp_path: Path, archive: Path) -> None:
+    _, _, first, _ = rendered("example-compose", tmp_path, archive)
+    key = tmp_path / "secrets" / "api-key"
+    assert "secrets/api-key" in first.changed
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_text().strip()) >= 32
+    before = key.read_text()
+    _, _, again, _ = rendered("example-compose", tmp_path, archive)
+    assert again.changed == [] and again.image == first.image and key.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("llamavm_compose_engine", "kubernetes", "use one of auto, docker, podman"),
+        ("llamavm_compose_gpu", "yes", "true (an NVIDIA GPU) or false"),
+        ("llamavm_compose_models_dir", "models", "an absolute path"),
+        ("llamavm_compose_bind_address", "lan", "an IP address"),
+        ("llamavm_compose_cuda_architectures", "sm_90", 'like "90"'),
+        ("llamavm_compose_engine_host", "gpu-box", "ssh://USER@HOST"),
+        ("llamavm_compose_dir", 7, "an absolute path"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(key: str, value: object, said: str) -> None:
+    inv = inventory.resolve("local-compose")
+    settings = {**inv.settings, key: value}
+    inv = inventory.Inventory(path=inv.path, catalog=inv.catalog, platform=inv.platform,
+                              settings=settings, sources=inv.sources)  # fmt: skip
+    cat = catalog.load(catalog.catalog_path(None, inv.catalog))
+    with pytest.raises(LlamavmError) as caught:
+        compose.site(inv, cat)
+    message = str(caught.value)
+    assert key in message and said in message and "\n" not in message
+    assert caught.value.exit_code == 2
+
+
+def test_the_entrypoint_lets_one_big_model_run(tmp_path: Path) -> None:
+    """The rendered entrypoint itself, its paths moved into tmp_path: the first server takes
+    the lock and runs; a second beside it says why and exits 0; a companion ignores the lock;
+    once the first is gone the next one runs."""
+    server = tmp_path / "bin" / "llama-server"
+    server.parent.mkdir()
+    server.write_text('#!/bin/sh\necho "serving $*"\nexec sleep 30\n')
+    server.chmod(0o755)
+    (tmp_path / "lock").mkdir()
+    script = compose._ENTRYPOINT.replace(compose.LOCK_DIR, str(tmp_path / "lock"))
+    script = script.replace(f"{compose.PREFIX}/bin", str(server.parent))
+    entry = tmp_path / "entrypoint"
+    entry.write_text(script)
+    entry.chmod(0o755)
+
+    def start(model: str, exclusive: str = "1") -> subprocess.Popen[str]:
+        env = {**os.environ, "LLAMAVM_MODEL": model, "LLAMAVM_EXCLUSIVE": exclusive}
+        return subprocess.Popen([str(entry), "--port", "1"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    first = start("qwen")
+    assert first.stdout is not None and first.stdout.readline().startswith("serving")
+    second = start("oss")
+    out, err = second.communicate(timeout=10)
+    assert second.returncode == 0 and out == ""
+    assert "not starting oss" in err and "invoke switch --model oss" in err
+    companion = start("embed", exclusive="0")
+    assert companion.stdout is not None and companion.stdout.readline().startswith("serving")
+    companion.kill()
+    first.kill()
+    first.wait(timeout=10)
+    time.sleep(0.1)
+    third = start("oss")
+    assert third.stdout is not None and third.stdout.readline().startswith("serving")
+    third.kill()
+    third.wait(timeout=10)
+    companion.wait(timeout=10)
