@@ -196,7 +196,7 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
     """Swap the served model: checked first, health-gated, rolls back on failure."""
     on_compose = _compose(inventory, catalog)
     if on_compose:
-        return _compose_switch(*on_compose, model, json=json, dry=dry)
+        return _compose_switch(*on_compose, model, inventory=inventory, json=json, dry=dry)
     cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
     # One host: its progress streams. Many: they run at once, a line each as it ends.
@@ -690,7 +690,7 @@ def wsl_build(c, inventory=None, host=None, out=None):
         )
 
 
-def _compose_switch(cat, engine, target, model, *, json=False, dry=False):
+def _compose_switch(cat, engine, target, model, *, inventory=None, json=False, dry=False):
     from llamavm import compose, contract
 
     wanted = cat.resolve(model)
@@ -702,7 +702,8 @@ def _compose_switch(cat, engine, target, model, *, json=False, dry=False):
         if not json:
             say(f"llamavm: {target.name}: switching to {wanted.name}")
         timeout = contract.load_host_config().lock_timeout_s
-        answer = compose.switch(cat, engine, wanted.name, lock_timeout=timeout)
+        inv = inventory_mod.resolve(inventory)
+        answer = compose.detached_switch(inv.path, cat.path, wanted.name, lock_timeout=timeout)
     if json:
         say(jsonlib.dumps({target.name: answer}, indent=2))
     else:

@@ -23,7 +23,6 @@ first, stop the old, start the new, a health gate, a roll back to the old model 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -44,6 +43,8 @@ import yaml
 from llamavm import REPO_ROOT, contract
 from llamavm import catalog as catalog_mod
 from llamavm.errors import LlamavmError
+from llamavm.host import EXIT_LOCK, store
+from llamavm.host.contract import HostError
 from llamavm.inventory import Inventory
 
 #: The compose project name (`-p`), the image's repository, the container names' prefix.
@@ -396,8 +397,22 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
         ENTRYPOINT: _ENTRYPOINT,
         "compose.yaml": "# Rendered by `invoke compose.render` (llamavm/compose.py).\n"
         + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100),
-        ".dockerignore": "secrets/\n*.lock\n.state.json\n",
+        ".dockerignore": "secrets/\n.lock/\n.state.json\n",
     }
+    try:
+        changed = _write(out, files, archive)
+        if cat.settings.api_key.policy == "required":
+            changed += _key(out / "secrets" / "api-key")
+    except OSError as exc:
+        raise LlamavmError(
+            f"cannot write the project into {out}: {exc.strerror} ({exc.filename}) — pass --out "
+            "DIR, or set llamavm_compose_dir"
+        ) from None
+    return Rendered(out, image, changed)
+
+
+def _write(out: Path, files: dict[str, str], archive: Path) -> list[str]:
+    """Write what differs; the names written."""
     changed = []
     for name, text in files.items():
         path = out / name
@@ -416,9 +431,7 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
     for stale in out.glob("llama.cpp-*.tar.gz"):
         if stale.name != archive.name:
             stale.unlink()
-    if cat.settings.api_key.policy == "required":
-        changed += _key(out / "secrets" / "api-key")
-    return Rendered(out, image, changed)
+    return changed
 
 
 def _key(path: Path) -> list[str]:
@@ -563,40 +576,31 @@ def _project(folder: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _lock(folder: Path, timeout: float) -> Iterator[None]:
-    path = folder / "switch.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """One switch at a time on this project: the host package's own switch lock (an flock on
+    a root-only file), in the project folder."""
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LlamavmError(
-                        f"{path}: another switch holds the lock for over {timeout:.0f} s — "
-                        "wait for it, or see invoke status",
-                        code=75,
-                    ) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
+        with store.locked(folder / ".lock" / "switch.lock", timeout):
+            yield
+    except HostError as exc:
+        if exc.code != EXIT_LOCK:
+            raise LlamavmError(str(exc)) from None
+        raise LlamavmError(
+            f"another switch of {folder} held its lock for over {timeout:.0f} s — wait for it, "
+            "or see invoke status",
+            code=EXIT_LOCK,
+        ) from None
 
 
 def _state(folder: Path) -> dict[str, Any]:
     try:
-        data = json.loads((folder / ".state.json").read_text())
+        data = store.read_json(folder / ".state.json")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _save_state(folder: Path, **values: Any) -> None:
-    path = folder / ".state.json"
-    tmp = path.with_name(".state.json.tmp")
-    tmp.write_text(json.dumps({**_state(folder), **values}, indent=2) + "\n")
-    tmp.replace(path)
+    store.write_json(folder / ".state.json", {**_state(folder), **values})
 
 
 def _health(site: Site, port: int, timeout: float = 1.0) -> int | None:
@@ -844,3 +848,70 @@ def provision(cat: catalog_mod.Catalog, engine: Engine, default: str | None = No
     elif not running:
         say("llamavm: no model serves (stopped by invoke stop): left stopped")
     return done
+
+
+def detached_switch(inventory: Path, catalog_path: Path, name: str, *,
+                    lock_timeout: float) -> dict[str, Any]:  # fmt: skip
+    """`switch` in a process of its own session, as a systemd host's transaction runs detached
+    on the host: an interrupted or killed CLI leaves it to complete or roll back by itself."""
+    import sys
+
+    cmd = [sys.executable, "-m", "llamavm.compose", "switch", str(inventory), str(catalog_path),
+           name, str(lock_timeout)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate()
+    except KeyboardInterrupt:
+        raise LlamavmError(
+            f"interrupted here — the switch to {name} goes on and completes or rolls back by "
+            f"itself; invoke status -i {inventory.name} shows how it ended",
+            code=130,
+        ) from None
+    lines = out.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if not isinstance(answer, dict) or "ok" not in answer:
+        said = (err or out).strip().splitlines()
+        raise LlamavmError(
+            f"the switch's process ended with status {proc.returncode}: "
+            f"{said[-1] if said else 'no output'}",
+            detail="\n".join(said[-15:-1]),
+        )
+    if not answer["ok"]:
+        raise LlamavmError(
+            answer.get("error", "failed"),
+            code=answer.get("code", 1),
+            detail=answer.get("detail", ""),
+        )
+    return answer
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m llamavm.compose switch INVENTORY CATALOG MODEL LOCK_TIMEOUT`: the detached
+    transaction; its answer is the last line of stdout (JSON)."""
+    from llamavm import inventory as inventory_mod
+    from llamavm import remote
+
+    if len(argv) != 5 or argv[0] != "switch":
+        print("usage: python -m llamavm.compose switch INVENTORY CATALOG MODEL LOCK_TIMEOUT")
+        return 2
+    _, inventory, catalog_path, name, timeout = argv
+    try:
+        inv = inventory_mod.resolve(inventory)
+        cat = catalog_mod.load(catalog_path)
+        hosts = remote.hosts(inv.path)
+        engine = Engine(site(inv, cat, hosts[0].address if hosts else None))
+        answer = switch(cat, engine, name, lock_timeout=float(timeout))
+    except LlamavmError as exc:
+        answer = {"ok": False, "error": str(exc), "code": exc.exit_code, "detail": exc.detail}
+    print(json.dumps(answer), flush=True)
+    return 0 if answer["ok"] else int(answer["code"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

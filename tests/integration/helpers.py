@@ -72,6 +72,20 @@ def client_curl(url: str, *args: str, timeout: float = 30) -> subprocess.Complet
     )
 
 
+def lan_chat(base: str, content: str = "hi", max_tokens: int = 4,
+             timeout: float = 60) -> tuple[str, str]:  # fmt: skip
+    """A chat completion from the LAN client to `base` (http://HOST:PORT): (status, body)."""
+    done = client_curl(
+        f"{base}/v1/chat/completions",
+        "-H", "Content-Type: application/json",
+        "-d", json.dumps({"messages": [{"role": "user", "content": content}],
+                          "max_tokens": max_tokens}),
+        timeout=timeout,
+    )  # fmt: skip
+    body, code = done.stdout.rsplit("\n", 1)
+    return code, body
+
+
 def http_code(url: str, *args: str) -> int | None:
     """The HTTP status the LAN client gets, or None when the connection is refused."""
     result = client_curl(url, *args)

@@ -2,23 +2,33 @@
 llama.cpp into an image, minutes): Debian's docker.io started by the test, the base image made
 from the test bed's Debian rootfs. `invoke provision -i local-compose` renders, builds and
 serves the default CPU stand-in; the LAN client reaches it on the controller's LAN address; the
-switch moves it, rolls back from a broken model, and two at once leave one container serving;
-a container started by hand beside the serving one refuses to load."""
+switch moves it, rolls back from a broken model, two at once leave one container serving, and
+one whose CLI is killed finishes by itself; a container started by hand beside the serving one
+refuses to load."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llamavm import catalog, compose, inventory
+from llamavm import REPO_ROOT, catalog, compose, inventory
 from tests.integration import engine as engine_mod
-from tests.integration.helpers import SHARE, client_curl, http_code, invoke
+from tests.integration.helpers import (
+    INVOKE,
+    SHARE,
+    client_curl,
+    http_code,
+    invoke,
+    lan_chat,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.testbed, pytest.mark.compose]
 
@@ -54,13 +64,7 @@ def provisioned_compose(engine: compose.Engine) -> tuple[compose.Engine, object]
 
 
 def chat(model: catalog.Model) -> tuple[str, dict]:
-    done = client_curl(
-        f"http://{ADDRESS}:{model.port}/v1/chat/completions",
-        "-H", "Content-Type: application/json",
-        "-d", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
-        timeout=60,
-    )  # fmt: skip
-    body, code = done.stdout.rsplit("\n", 1)
+    code, body = lan_chat(f"http://{ADDRESS}:{model.port}")
     return code, json.loads(body) if code == "200" else {"body": body}
 
 
@@ -171,3 +175,17 @@ def test_stop_leaves_nothing_and_provision_keeps_it_stopped(provisioned_compose)
     again = invoke("provision", "-i", INVENTORY)
     assert again.returncode == 0 and serving(engine) == []
     assert "left stopped" in again.stdout
+
+
+def test_a_killed_cli_leaves_the_switch_to_finish(provisioned_compose, models) -> None:
+    engine, _ = provisioned_compose
+    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
+    target = next(m for m in models.big if m != models.default)
+    cli = subprocess.Popen([str(INVOKE), "switch", "-i", INVENTORY, "--model", target.name],
+                           stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)  # fmt: skip
+    assert cli.stdout is not None and "switching to" in cli.stdout.readline()
+    time.sleep(0.2)  # the transaction's own process has started
+    cli.kill()
+    cli.wait(timeout=10)
+    wait_for(lambda: serving(engine) == [target.name] and chat(target)[0] == "200", 90,
+             "the switch to finish without its CLI")  # fmt: skip

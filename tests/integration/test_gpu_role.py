@@ -168,16 +168,6 @@ def test_wsl_refuses_a_driver_package(windows_driver: str, tmp_path: Path) -> No
     assert not any(r["action"].endswith("apt") and r["status"] != "skipped" for r in rows)
 
 
-def test_the_test_bed_is_a_container_and_gets_no_gpu_stack(
-    testbed_info: Any, tmp_path: Path
-) -> None:
-    proc, rows = check_mode(tmp_path, UBUNTU_2404, gpu_platform="container")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert recorded_plan(rows)["action"] == "none"
-    assert "a container uses its host's driver" in task(rows, "Say why")["msg"]
-    assert not [r for r in ran(rows) if r["action"].endswith(("apt", "deb822_repository"))]
-
-
 @pytest.fixture
 def host_driver(testbed_info: Any) -> Any:
     """What a native GPU box has before llamavm comes: a driver whose nvidia-smi answers (a
@@ -222,12 +212,18 @@ def test_a_native_host_with_a_driver_too_old_is_refused(host_driver: str, tmp_pa
     assert not any(r["action"].endswith("apt") and r["status"] != "skipped" for r in rows)
 
 
-def test_a_native_host_without_a_driver_gets_no_gpu_stack(
-    testbed_info: Any, tmp_path: Path
+@pytest.mark.parametrize(
+    ("platform", "said"),
+    [("container", "a container uses its host's driver"),
+     ("native", "installs no driver on a native host")],
+    ids=["the-test-bed-as-a-container", "a-native-host-without-a-driver"],
+)  # fmt: skip
+def test_no_gpu_stack_is_installed_and_the_role_says_why(
+    testbed_info: Any, tmp_path: Path, platform: str, said: str
 ) -> None:
-    proc, rows = check_mode(tmp_path, UBUNTU_2404, gpu_platform="native")
+    proc, rows = check_mode(tmp_path, UBUNTU_2404, gpu_platform=platform)
     assert proc.returncode == 0, proc.stdout[-3000:]
     plan = recorded_plan(rows)
     assert plan["action"] == "none" and plan["packages"] == []
-    assert "installs no driver on a native host" in task(rows, "Say why")["msg"]
+    assert said in task(rows, "Say why")["msg"]
     assert not [r for r in ran(rows) if r["action"].endswith(("apt", "deb822_repository"))]

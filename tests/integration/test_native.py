@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.integration.helpers import client_curl, host_run, invoke, url
+from tests.integration.helpers import host_run, invoke, lan_chat
 
 pytestmark = pytest.mark.testbed
 
@@ -36,14 +36,7 @@ def test_the_test_bed_converges_as_a_native_host_and_serves_the_lan(native, mode
     assert "gpu: nothing to install on testbed" in native.stdout
     assert host_run(f"test -e {SOURCES}").returncode == 1  # no NVIDIA repository added
     # The same model services: the default model answers a chat from the LAN.
-    chat = client_curl(
-        url(host, models.default, "/v1/chat/completions"),
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
-    )
-    body, code = chat.stdout.rsplit("\n", 1)
+    code, body = lan_chat(f"http://{host}:{models.default.port}")
     assert code == "200", body
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
     again = invoke("provision", "-i", NATIVE)
