@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -72,6 +73,8 @@ CUDA_ARCHITECTURES = "75;80;86;89;90;120"
 BUILD_IMAGE = "nvidia/cuda:12.8.1-devel-ubuntu24.04"
 RUNTIME_IMAGE = "nvidia/cuda:12.8.1-runtime-ubuntu24.04"
 CPU_IMAGE = "debian:12"
+#: What a base image may be named: [registry[:port]/]name[:tag][@digest], nothing else.
+IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,15 @@ def site(inv: Inventory, cat: catalog_mod.Catalog, host_address: str | None = No
                            "the image llama.cpp is compiled in")  # fmt: skip
     runtime_image = _setting(inv, "llamavm_compose_runtime_image", str, default_runtime,
                              "the image llama-server runs in")  # fmt: skip
+    for key, image in (("llamavm_compose_build_image", build_image),
+                       ("llamavm_compose_runtime_image", runtime_image)):  # fmt: skip
+        if not IMAGE_REF.match(image):
+            where = inv.sources.get(key, inv.path)
+            raise LlamavmError(
+                f"{where}: {key}: {image!r} — an image reference like "
+                "nvidia/cuda:12.8.1-devel-ubuntu24.04 (no spaces or quotes)",
+                code=2,
+            )
     apt = _setting(inv, "llamavm_compose_apt", bool, True,
                    "true: the Dockerfile installs the build tools with apt; false: the images "
                    "have them")  # fmt: skip

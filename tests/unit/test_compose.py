@@ -155,6 +155,8 @@ def test_a_render_is_stable_and_the_key_is_made_once(tmp_path: Path, archive: Pa
         ("llamavm_compose_cuda_architectures", "sm_90", 'like "90"'),
         ("llamavm_compose_engine_host", "gpu-box", "ssh://USER@HOST"),
         ("llamavm_compose_dir", 7, "an absolute path"),
+        ("llamavm_compose_build_image", "debian:12 AS evil", "an image reference"),
+        ("llamavm_compose_runtime_image", "x\nRUN rm -rf /", "the image llama-server runs in"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(key: str, value: object, said: str) -> None:
