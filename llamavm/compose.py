@@ -517,11 +517,16 @@ class Engine:
 
     def run(self, args: list[str], *, timeout: float = 600,
             check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        # The project folder is the compose commands' directory; the engine's own commands
+        # (ps, inspect, logs) run wherever, so a project not rendered yet is no error for them.
+        cwd = self.dir if self.dir.is_dir() else None
         try:
             done = subprocess.run(args, capture_output=True, text=True, env=self.env,
-                                  cwd=self.dir, timeout=timeout, check=False)  # fmt: skip
+                                  cwd=cwd, timeout=timeout, check=False)  # fmt: skip
         except subprocess.TimeoutExpired:
             raise LlamavmError(f"{' '.join(args[:4])} took over {timeout:.0f} s") from None
+        except OSError as exc:
+            raise LlamavmError(f"cannot run {args[0]}: {exc.strerror}") from None
         if check and done.returncode != 0:
             said = (done.stderr or done.stdout).strip().splitlines()
             raise LlamavmError(
@@ -562,8 +567,19 @@ class Engine:
         return out
 
     def image_id(self, image: str) -> str | None:
+        """The image's ID; None when the engine has no such image (an engine that does not
+        answer is an error, not a missing image)."""
         done = self.run([self.cli, "image", "inspect", "--format", "{{.Id}}", image], check=False)
-        return done.stdout.strip() or None if done.returncode == 0 else None
+        if done.returncode == 0:
+            return done.stdout.strip() or None
+        said = (done.stderr or done.stdout).strip()
+        if re.search(r"no such image|image not known|not found", said, re.IGNORECASE):
+            return None
+        lines = said.splitlines()
+        raise LlamavmError(
+            f"{self.cli} does not answer ({lines[-1] if lines else f'exit {done.returncode}'}) — "
+            "start the engine, or check llamavm_compose_engine_host"
+        )
 
     def logs(self, model: str, lines: int = 20) -> str:
         done = self.run([self.cli, "logs", "--tail", str(lines), f"{PROJECT}-{model}"],
