@@ -733,11 +733,15 @@ def switch(cat: catalog_mod.Catalog, engine: Engine, name: str, *, lock_timeout:
         stopped_at = time.monotonic()
         _stop(engine, running)
         loading = time.monotonic()
-        _start(engine, model)
-        why = _gate(engine, model)
+        try:
+            _start(engine, model)
+            why = _gate(engine, model)
+        except LlamavmError as exc:  # the engine refused or went away half-way
+            why = f"it did not start ({exc})"
         if why is not None:
             journal = engine.logs(model.name)
-            _stop(engine, [model.name])
+            with contextlib.suppress(LlamavmError):
+                _stop(engine, [model.name])
             back = _rollback(cat, engine, old)
             raise LlamavmError(
                 f"{model.name} did not become healthy: {why}; {back}", code=1, detail=journal
@@ -769,8 +773,11 @@ def _rollback(cat: catalog_mod.Catalog, engine: Engine, old: list[str]) -> str:
     if not old:
         return "nothing served before, nothing serves now"
     previous = cat.resolve(old[0])
-    _start(engine, previous)
-    why = _gate(engine, previous)
+    try:
+        _start(engine, previous)
+        why = _gate(engine, previous)
+    except LlamavmError as exc:
+        why = str(exc)
     if why is None:
         _save_state(engine.dir, active=previous.name, stopped_by_operator=False)
         return f"rolled back: {previous.name} serves again"

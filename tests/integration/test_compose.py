@@ -9,6 +9,7 @@ refuses to load."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -189,3 +190,21 @@ def test_a_killed_cli_leaves_the_switch_to_finish(provisioned_compose, models) -
     cli.wait(timeout=10)
     wait_for(lambda: serving(engine) == [target.name] and chat(target)[0] == "200", 90,
              "the switch to finish without its CLI")  # fmt: skip
+
+
+def test_a_model_whose_container_cannot_start_rolls_back(provisioned_compose, models) -> None:
+    """The engine refuses the new container (its port is taken on the host): the old model is
+    started again and the CLI says so in one line."""
+    engine, _ = provisioned_compose
+    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
+    other = next(m for m in models.big if m != models.default)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((ADDRESS, other.port))
+        squatter.listen()
+        refused = invoke("switch", "-i", INVENTORY, "--model", other.name)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "did not start" in last and f"{models.default.name} serves again" in last, last
+    assert serving(engine) == [models.default.name]
+    assert chat(models.default)[0] == "200"
