@@ -12,8 +12,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,11 @@ def provision(
     check: bool = False,
     full: bool = False,
     say: Callable[[str], None] = print,
+    step: Callable[[str, float], None] = lambda name, seconds: None,
 ) -> Recap:
+    """Validate, prepare, converge the inventory's hosts (only what changed); the PLAY RECAP.
+    `say` gets the lines for an operator, `step` each step's name and seconds as it ends (the
+    test bed and the source overlap: each counts from the start)."""
     inv = inventory_mod.resolve(inventory)
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     contract.load_host_config()  # a broken config/host.yaml stops here, before any host
@@ -171,20 +176,24 @@ def provision(
                                     for m in catalog.companions})  # fmt: skip
     extra: dict[str, Any] = {}
     local = inv.is_local or inv.uses_testbed
+    tiny = local and bool(catalog.settings.controller_share_path)
     share = Path(catalog.settings.controller_share_path or "")
-    # The source (the sdist, the web UI's npm build) and the tiny models are prepared while the
-    # test bed's rootfs is built and booted: the one is mostly CPU, the other mostly package
-    # downloads and unpacking, and on a cold machine each takes minutes.
+    # Three things at once on a cold machine, each minutes: the test bed's rootfs is built and
+    # booted (mostly package downloads and unpacking), the llama.cpp source is fetched and its
+    # web UI built (mostly CPU), and as soon as the source's tree is there, the tiny models,
+    # the canary, the host contract (every model's GGUF header) and the host package are made.
+    began = time.monotonic()
     say("llamavm: preparing the llama.cpp source (cached after the first run)")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamavm-prepare") as pool:
-        prepared = pool.submit(
-            _prepare, local and bool(catalog.settings.controller_share_path), share
-        )
+    tree: Future[Path] = Future()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llamavm-prepare") as pool:
+        prepared = pool.submit(_prepare_source, tree)
+        made = pool.submit(_prepare_inputs, catalog, tree, share if tiny else None)
         if local:
             from llamavm import testbed
 
             say("llamavm: bringing up the embedded default target (local test bed)")
             info = testbed.up()
+            step("test bed (rootfs, boot)", time.monotonic() - began)
             say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
         if inv.fleet:
             from llamavm import fleetbed
@@ -192,18 +201,21 @@ def provision(
             say(f"llamavm: bringing up {inv.fleet} local fleet hosts on the test bed's LAN")
             for host in fleetbed.up(inv.fleet):
                 say(f"llamavm: {host.name} up at {host.address}")
-        archive, written = prepared.result()
+        archive = prepared.result()
+        step("llama.cpp source and web UI", time.monotonic() - began)
+        inputs = made.result()
+        step("tiny models, host contract, host package", time.monotonic() - began)
     extra[source.EXTRA_VAR] = str(archive)
     extra[source.EXTRA_VAR_VERSION] = source.load_config().label
-    extra["llama_cpp_canary_model"] = str(tinymodel.canary())
-    if written is not None:
-        say(f"llamavm: {len(written)} tiny test models in {share}")
-    extra["llamavm_contract"] = host_contract(catalog)
+    extra["llama_cpp_canary_model"] = str(inputs.canary)
+    if inputs.written is not None:
+        say(f"llamavm: {len(inputs.written)} tiny test models in {share}")
+    extra["llamavm_contract"] = inputs.contract
     if defaults:
         extra["llamavm_default_models"] = defaults
     if catalog.settings.controller_share_path:
         extra["llamavm_controller_share"] = catalog.settings.controller_share_path
-    extra["llamavm_host_package"] = str(hostpkg.build())
+    extra["llamavm_host_package"] = str(inputs.host_package)
     vms = vmbuild.prepare(inventory, say)
     vm_vars = {"llamavm_vms": vms, "llamavm_host_package": extra["llamavm_host_package"]}
     found = _converge_plan(inv.path, extra, vm_vars if vms else None, limit, full, check)
@@ -211,6 +223,7 @@ def provision(
     total = Recap(hosts={host: dict(_ZERO) for host in found.up_to_date})
     if found.all_up_to_date:
         return total
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llamavm-observe-") as tmp:
         observe = {"LLAMAVM_OBSERVE": f"{tmp}/vm.json"}
         try:
@@ -259,17 +272,46 @@ def provision(
                 found, {h: c["changed"] for h, c in total.hosts.items()}
             ):
                 say(line)
+    step("converge (llama.cpp build, roles)", time.monotonic() - began)
     return total
 
 
 _ZERO = {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}
 
 
-def _prepare(tiny: bool, share: Path) -> tuple[Path, list[Path] | None]:
-    """The llama.cpp source archive, and the tiny test models written into `share` (if
-    `tiny`): what provision ships, made ready beside the test bed's bring-up."""
-    archive = source.prepare()
-    return archive, tinymodel.ensure_all(share) if tiny else None
+@dataclass(frozen=True)
+class _Inputs:
+    """What provision passes the roles besides the source, made beside it."""
+
+    canary: Path
+    written: list[Path] | None
+    contract: dict[str, Any]
+    host_package: Path
+
+
+def _prepare_source(tree: Future[Path]) -> Path:
+    """The llama.cpp source archive; `tree` is resolved as soon as the source is extracted."""
+    try:
+        tree.set_result(source.fetched_tree())
+    except BaseException as exc:
+        tree.set_exception(exc)
+        raise
+    return source.prepare()
+
+
+def _prepare_inputs(
+    catalog: catalog_mod.Catalog, tree: Future[Path], share: Path | None
+) -> _Inputs:
+    """The canary and the tiny test models (written into `share`, if given: both take their
+    vocabularies from the source's tree), then the host contract and the host package."""
+    tree.result()
+    written = tinymodel.ensure_all(share) if share is not None else None
+    return _Inputs(
+        canary=tinymodel.canary(),
+        written=written,
+        contract=host_contract(catalog),
+        host_package=hostpkg.build(),
+    )
 
 
 def _converge_plan(

@@ -140,6 +140,16 @@ def _run(
         raise LlamavmError(f"{what} failed (exit {proc.returncode}): {tail}")
 
 
+def is_cold(config: Path = DEFAULT_CONFIG, cache: Path | None = None) -> bool:
+    """Whether prepare() starts from nothing: no sdist fetched and no web UI built yet (it will
+    download, extract, run npm and write the tarball)."""
+    cfg = load_config(config)
+    cache = cache or cache_root()
+    return not (cache / "src" / _sdist_stem(cfg)).exists() and not any(
+        (cache / "ui").glob(f"{cfg.version}-*")
+    )
+
+
 def fetch_sdist(cfg: SourceConfig, cache: Path) -> Path:
     """Return the cached sdist, downloading it with pip once."""
     src = cache / "src"
@@ -362,6 +372,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _made(cache: Path) -> Path:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LlamavmError(
+            f"cannot create cache {cache}: {exc.strerror}; set LLAMAVM_CACHE"
+        ) from exc
+    return cache
+
+
+def fetched_tree(config: Path = DEFAULT_CONFIG, cache: Path | None = None) -> Path:
+    """The pinned llama.cpp tree, fetched and extracted once (the first step of prepare(): what
+    the tiny models' vocabularies come from, long before the web UI is built)."""
+    cfg = load_config(config)
+    cache = _made(cache or cache_root())
+    return extract_sdist(cfg, fetch_sdist(cfg, cache), cache)
+
+
 def prepare(
     config: Path = DEFAULT_CONFIG,
     cache: Path | None = None,
@@ -376,16 +404,10 @@ def prepare(
     sdist's tree (tests use it to ship a deliberately broken copy).
     """
     cfg = load_config(config)
-    cache = cache or cache_root()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LlamavmError(
-            f"cannot create cache {cache}: {exc.strerror}; set LLAMAVM_CACHE"
-        ) from exc
+    cache = _made(cache or cache_root())
     given_tree = tree is not None
     if tree is None:
-        tree = extract_sdist(cfg, fetch_sdist(cfg, cache), cache)
+        tree = fetched_tree(config, cache)
     if not (tree / "CMakeLists.txt").is_file():
         raise LlamavmError(f"{tree} is not a llama.cpp tree (no CMakeLists.txt)")
     use_ui = cfg.ui_build if with_ui is None else with_ui
@@ -442,6 +464,8 @@ __all__ = [
     "EXTRA_VAR_VERSION",
     "SourceConfig",
     "cache_root",
+    "fetched_tree",
+    "is_cold",
     "load_config",
     "prepare",
     "sha256_file",

@@ -161,3 +161,22 @@ def test_safe_extract_keeps_a_normal_tree(tmp_path: Path) -> None:
     assert (dest / "llama.cpp" / "CMakeLists.txt").read_text() == "project(x)\n"
     assert (dest / "llama.cpp" / "link").is_symlink()
     assert os.access(dest / "llama.cpp" / "build.sh", os.X_OK)
+
+
+def test_is_cold_until_the_sdist_or_a_ui_is_in_the_cache(tmp_path: Path) -> None:
+    cfg = source.load_config()
+    assert source.is_cold(cache=tmp_path)
+    (tmp_path / "ui" / f"{cfg.version}-0123456789abcdef").mkdir(parents=True)
+    assert not source.is_cold(cache=tmp_path)
+    (tmp_path / "ui").rename(tmp_path / "ui.old")
+    assert source.is_cold(cache=tmp_path)
+    (tmp_path / "src" / f"llama_cpp_python-{cfg.version}").mkdir(parents=True)
+    assert not source.is_cold(cache=tmp_path)
+
+
+def test_fetched_tree_reuses_an_extracted_sdist_without_fetching(tmp_path: Path) -> None:
+    cfg = source.load_config()
+    top = tmp_path / "src" / f"llama_cpp_python-{cfg.version}"
+    tree = _tree(top / "vendor")
+    # No sdist archive in the cache: a fetch would run pip (and fail without the network).
+    assert source.fetched_tree(cache=tmp_path) == tree
