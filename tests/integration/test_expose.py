@@ -9,6 +9,7 @@ the one seam faked here; the sampler, node_exporter and the scrape are real.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -148,9 +149,10 @@ def _scrape(host: str) -> dict[str, list]:
     return found
 
 
-@pytest.fixture
-def recorded_gpu(provisioned) -> Iterator[None]:
-    """nvidia-smi on the test bed answers with a recorded H100 sample."""
+@contextlib.contextmanager
+def _recorded_gpu() -> Iterator[None]:
+    """nvidia-smi on the test bed answers with a recorded H100 sample (a busy card: a switch
+    meanwhile waits its 30 s for the memory to come back)."""
     answer = (FIXTURES / "h100-busy.csv").read_text()
     script = f"#!/bin/sh\n# {STUB_MARK}\nprintf '%s' {shlex.quote(answer)}\n"
     put = host_run(
@@ -158,20 +160,31 @@ def recorded_gpu(provisioned) -> Iterator[None]:
         "chmod 0755 /usr/local/bin/nvidia-smi"
     )
     assert put.returncode == 0, put.stderr
-    yield
-    host_run("rm -f /usr/local/bin/nvidia-smi && systemctl start llamavm-metrics.service")
+    try:
+        yield
+    finally:
+        host_run("rm -f /usr/local/bin/nvidia-smi && systemctl start llamavm-metrics.service")
+
+
+@pytest.fixture
+def recorded_gpu(provisioned) -> Iterator[None]:
+    with _recorded_gpu():
+        yield
 
 
 def test_node_exporter_serves_llamavm_and_gpu_series_to_the_lan(
-    serving_default, recorded_gpu, models, host
+    serving_default, models, host
 ) -> None:
-    for name in (_other(models).name, serving_default.name):  # a real switch to count
+    # Real switches to count, before the recorded card (whose memory never comes back) is in.
+    for name in (_other(models).name, serving_default.name):
         assert invoke("switch", "--model", name).returncode == 0
-    sampled = host_run("systemctl start llamavm-metrics.service")
-    assert sampled.returncode == 0, (
-        sampled.stderr + host_run("journalctl -u llamavm-metrics.service -n 20 --no-pager").stdout
-    )
-    series = _scrape(host)
+    with _recorded_gpu():
+        sampled = host_run("systemctl start llamavm-metrics.service")
+        assert sampled.returncode == 0, (
+            sampled.stderr
+            + host_run("journalctl -u llamavm-metrics.service -n 20 --no-pager").stdout
+        )
+        series = _scrape(host)
     assert [s.value for s in series["llamavm_gpu_up"]] == [1]
     used = series["llamavm_gpu_memory_used_bytes"][0]
     assert used.value == 71234 * 2**20 and used.labels["gpu"] == "0"

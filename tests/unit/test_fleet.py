@@ -15,10 +15,17 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 import tasks
-from llamavm import REPO_ROOT, fleet, remote
+from llamavm import REPO_ROOT, control_api, fleet, remote
 from llamavm.errors import LlamavmError
 
 LAB = REPO_ROOT / "inventories" / "example-lab"
+
+
+@pytest.fixture(autouse=True)
+def over_ssh(monkeypatch) -> None:
+    """The hosts are faked at the SSH seam: no try at their control API first (the lab's names
+    do not resolve here, and each lookup waited for the resolver to give up)."""
+    monkeypatch.setenv(control_api.VIA_ENV, "ssh")
 
 
 @pytest.mark.parametrize(
