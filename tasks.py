@@ -108,8 +108,12 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
             say(f"llamavm: web UI and API of {name}: http://{target.address}:{model.port}/")
         return
 
+    def step(name: str, seconds: float) -> None:
+        if seconds >= 30:  # a cold machine's minutes, said; a warm run's seconds, not
+            say(f"llamavm: {name}: {seconds:.0f} s")
+
     recap = provision_mod.provision(
-        inventory, catalog, limit=limit, check=check, full=full, say=say
+        inventory, catalog, limit=limit, check=check, full=full, say=say, step=step
     )
     if check:
         say(f"llamavm: dry run — {recap.changed or 'no'} changes would be made")
@@ -380,11 +384,24 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
     raise Exit(code=max(codes))
 
 
+def _test_tools() -> str:
+    """The venv's bin directory, once it holds the test tools (`scripts/bootstrap provision`
+    installs only what the other commands need)."""
+    bindir = os.path.dirname(sys.executable)
+    missing = [t for t in ("pytest", "ruff", "molecule") if not os.path.exists(f"{bindir}/{t}")]
+    if missing:
+        raise LlamavmError(
+            f"{bindir}: no {', '.join(missing)} in this environment — run "
+            "./scripts/bootstrap test once: it installs the test tools (pip extra 'test')"
+        )
+    return bindir
+
+
 @task
 @errors_to_exit
 def lint(c):
     """Run ruff, yamllint and ansible-lint (production profile)."""
-    bindir = os.path.dirname(sys.executable)
+    bindir = _test_tools()
     steps = [
         [f"{bindir}/ruff", "check", "."],
         [f"{bindir}/ruff", "format", "--check", "."],
@@ -410,19 +427,19 @@ MOLECULE_VM_GLOB = "molecule/vm/*/molecule.yml"
         "unit": "only the fast unit tests (no test bed, no root)",
         "pytest_args": "extra arguments for pytest, e.g. '-k catalog -x'",
         "molecule": "also run `molecule test` (default: true when the test bed can run)",
-        "vm_roles": "with molecule: also the scenarios of the roles that need the embedded VMs "
-        "(molecule/vm/: the lab built, converged, verified and powered off; ~15 min under TCG)",
-        "vm": "also the embedded VMs' test suite (marker vm: ~20 min more under TCG)",
+        "vm": "also what needs the embedded VMs under TCG: their test suite (marker vm, ~20 "
+        "min) and the Molecule scenarios of the roles that run on them (molecule/vm/: the lab "
+        "built, converged, verified and powered off, ~11-15 min); not in CI",
         "compose": "also the Compose suite on a real docker engine (marker compose: builds "
         "llama.cpp into an image, ~10 min more)",
     }
 )
 @errors_to_exit
-def test(c, unit=False, pytest_args="", molecule=True, vm_roles=True, vm=False, compose=False):
+def test(c, unit=False, pytest_args="", molecule=True, vm=False, compose=False):
     """Run the linters and the test suite: unit, integration on the test bed, Molecule."""
     phases = Phases()
     try:
-        _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose)
+        _test(c, phases, unit, pytest_args, molecule, vm, compose)
     finally:
         phases.summary()
 
@@ -451,7 +468,8 @@ class Phases:
             say(f"llamavm: phases ({total / 60:.1f} min): {parts}")
 
 
-def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose):
+def _test(c, phases, unit, pytest_args, molecule, vm, compose):
+    _test_tools()
     phases.run("lint", lambda: lint(c))
     paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
     cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
@@ -463,20 +481,29 @@ def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose):
         cmd += ["-m", "not compose"]
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
+    env = dict(os.environ)
     if not unit and os.geteuid() == 0:
-        # What the integration tests share, built once before them and timed apart: the test
-        # bed (its rootfs), the llama.cpp source with the web UI, and the first provision (the
-        # llama.cpp build). The tests' own provision then finds nothing to do.
+        # What the integration tests share, built once before them: the test bed (its rootfs),
+        # the llama.cpp source with the web UI (the two at once, as `invoke provision` does),
+        # and the first provision (the llama.cpp build). The tests' own provision then finds
+        # nothing to do.
         from llamavm import provision as provision_mod
         from llamavm import source, testbed
 
-        phases.run("test bed (rootfs, boot)", testbed.up)
-        phases.run("llama.cpp source and web UI", source.prepare)
+        # First-run paths this run walks itself from empty caches: the tests that walk them
+        # again into scratch caches (tests/integration/test_first_run.py) are skipped, saying so.
+        cold = {"rootfs": not testbed.rootfs_cached(), "source": source.is_cold()}
+        env["LLAMAVM_TEST_WALKED_COLD"] = ",".join(name for name, c in cold.items() if c)
         phases.run(
-            "first provision (llama.cpp build, roles)",
-            lambda: provision_mod.provision(None, None, say=lambda line: None),
+            "first provision (test bed, llama.cpp source and web UI, llama.cpp build, roles)",
+            lambda: provision_mod.provision(
+                None,
+                None,
+                say=lambda line: None,
+                step=lambda name, secs: say(f"llamavm:   {name}: {secs:.0f} s"),
+            ),
         )
-    rc = phases.run("pytest", lambda: subprocess.run(cmd, cwd=REPO_ROOT).returncode)
+    rc = phases.run("pytest", lambda: subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode)
     if rc != 0:
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)
     if unit or not molecule or os.geteuid() != 0:
@@ -492,10 +519,11 @@ def _test(c, phases, unit, pytest_args, molecule, vm_roles, vm, compose):
     )
     if rc != 0:
         raise Exit(f"llamavm: molecule test failed (exit {rc})", code=rc)
-    if not vm_roles:
+    if not vm:
         return
     # The roles that need the embedded VMs (hypervisor, libvirt_vms, nfs_server): molecule/vm/,
-    # its default scenario brings the lab up first and powers it off at the end.
+    # its default scenario brings the lab up first and powers it off at the end. With --vm only:
+    # under TCG they alone take a quarter of a cold CI run.
     say(f"$ MOLECULE_GLOB='{MOLECULE_VM_GLOB}' molecule test --all")
     env["MOLECULE_GLOB"] = MOLECULE_VM_GLOB
     rc = phases.run(

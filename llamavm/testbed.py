@@ -383,10 +383,16 @@ def _post_install(cfg: TestbedConfig, root: Path, log: Path) -> None:
         deb.unlink()
 
 
+def rootfs_cached(cfg: TestbedConfig | None = None, paths: Paths | None = None) -> bool:
+    """Whether the rootfs of this package set is built already (up() will not debootstrap)."""
+    cfg, paths = cfg or load_config(), paths or Paths.from_env()
+    return (paths.rootfs(cfg.rootfs_key) / COMPLETE_STAMP).exists()
+
+
 def ensure_rootfs(cfg: TestbedConfig, paths: Paths) -> tuple[Path, bool]:
     """The cached rootfs for cfg.rootfs_key, built (atomically) if missing. (path, built?)."""
     final = paths.rootfs(cfg.rootfs_key)
-    if (final / COMPLETE_STAMP).exists():
+    if rootfs_cached(cfg, paths):
         return final, False
     paths.rootfs_root.mkdir(parents=True, exist_ok=True)
     tmp = paths.rootfs_root / f".build-{cfg.rootfs_key}-{os.getpid()}"

@@ -40,3 +40,24 @@ def test_a_plain_error_is_exactly_one_line(capsys) -> None:
         _raise(CatalogError("models.yaml: port: bad — fix it"))()
     assert caught.value.code == 2
     assert capsys.readouterr().err == ""
+
+
+def test_lint_without_the_test_tools_says_how_to_get_them(tmp_path, monkeypatch, capsys) -> None:
+    """`scripts/bootstrap provision` leaves the test tools out of the venv: `invoke lint` and
+    `invoke test` say in one line how to install them, and run nothing."""
+    import invoke
+
+    import tasks
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ruff").touch()
+    monkeypatch.setattr(tasks.sys, "executable", str(tmp_path / "bin" / "python"))
+    ran = []
+    monkeypatch.setattr(tasks.subprocess, "run", lambda *a, **k: ran.append(a))
+    for body in (tasks.lint, tasks.test):
+        with pytest.raises(Exit) as caught:
+            body(invoke.Context())
+        assert caught.value.code == 1
+        assert caught.value.message.startswith(f"llamavm: {tmp_path}/bin: no pytest, molecule ")
+        assert "./scripts/bootstrap test" in caught.value.message
+    assert ran == []

@@ -88,3 +88,14 @@ def test_up_replaces_a_running_machine_whose_package_set_changed(monkeypatch, tm
     info = testbed.up()
     assert events == ["stop", "machine", "boot"]
     assert info.pid == 4343
+
+
+def test_rootfs_cached_only_once_the_build_stamped_it(tmp_path: Path) -> None:
+    cfg = testbed.load_config()
+    paths = testbed.Paths(cache=tmp_path / "cache", state=tmp_path / "state")
+    assert not testbed.rootfs_cached(cfg, paths)
+    built = paths.rootfs(cfg.rootfs_key)
+    built.mkdir(parents=True)  # a build that died half-way: no stamp
+    assert not testbed.rootfs_cached(cfg, paths)
+    (built / testbed.COMPLETE_STAMP).write_text(cfg.rootfs_key)
+    assert testbed.rootfs_cached(cfg, paths)
