@@ -2,7 +2,7 @@
 
 Run as root on a provisioned target (`invoke provision` first):
 
-    .venv/bin/python bench/provision.py [--runs 5] [-i local-vm]
+    .venv/bin/python bench/provision.py [--runs 5] [-i local] [-i local-vm]
 
 In one run: the baseline, `ansible HOSTS -m setup` (connect, gather every fact, nothing else);
 the no-op `invoke provision` (validation, the llama.cpp source, the host contract, the drift
@@ -54,27 +54,36 @@ def on_host(host: remote.Host, command: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("-i", "--inventory", default=None, help="default: local (the test bed)")
+    parser.add_argument(
+        "-i",
+        "--inventory",
+        action="append",
+        help="default: local (the test bed); repeat for several in one run (-i local -i local-vm)",
+    )
     parser.add_argument(
         "--no-full", action="store_true", help="skip the --full baseline (a TCG VM's takes ~10 min)"
     )
     args = parser.parse_args()
-    inv = inventory_mod.resolve(args.inventory)
-    provision = [str(BIN / "invoke"), "provision"] + (
-        ["-i", args.inventory] if args.inventory else []
-    )
+    ok = [measure(inventory, args.runs, not args.no_full) for inventory in args.inventory or [None]]
+    return 0 if all(ok) else 1
+
+
+def measure(inventory: str | None, runs: int, full: bool) -> bool:
+    """One inventory's rows: the no-op against a fact run, the hand edit, the model added."""
+    inv = inventory_mod.resolve(inventory)
+    provision = [str(BIN / "invoke"), "provision"] + (["-i", inventory] if inventory else [])
     setup = [str(BIN / "ansible"), "-i", str(inv.path), remote.GROUP, "-m", "setup"]
 
     timed(provision)  # converged and recorded before anything is measured
     facts, noop = [], []
-    for _ in range(args.runs):  # interleaved: both see the same machine load
+    for _ in range(runs):  # interleaved: both see the same machine load
         facts.append(timed(setup, cwd=REPO_ROOT / "ansible")[0])
         seconds, proc = timed(provision)
         if "up to date" not in proc.stdout or "no changes" not in proc.stdout:
             sys.exit(f"the no-op provision was not skipped:\n{proc.stdout[-3000:]}")
         noop.append(seconds)
     base, mine = statistics.median(facts), statistics.median(noop)
-    print(f"inventory {inv.path.name}, {args.runs} runs each, medians")
+    print(f"inventory {inv.path.name}, {runs} runs each, medians")
     print(f"| ansible {remote.GROUP} -m setup (baseline) | {base:.2f} s | 1.00x |")
     print(f"| no-op invoke provision | {mine:.2f} s | {mine / base:.2f}x |")
 
@@ -93,8 +102,8 @@ def main() -> int:
         print(f"    {line}")
     seconds, proc = timed(provision)
     print(f"| the next no-op provision | {seconds:.2f} s | {seconds / base:.2f}x |")
-    partial = added_model(provision, inv, base, full=not args.no_full)
-    return 0 if repaired and partial else 1
+    partial = added_model(provision, inv, base, full=full)
+    return repaired and partial
 
 
 def added_model(
