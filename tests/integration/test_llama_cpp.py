@@ -202,6 +202,10 @@ def test_first_converge_installs_a_versioned_build(target: Target, first_build: 
     assert info["build_id"] == first_build
     assert info["key_inputs"]["flags"]["LLAMA_OPENSSL"] == "OFF"
     assert info["key_inputs"]["flags"]["GGML_CUDA"] == "OFF"
+    # The host-side libraries compiled as unity builds, through the hook the role installed.
+    hook = info["key_inputs"]["flags"]["CMAKE_PROJECT_INCLUDE"]
+    assert "llama-common" in info["key_inputs"]["unity"]["targets"], info
+    assert "if(TARGET llama-common)" in target.sh(f"cat {hook}").stdout
     assert info["version"].startswith("version:"), info
     # A native build needs what its builder's CPU has: the stamp declares it for artifacts.
     flags = target.sh("grep -m1 '^flags' /proc/cpuinfo").stdout.split()

@@ -53,3 +53,73 @@ def test_playbook_syntax(playbook: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _render(template: str, **overrides: object) -> str:
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar, trust_as_template
+
+    variables = {
+        **_defaults(),
+        **yaml.safe_load((ROLE / "vars" / "main.yml").read_text()),
+        "ansible_managed": "managed",
+        **overrides,
+    }
+    text = (ROLE / "templates" / "usr" / "local" / "libexec" / "llamavm" / template).read_text()
+    return str(Templar(loader=DataLoader(), variables=variables).template(trust_as_template(text)))
+
+
+def test_the_unity_hook_batches_the_targets_and_keeps_the_excluded_sources_alone() -> None:
+    hook = _render("llama-cpp-unity.cmake.j2", llama_cpp_unity_targets=["llama-common", "mtmd"])
+    assert "# managed\n" in hook
+    assert "cmake_language(DEFER DIRECTORY" in hook  # after every add_subdirectory
+    for target in ("llama-common", "mtmd"):
+        assert f"if(TARGET {target})" in hook  # a target this llama.cpp lacks is left alone
+        assert f"set_target_properties({target} PROPERTIES\n      UNITY_BUILD ON" in hook
+        for path in _defaults()["llama_cpp_unity_exclude"]:  # type: ignore[union-attr]
+            assert f'"${{CMAKE_SOURCE_DIR}}/{path}"\n        TARGET_DIRECTORY {target}' in hook
+    assert "UNITY_BUILD_BATCH_SIZE 8" in hook
+    assert "server-context" not in hook
+
+
+@pytest.mark.parametrize(
+    ("failed", "hint"),
+    [
+        ("common/CMakeFiles/llama-common.dir/Unity/unity_3_cxx.cxx.o", True),
+        # upstream's own unity batches (libllama's models) and plain sources: no such hint
+        ("src/CMakeFiles/llama.dir/Unity/unity_0_cxx.cxx.o", False),
+        ("common/CMakeFiles/llama-common.dir/json.cpp.o", False),
+    ],
+)
+def test_a_build_failing_in_a_unity_batch_says_how_to_build_without_it(
+    tmp_path: Path, failed: str, hint: bool
+) -> None:
+    helper = tmp_path / "llama-cpp-build"
+    helper.write_text(_render("llama-cpp-build.j2"))
+    helper.chmod(0o755)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "cmake").write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = --build ] || exit 0\n'
+        "echo 'x.cxx:1:1: error: redefinition of thing'\n"
+        f"echo 'gmake[3]: *** [{failed}] Error 1'\n"
+        "exit 2\n"
+    )
+    (fake / "cmake").chmod(0o755)
+    env = {
+        "PATH": f"{fake}:/usr/bin:/bin",
+        "LLAMA_CPP_UNITY_TARGETS": "llama-common mtmd server-context llama-server-impl",
+    }
+    proc = subprocess.run(
+        [str(helper), "build", str(tmp_path / "src"), str(tmp_path / "b"), "2", "llama-server"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "llama-cpp-build: cmake --build failed" in proc.stderr
+    said = "llama-common failed as a unity build" in proc.stderr
+    assert said == hint, proc.stderr
+    if hint:
+        assert "llama_cpp_unity_exclude" in proc.stderr and "llama_cpp_unity_build: false" in (
+            proc.stderr
+        )
