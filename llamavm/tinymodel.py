@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamavm import gguf_meta
 from llamavm.errors import LlamavmError
 
 VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
@@ -102,12 +103,12 @@ def write(spec: TinySpec, path: Path, vocab: Path | None = None) -> Path:
     if spec.arch in MOE_ARCHS:
         return _write_moe(spec, path, vocab)
     import numpy as np
-    from gguf import GGUFReader, GGUFWriter, TokenType
+    from gguf import GGUFWriter, TokenType
 
-    vocab_reader = GGUFReader(vocab or find_vocab())
+    vocab_fields = gguf_meta.read(vocab or find_vocab()).metadata
 
     def vocab_field(key: str) -> list:
-        return list(vocab_reader.fields[key].contents())
+        return list(vocab_fields[key])
 
     tokens = vocab_field("tokenizer.ggml.tokens")
     scores = [float(s) for s in vocab_field("tokenizer.ggml.scores")]
@@ -254,12 +255,12 @@ def _chain(spec: TinySpec, tokens: list[str], types: list[int]) -> list[int]:
 def _write_moe(spec: TinySpec, path: Path, vocab: Path | None) -> Path:
     """A tiny Qwen3 MoE or GPT-OSS with a designed answer (see the module docstring)."""
     import numpy as np
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
 
-    reader = GGUFReader(vocab or find_vocab(name=BPE_VOCAB_NAME))
-    tokens = [str(t) for t in reader.fields["tokenizer.ggml.tokens"].contents()]
-    types = [int(t) for t in reader.fields["tokenizer.ggml.token_type"].contents()]
-    merges = [str(m) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    fields = gguf_meta.read(vocab or find_vocab(name=BPE_VOCAB_NAME)).metadata
+    tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]
+    types = [int(t) for t in fields["tokenizer.ggml.token_type"]]
+    merges = [str(m) for m in fields["tokenizer.ggml.merges"]]
     pads = [i for i, t in enumerate(tokens) if t.startswith("[PAD")]
     if spec.arch == "gpt-oss":
         for slot, special in zip(pads, HARMONY_TOKENS, strict=False):

@@ -36,11 +36,13 @@ import hashlib
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llamavm import gguf_meta
 from llamavm.catalog import Catalog, Model
 from llamavm.errors import LlamavmError
 
@@ -131,8 +133,9 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     """Read metadata and the tensor table (never the weights) of a GGUF, split files included.
 
     Kept per version of the file(s) (path, size, mtime, inode of every shard) in
-    $LLAMAVM_CACHE/gguf/: gguf's reader walks a 152k-token vocabulary item by item (seconds
-    per model on 2 cores), and every provision and `invoke models` estimates every model."""
+    $LLAMAVM_CACHE/gguf/: every provision and `invoke models` estimates every model, and even
+    read from a memory map (llamavm.gguf_meta) a 200k-token vocabulary with its merges is a
+    good share of a second."""
     path = Path(path)
     key = _version_key(_shards(path))
     cached = _cache_read(key, path) if key else None
@@ -194,7 +197,7 @@ def _cache_write(key: str, info: GGUFInfo) -> None:
 def _read_gguf(path: Path) -> GGUFInfo:
     shards = _shards(path)
     first = _open(shards[0])
-    fields = first.fields
+    fields = first.metadata
     arch = _field(fields, "general.architecture", shards[0])
     if not isinstance(arch, str):
         raise GGUFError(f"{shards[0]}: general.architecture is not a string — not a model GGUF")
@@ -215,9 +218,9 @@ def _read_gguf(path: Path) -> GGUFInfo:
     key_length = int(meta("attention.key_length", head_dim))
     value_length = int(meta("attention.value_length", head_dim))
     expert_count = int(meta("expert_count", 0) or 0)
-    tensors = [Tensor(t.name, int(t.n_bytes)) for t in first.tensors]
+    tensors = [Tensor(t.name, t.n_bytes) for t in first.tensors]
     for shard in shards[1:]:
-        tensors.extend(Tensor(t.name, int(t.n_bytes)) for t in _open(shard).tensors)
+        tensors.extend(Tensor(t.name, t.n_bytes) for t in _open(shard).tensors)
     return GGUFInfo(
         path=path,
         architecture=arch,
@@ -241,31 +244,30 @@ def _shards(path: Path) -> list[Path]:
     return [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
-def _open(path: Path) -> Any:
-    # Imported here: numpy and gguf cost a noticeable share of a second to import.
-    from gguf import GGUFReader
-
+def _open(path: Path) -> gguf_meta.Header:
     if not path.exists():
         raise GGUFError(
             f"{path}: GGUF not found — check the path and that the model share is mounted"
         )
     try:
-        return GGUFReader(path)
+        header = gguf_meta.read(path)
+        for tensor in header.tensors:  # a type this gguf does not know is not a model to size
+            _ = tensor.n_bytes
+        return header
     except PermissionError:
         raise GGUFError(f"{path}: GGUF not readable — fix its permissions") from None
-    except (ValueError, IndexError, OSError, KeyError) as exc:
+    except (ValueError, IndexError, OSError, KeyError, struct.error) as exc:
         raise GGUFError(
             f"{path}: not a valid GGUF ({exc}) — re-download or re-convert it"
         ) from None
 
 
-def _field(fields: Any, key: str, path: Path, default: Any = ...) -> Any:
+def _field(fields: dict[str, Any], key: str, path: Path, default: Any = ...) -> Any:
     if key not in fields:
         if default is ...:
             raise GGUFError(f"{path}: GGUF metadata lacks {key} — not a model llamavm can size")
         return default
-    value = fields[key].contents()
-    return value
+    return fields[key]
 
 
 # --- the estimate ---------------------------------------------------------------------------
