@@ -40,6 +40,8 @@ FILE_MODULES = {
     "stat": ("path", False),
     "slurp": ("src", True),
 }
+#: llamavm_files (ansible/library): many files in one run; its result names them.
+FILES_MODULE = "llamavm_files"
 UNIT_MODULES = ("systemd_service", "systemd", "service")
 PACKAGE_MODULES = ("apt", "package")
 PROBE_MODULE = "llamavm_converge"
@@ -95,7 +97,14 @@ class CallbackModule(CallbackBase):
             if role:
                 roles.add(role)
 
-        if action in FILE_MODULES:
+        if action == FILES_MODULE:
+            for path in item.get("files") or []:
+                seen["files"][path] = True  # its content is the role's
+                owned("files", path)
+            for path in [*(item.get("directories") or []), *(item.get("absent") or [])]:
+                seen["files"][path] = seen["files"].get(path, False)
+                owned("files", path)
+        elif action in FILE_MODULES:
             key, content = FILE_MODULES[action]
             path = args.get(key) if action in ("stat", "slurp") else None
             path = path or item.get(key) or item.get("path") or item.get("dest") or args.get(key)
