@@ -366,9 +366,13 @@ def _merge_observed(*paths: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         for host, seen in data.get("hosts", {}).items():
-            mine = merged["hosts"].setdefault(host, {"files": [], "units": [], "packages": []})
-            for key in mine:
+            mine = merged["hosts"].setdefault(
+                host, {"files": [], "units": [], "packages": [], "package_roles": {}}
+            )
+            for key in ("files", "units", "packages"):
                 mine[key] += seen.get(key, [])
+            for name, roles in (seen.get("package_roles") or {}).items():
+                mine["package_roles"][name] = sorted({*mine["package_roles"].get(name, []), *roles})
     return merged
 
 

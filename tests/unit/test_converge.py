@@ -589,6 +589,34 @@ def test_the_callback_names_the_role_that_managed_each_item(tmp_path: Path) -> N
     assert owners["files"] == {f"{work}/by-role.conf": ["demo"], f"{work}/loose.conf": []}
 
 
+def test_the_package_owners_survive_merging_the_vm_and_host_plays(tmp_path: Path) -> None:
+    # A partial converge keeps a skipped role's packages by these owners: lost in the merge,
+    # every package of base was dropped from the record by the next partial converge.
+    vm, host = tmp_path / "vm.json", tmp_path / "provision.json"
+    vm.write_text(
+        json.dumps(
+            {"hosts": {"h": {"packages": ["qemu"], "package_roles": {"qemu": ["hypervisor"]}}}}
+        )
+    )
+    host.write_text(
+        json.dumps(
+            {
+                "hosts": {
+                    "h": {
+                        "files": [{"path": "/etc/x", "content": True, "roles": ["base"]}],
+                        "packages": ["curl", "qemu"],
+                        "package_roles": {"curl": ["base"], "qemu": ["gpu"]},
+                    }
+                }
+            }
+        )
+    )
+    merged = provision._merge_observed(vm, host, tmp_path / "absent.json")["hosts"]["h"]
+    assert merged["packages"] == ["qemu", "curl", "qemu"]
+    assert converge.owners(merged)["packages"] == {"curl": ["base"], "qemu": ["gpu", "hypervisor"]}
+    assert converge.owners(merged)["files"] == {"/etc/x": ["base"]}
+
+
 def test_drift_names_the_roles_that_manage_it(tmp_path: Path) -> None:
     unit, base_conf, params = _recorded_pair(tmp_path, "control.service", "control")
     unit.write_text("[Service]\n# edited\n")
