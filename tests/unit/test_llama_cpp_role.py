@@ -123,3 +123,36 @@ def test_a_build_failing_in_a_unity_batch_says_how_to_build_without_it(
         assert "llama_cpp_unity_exclude" in proc.stderr and "llama_cpp_unity_build: false" in (
             proc.stderr
         )
+
+
+def test_every_build_compiles_in_the_one_tree_kept_only_for_its_own_build(tmp_path: Path) -> None:
+    # The unity batches name each source by its absolute path: a tree per build key made every
+    # other key's rebuild miss ccache there. One tree, replaced for another build.
+    helper = tmp_path / "llama-cpp-build"
+    helper.write_text(_render("llama-cpp-build.j2"))
+    helper.chmod(0o755)
+    src = tmp_path / "llama.cpp-1"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text("project(x)\n")
+    archive = tmp_path / "src.tar.gz"
+    subprocess.run(["tar", "-czf", archive, "-C", tmp_path, src.name], check=True)
+    tree = tmp_path / "work" / "tree"
+
+    def unpack(build_id: str) -> str:
+        proc = subprocess.run(
+            [helper, "unpack", archive, tree, build_id], capture_output=True, text=True, check=True
+        )
+        return proc.stdout
+
+    assert "unpacked a-1" in unpack("a-1")
+    assert (tree / "src" / "CMakeLists.txt").exists()
+    assert (tree / "build-id").read_text() == "a-1\n"
+    (tree / "build").mkdir()
+    (tree / "build" / "CMakeCache.txt").write_text("FLAG=old\n")
+    assert "kept the tree of a-1" in unpack("a-1")  # a retry goes on where it stopped
+    assert (tree / "build" / "CMakeCache.txt").exists()
+    assert "unpacked b-2" in unpack("b-2")  # another build: no stale CMake cache
+    assert not (tree / "build").exists()
+    assert (tree / "build-id").read_text() == "b-2\n"
+    bad = subprocess.run([helper, "unpack", archive, tree, "../x"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "bad build id" in bad.stderr
