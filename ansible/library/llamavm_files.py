@@ -80,11 +80,30 @@ directories:
 
 
 def _ids(owner: str, group: str) -> tuple[int, int]:
-    return pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
+    try:
+        uid = pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"no user named {owner!r} on this host") from None
+    try:
+        return uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {group!r} on this host") from None
 
 
 def _mode(value) -> int:
-    return int(str(value), 8)
+    try:
+        mode = int(str(value), 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode {value!r} is not an octal mode such as '0644'")
+    return mode
+
+
+def _absolute(path) -> str:
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ValueError(f"path {path!r} is not absolute")
+    return path
 
 
 def _wrong_meta(st: os.stat_result, uid: int, gid: int, mode: int) -> bool:
@@ -219,6 +238,10 @@ def main() -> None:
     changed, diffs = [], []
     try:
         directories = [{"path": d} if isinstance(d, str) else d for d in params["directories"]]
+        for spec in [*directories, *params["files"], *params["prune"]]:
+            _absolute(spec.get("path") if isinstance(spec, dict) else spec)
+        for path in params["absent"]:
+            _absolute(path)
         for spec in directories:
             if ensure_directory(spec, check):
                 changed.append(spec["path"])

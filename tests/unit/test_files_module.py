@@ -112,6 +112,23 @@ def test_a_file_its_check_refuses_is_not_written_and_the_old_one_stays(tmp_path,
     assert not list(work.rglob(".a.service.*"))
 
 
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"path": "relative/a.conf"}, "is not absolute"),
+        ({"mode": "rw-r--r--"}, "is not an octal mode"),
+        ({"owner": "no-such-user-llamavm"}, "no user named 'no-such-user-llamavm'"),
+    ],
+)
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, work, change, said) -> None:
+    spec = _spec(work)
+    spec["files"][0] = {**spec["files"][0], **change}
+    rc, _, out = _run(tmp_path, spec)
+    assert rc != 0
+    assert said in out and "Traceback" not in out
+    assert not (work / "staged" / "a.service").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners root:root need root")
 def test_stale_and_absent_files_go_and_check_mode_changes_nothing(tmp_path, work) -> None:
     assert _run(tmp_path, _spec(work))[0] == 0
