@@ -17,7 +17,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from llamavm import REPO_ROOT, control_api, models_view, remote, status_view, switch_view
+from llamavm import REPO_ROOT, control_api, remote, status_view, switch_view
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
 from llamavm.cli import errors_to_exit, say
@@ -56,6 +56,8 @@ def _compose(inventory, catalog=None):
 @errors_to_exit
 def models(c, inventory=None, catalog=None, json=False):
     """List catalog models with their VRAM estimate and whether they fit the budget."""
+    from llamavm import models_view  # the VRAM estimates: not every task's start
+
     cat = _catalog(inventory, catalog)
     say(models_view.as_json(cat) if json else models_view.as_table(cat))
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, contract
+from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
 from llamavm.host import EXIT_RUNNING, EXIT_UNKNOWN
 
@@ -389,4 +389,6 @@ def outcome(
 
 def switch_path() -> str:
     """Where llamavm-switch is on every host (the contract's paths.switch)."""
+    from llamavm import contract  # the contract builder (VRAM, GGUF): only where asked
+
     return f"{contract.load_host_config().bin_dir}/{contract.SWITCH_NAME}"

@@ -21,8 +21,9 @@ its own, and `result ID` tells how it ended. Progress goes to stderr, best effor
 Exit codes: 0 done (or nothing to do), 1 failed and rolled back, 2 refused before anything was
 stopped, 3 lock timeout, 4 rollback failed too, 5 outcome unknown, 6 still running (result).
 Internal: `run` (the transaction itself), `recover` (its ExecStopPost), `boot` (the boot unit),
-`gate` (each model unit's ExecStartPost health gate), `serve` (one request of the control
-service, on llamavm-switchd.socket), `control` (the control service itself).
+`gate` (each model unit's ExecStartPost health gate), `serve` (the control service's root
+helper on llamavm-switchd.socket; one request on stdin without it), `control` (the control
+service itself).
 """
 
 from __future__ import annotations
@@ -421,6 +422,11 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "serve":
             from llamavm.host import helper
 
+            fd = helper.listen_fd()
+            if fd is not None:  # llamavm-switchd.socket: every connection, until replaced
+                path = contract_path or contract_mod.CONTRACT_PATH
+                return helper.run_daemon(path, fd, contract.paths.switch)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             return helper.serve(contract, sys.stdin.buffer, sys.stdout.buffer)
         if args.command == "control":
             from llamavm.host import control

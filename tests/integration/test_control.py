@@ -178,6 +178,30 @@ def test_concurrent_api_and_cli_switches_leave_exactly_one_model(keyed, host) ->
         assert http_code(f"http://{host}:{model.port}/health") == 200
 
 
+def test_one_root_helper_answers_every_request_and_a_stopped_one_comes_back(keyed, host) -> None:
+    """The helper starts once (its socket's first connection) and answers the requests after
+    it in the same process, as root; stopped (a provision's handler stops it), the next request
+    starts it again and nothing fails."""
+    cat, key = keyed
+
+    def helper_pid() -> str:
+        pid = host_run("systemctl show -p MainPID --value llamavm-switchd.service").stdout
+        return pid.strip()
+
+    _serving(host, cat, key)
+    first = helper_pid()
+    assert first != "0"
+    assert host_run(f"ps -o user= -p {first}").stdout.strip() == "root"
+    for _ in range(3):
+        _serving(host, cat, key)
+    assert helper_pid() == first
+    assert host_run("systemctl list-units --no-legend 'llamavm-switchd@*'").stdout.strip() == ""
+    host_run("systemctl stop llamavm-switchd.service")
+    assert _serving(host, cat, key) in ("qwen3-coder-30b", "gpt-oss-120b", None)
+    assert helper_pid() not in ("0", first)
+    assert host_run("systemctl is-active llamavm-switchd.socket").stdout.strip() == "active"
+
+
 def _client(script: str, *args: str, key: str = "") -> dict:
     ns = testbed.load_config().lan.ns_client
     run = subprocess.run(

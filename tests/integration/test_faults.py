@@ -389,15 +389,21 @@ def test_invoke_switch_reports_a_host_that_answers_without_json(
     """A host whose llamavm-switch prints garbage: one line, non-zero, no StopIteration — over
     SSH, and through the control API (whose helper then answers garbage too)."""
     monkeypatch.setenv(control_api.VIA_ENV, via)
+    # The helper (started once, by its socket) runs what it was started from: stopped, as a
+    # provision's handler stops it, its next start is the garbage.
     host_run("mv /usr/local/bin/llamavm-switch /usr/local/bin/llamavm-switch.real && "
              "printf '#!/bin/sh\\necho garbage; exit 7\\n' > /usr/local/bin/llamavm-switch && "
-             "chmod 755 /usr/local/bin/llamavm-switch")  # fmt: skip
+             "chmod 755 /usr/local/bin/llamavm-switch && "
+             "systemctl stop llamavm-switchd.service")  # fmt: skip
     try:
         result = invoke("switch", "--model", one_serving[1].name)
     finally:
-        # The helper's instance ran the garbage and failed: that failure is this test's own.
+        # The helper ran the garbage and failed (its socket too, past its trigger limit): that
+        # failure is this test's own.
         host_run("mv /usr/local/bin/llamavm-switch.real /usr/local/bin/llamavm-switch && "
-                 "{ systemctl reset-failed 'llamavm-switchd@*' || true; }")  # fmt: skip
+                 "systemctl stop llamavm-switchd.service && "
+                 "systemctl reset-failed llamavm-switchd.service llamavm-switchd.socket; "
+                 "systemctl restart llamavm-switchd.socket")  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "StopIteration" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("llamavm: ")

@@ -19,10 +19,17 @@ def test_the_control_service_runs_as_its_own_user(host) -> None:
     assert host.socket(f"tcp://0.0.0.0:{control['port']}").is_listening
 
 
-def test_the_helper_socket_is_listening(host) -> None:
+def test_the_helper_socket_is_listening_for_one_long_lived_root_helper(host) -> None:
     control = _control(host)
-    assert host.service(control["helper_socket_unit"]).is_running
+    socket_unit = control["helper_socket_unit"]
+    assert host.service(socket_unit).is_running
     assert host.file(control["helper_socket"]).is_socket
+    # one helper for every connection (no process per request), as root
+    assert host.check_output(f"systemctl show -p Accept --value {socket_unit}") == "no"
+    helper = socket_unit.replace(".socket", ".service")
+    assert host.check_output(f"systemctl show -p User --value {helper}") in ("", "root")
+    retired = socket_unit.replace(".socket", "@.service")  # a process per connection, once
+    assert not host.file(f"/etc/systemd/system/{retired}").exists
 
 
 def test_the_api_lists_the_catalog_and_what_serves(host) -> None:
