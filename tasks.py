@@ -403,21 +403,70 @@ def _test_tools() -> str:
 @errors_to_exit
 def lint(c):
     """Run ruff, yamllint and ansible-lint (production profile)."""
-    bindir = _test_tools()
-    steps = [
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg")}
+    failed = []
+    for step in _lint_steps(_test_tools()):
+        say(f"$ {_shown(step)}")
+        if subprocess.run(step, cwd=REPO_ROOT, env=env).returncode != 0:
+            failed.append(os.path.basename(step[0]))
+    if failed:
+        raise Exit(f"llamavm: lint failed: {', '.join(failed)}", code=1)
+
+
+def _lint_steps(bindir: str) -> list[list[str]]:
+    return [
         [f"{bindir}/ruff", "check", "."],
         [f"{bindir}/ruff", "format", "--check", "."],
         [f"{bindir}/yamllint", "--strict", "."],
         [f"{bindir}/ansible-lint", "--profile", "production", "ansible", "inventories", "molecule"],
     ]
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg")}
-    failed = []
-    for step in steps:
-        say(f"$ {' '.join(os.path.basename(step[0]) if i == 0 else a for i, a in enumerate(step))}")
-        if subprocess.run(step, cwd=REPO_ROOT, env=env).returncode != 0:
-            failed.append(os.path.basename(step[0]))
-    if failed:
-        raise Exit(f"llamavm: lint failed: {', '.join(failed)}", code=1)
+
+
+def _shown(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join([os.path.basename(argv[0]), *argv[1:]])
+
+
+class _Beside:
+    """Commands run one after another in a thread, their output kept, while the caller does
+    something else (the first provision, mostly downloads, package unpacking and a one-core web
+    UI build, leaves a core free): `finish` prints what they said and the names that failed."""
+
+    def __init__(self, steps: list[tuple[str, list[str], dict[str, str]]]) -> None:
+        import time
+
+        self.results: list[tuple[str, list[str], int, float, bytes]] = []
+
+        def work() -> None:
+            for name, argv, env in steps:
+                began = time.monotonic()
+                proc = subprocess.run(
+                    argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, check=False,
+                )  # fmt: skip
+                self.results.append((name, argv, proc.returncode, time.monotonic() - began,
+                                     proc.stdout))  # fmt: skip
+
+        self.thread = threading.Thread(target=work, name="llamavm-beside", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> list[str]:
+        self.thread.join()
+        failed = []
+        for name, argv, rc, seconds, output in self.results:
+            say(f"$ {_shown(argv)}  ({name}, {seconds:.0f} s, beside the first provision)")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(output)
+            sys.stdout.flush()
+            if rc != 0 and not (rc == NO_TESTS and argv[1:3] == ["-m", "pytest"]):
+                failed.append(name)
+        return failed
+
+
+#: pytest's exit code when its arguments (-k, -m) leave nothing in a path (the unit tests'
+#: run beside the first provision, say): not a failure of that run.
+NO_TESTS = 5
 
 
 #: The Molecule scenarios of the roles that need the embedded VMs (after the others).
@@ -471,20 +520,20 @@ class Phases:
 
 
 def _test(c, phases, unit, pytest_args, molecule, vm, compose):
-    _test_tools()
-    phases.run("lint", lambda: lint(c))
-    paths = ["tests/unit"] if unit else ["tests/unit", "tests/integration"]
-    cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
-    if not vm and not compose:
-        cmd += ["-m", "not vm and not compose"]
-    elif not vm:
-        cmd += ["-m", "not vm"]
-    elif not compose:
-        cmd += ["-m", "not compose"]
+    bindir = _test_tools()
+    markers = [f"not {m}" for m, on in (("vm", vm), ("compose", compose)) if not on]
+
+    def pytest(*paths: str) -> list[str]:
+        cmd = [sys.executable, "-m", "pytest", *paths, *pytest_args.split()]
+        return cmd + (["-m", " and ".join(markers)] if markers else [])
+
     if not unit and os.geteuid() != 0:
         say("llamavm: not root: the test bed tests will be skipped")
     env = dict(os.environ)
-    if not unit and os.geteuid() == 0:
+    if unit or os.geteuid() != 0:
+        phases.run("lint", lambda: lint(c))
+        cmd = pytest("tests/unit") if unit else pytest("tests/unit", "tests/integration")
+    else:
         # What the integration tests share, built once before them: the test bed (its rootfs),
         # the llama.cpp source with the web UI (the two at once, as `invoke provision` does),
         # and the first provision (the llama.cpp build). The tests' own provision then finds
@@ -496,6 +545,13 @@ def _test(c, phases, unit, pytest_args, molecule, vm, compose):
         # again into scratch caches (tests/integration/test_first_run.py) are skipped, saying so.
         cold = {"rootfs": not testbed.rootfs_cached(), "source": source.is_cold()}
         env["LLAMAVM_TEST_WALKED_COLD"] = ",".join(name for name, c in cold.items() if c)
+        # The linters and the unit tests need no test bed: they run beside the first provision.
+        lint_env = {**env, "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg")}
+        beside = _Beside(
+            [("lint", step, lint_env) for step in _lint_steps(bindir)]
+            + [("unit tests", pytest("tests/unit"), env)]
+        )
+        cmd = pytest("tests/integration")
         phases.run(
             "first provision (test bed, llama.cpp source and web UI, llama.cpp build, roles)",
             lambda: provision_mod.provision(
@@ -505,6 +561,9 @@ def _test(c, phases, unit, pytest_args, molecule, vm, compose):
                 step=lambda name, secs: say(f"llamavm:   {name}: {secs:.0f} s"),
             ),
         )
+        failed = phases.run("lint and unit tests (what was left of them)", beside.finish)
+        if failed:
+            raise Exit(f"llamavm: {' and '.join(dict.fromkeys(failed))} failed — see above", code=1)
     rc = phases.run("pytest", lambda: subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode)
     if rc != 0:
         raise Exit(f"llamavm: tests failed (pytest exit {rc})", code=rc)

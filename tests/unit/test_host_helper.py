@@ -91,15 +91,17 @@ def test_a_malformed_request_and_an_unreadable_contract_get_one_outcome_each(run
 
 
 def test_a_silent_connection_times_out_without_holding_up_the_others(running, monkeypatch):
-    monkeypatch.setattr(helper, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(helper, "REQUEST_TIMEOUT_S", 3.0)
     path, *_rest = running
     silent = socket.socket(socket.AF_UNIX)
     silent.connect(str(path))
     try:
-        began = time.monotonic()
         (outcome,) = _ask(path, helper.request_line("check", model="nope"))
-        assert outcome["code"] == 2 and time.monotonic() - began < 0.5
-        silent.settimeout(5)
+        assert outcome["code"] == 2
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):  # answered the other while this one still waits
+            silent.recv(65536)
+        silent.settimeout(10)
         (late,) = [json.loads(raw) for raw in silent.recv(65536).splitlines()]
         assert late["code"] == 2 and "no request line" in late["error"]
     finally:
