@@ -437,19 +437,31 @@ class _Beside:
         import time
 
         self.results: list[tuple[str, list[str], int, float, bytes]] = []
+        self.stopped = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
 
         def work() -> None:
             for name, argv, env in steps:
+                if self.stopped.is_set():
+                    return
                 began = time.monotonic()
-                proc = subprocess.run(
+                self.proc = subprocess.Popen(
                     argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, check=False,
+                    stderr=subprocess.STDOUT,
                 )  # fmt: skip
-                self.results.append((name, argv, proc.returncode, time.monotonic() - began,
-                                     proc.stdout))  # fmt: skip
+                output, _ = self.proc.communicate()
+                self.results.append((name, argv, self.proc.returncode, time.monotonic() - began,
+                                     output))  # fmt: skip
 
         self.thread = threading.Thread(target=work, name="llamavm-beside", daemon=True)
         self.thread.start()
+
+    def stop(self) -> None:
+        """The first provision failed: what still runs beside it is stopped, not left behind."""
+        self.stopped.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+        self.thread.join(30)
 
     def finish(self) -> list[str]:
         self.thread.join()
@@ -552,15 +564,19 @@ def _test(c, phases, unit, pytest_args, molecule, vm, compose):
             + [("unit tests", pytest("tests/unit"), env)]
         )
         cmd = pytest("tests/integration")
-        phases.run(
-            "first provision (test bed, llama.cpp source and web UI, llama.cpp build, roles)",
-            lambda: provision_mod.provision(
-                None,
-                None,
-                say=lambda line: None,
-                step=lambda name, secs: say(f"llamavm:   {name}: {secs:.0f} s"),
-            ),
-        )
+        try:
+            phases.run(
+                "first provision (test bed, llama.cpp source and web UI, llama.cpp build, roles)",
+                lambda: provision_mod.provision(
+                    None,
+                    None,
+                    say=lambda line: None,
+                    step=lambda name, secs: say(f"llamavm:   {name}: {secs:.0f} s"),
+                ),
+            )
+        except BaseException:
+            beside.stop()
+            raise
         failed = phases.run("lint and unit tests (what was left of them)", beside.finish)
         if failed:
             raise Exit(f"llamavm: {' and '.join(dict.fromkeys(failed))} failed — see above", code=1)
