@@ -125,8 +125,11 @@ def _follow(
                     _note(str(data.get("message", "")))
             elif kind == "outcome":
                 code = int(data.get("code", 0 if data.get("ok", True) else 1))
-                if not progressed and code == 5 and "privileged helper" in str(data.get("error")):
+                helper_lost = code == 5 and "privileged helper" in str(data.get("error"))
+                if helper_lost and not progressed:
                     raise Unusable("the control service could not reach its helper")
+                if helper_lost:  # it went away mid-way (a provision restarts it): ask the host
+                    break
                 return code, data
     except (OSError, http.client.HTTPException, ValueError):
         pass

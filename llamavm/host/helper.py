@@ -225,6 +225,10 @@ def daemon(
             conn, _ = listener.accept()
         except (TimeoutError, InterruptedError):
             continue
+        except OSError as exc:  # out of descriptors, an aborted connection: the others go on
+            print(f"llamavm-switchd: accept failed: {exc}", file=sys.stderr)
+            stop.wait(0.1)
+            continue
         with lock:
             full = in_flight >= MAX_CONNECTIONS
             in_flight += 0 if full else 1

@@ -66,9 +66,12 @@ def _lock_is_free() -> None:
     assert result.returncode == 0, "the switch lock is still held"
 
 
-def _switch_and_cut(model: str, when: str, via: str = "ssh") -> subprocess.CompletedProcess[str]:
+def _switch_and_cut(
+    model: str, when: str, via: str = "ssh", cut_helper: bool = False
+) -> subprocess.CompletedProcess[str]:
     """`invoke switch --model MODEL` over `via` (ssh, or api: the control service), its
-    connection cut once `when` is printed: its SSH client killed, or the control service."""
+    connection cut once `when` is printed: its SSH client killed, or the control service (or,
+    with cut_helper, the control service's root helper, as a provision's handler stops it)."""
     proc = subprocess.Popen(
         [str(INVOKE), "switch", "--model", model],
         cwd=REPO_ROOT,
@@ -89,6 +92,8 @@ def _switch_and_cut(model: str, when: str, via: str = "ssh") -> subprocess.Compl
                 if via == "ssh":
                     # The controller's ssh to the host dies, as on a dropped Wi-Fi or a closed lid.
                     subprocess.run(["pkill", "-KILL", "-f", f"llamavm-switch switch {model} --tx"])
+                elif cut_helper:
+                    host_run("systemctl stop llamavm-switchd.service")
                 else:
                     # The control service dies under the open stream (systemd restarts it).
                     host_run("systemctl kill --signal=KILL llamavm-control.service")
@@ -164,6 +169,32 @@ def test_control_service_killed_mid_api_switch_the_cli_learns_the_outcome_over_s
         _exactly_one_serves(new, host)
     _lock_is_free()
     wait_for(lambda: http_code(f"http://{host}:8090/health") == 200, 30, "the control service")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "rolls-back"])
+def test_helper_stopped_mid_api_switch_the_cli_learns_the_outcome_over_ssh(
+    one_serving, host, fails
+) -> None:
+    """The control service's root helper stops while the new model loads (a provision restarts
+    it): the transaction goes on in its own unit, the CLI asks the host how it ended, and the
+    socket starts a new helper for the next request."""
+    old, new = one_serving
+    failure = {"raise": "injected after the cut"} if fails else {}
+    set_failpoints({"in_load": {"sleep": 4, **failure}})
+    result = _switch_and_cut(new.name, PHASES["in_load"], via="api", cut_helper=True)
+    assert "asking the host how transaction" in result.stderr, result.stderr
+    assert "switching over SSH instead" not in result.stderr  # it was the API's switch
+    clear_failpoints()
+    if fails:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"rolled back, {old.name} is serving again" in result.stdout
+        _exactly_one_serves(old, host)
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        _exactly_one_serves(new, host)
+    _lock_is_free()
+    back = invoke("switch", "--model", old.name if not fails else new.name)
+    assert back.returncode == 0, back.stdout + back.stderr  # a new helper answered
 
 
 def test_an_exception_in_the_post_load_checks_rolls_back(one_serving, host) -> None:

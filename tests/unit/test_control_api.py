@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -220,6 +221,30 @@ def test_a_stream_broken_mid_switch_asks_over_ssh_how_that_transaction_ended(
     err = capsys.readouterr().err
     assert "stopping alpha" in err
     assert f"asking the host how transaction {tx} ended" in err
+
+
+class HelperLost(FakeHelper):
+    """The root helper went away after the transaction's first step (a provision restarted it;
+    the transaction goes on in its own unit): the control service says it did not answer."""
+
+    async def events(self, op, **fields):
+        self.calls.append((op, fields))
+        yield {"event": "progress", "message": "stopping alpha"}
+        lost = control._unreachable(Path("/run/llamavm-switchd.sock"), EOFError("no outcome"))
+        yield {"event": "outcome", **lost}
+
+
+def test_a_helper_lost_mid_switch_asks_over_ssh_how_that_transaction_ended(
+    tmp_path, ssh, capsys
+) -> None:
+    app, fake, _ = _app(tmp_path, fake=HelperLost(), key=None)
+    with Server(app) as server:
+        settings = _settings(tmp_path, server.port, policy="none")
+        code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
+    tx = fake.calls[0][1]["tx"]
+    assert (code, answer["tx"]) == (0, tx)  # the host's own outcome, not "did not answer"
+    assert ssh.calls == [("outcome", tx)]  # and no second transaction
+    assert f"asking the host how transaction {tx} ended" in capsys.readouterr().err
 
 
 def test_a_helper_that_cannot_be_reached_is_ssh_as_nothing_started(tmp_path, ssh) -> None:
