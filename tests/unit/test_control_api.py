@@ -208,21 +208,6 @@ class Breaking(FakeHelper):
         raise ConnectionResetError("the control service went away")
 
 
-def test_a_stream_broken_mid_switch_asks_over_ssh_how_that_transaction_ended(
-    tmp_path, ssh, capsys
-) -> None:
-    app, fake, _ = _app(tmp_path, fake=Breaking(), key=None)
-    with Server(app) as server:
-        settings = _settings(tmp_path, server.port, policy="none")
-        code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
-    tx = fake.calls[0][1]["tx"]
-    assert (code, answer["tx"], answer["reconnected"]) == (0, tx, True)
-    assert ssh.calls == [("outcome", tx)]
-    err = capsys.readouterr().err
-    assert "stopping alpha" in err
-    assert f"asking the host how transaction {tx} ended" in err
-
-
 class HelperLost(FakeHelper):
     """The root helper went away after the transaction's first step (a provision restarted it;
     the transaction goes on in its own unit): the control service says it did not answer."""
@@ -234,17 +219,21 @@ class HelperLost(FakeHelper):
         yield {"event": "outcome", **lost}
 
 
-def test_a_helper_lost_mid_switch_asks_over_ssh_how_that_transaction_ended(
-    tmp_path, ssh, capsys
+@pytest.mark.parametrize("fake", [Breaking, HelperLost], ids=["stream-broken", "helper-lost"])
+def test_a_switch_cut_mid_way_asks_over_ssh_how_that_transaction_ended(
+    tmp_path, ssh, capsys, fake
 ) -> None:
-    app, fake, _ = _app(tmp_path, fake=HelperLost(), key=None)
+    app, fake, _ = _app(tmp_path, fake=fake(), key=None)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port, policy="none")
         code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
     tx = fake.calls[0][1]["tx"]
-    assert (code, answer["tx"]) == (0, tx)  # the host's own outcome, not "did not answer"
-    assert ssh.calls == [("outcome", tx)]  # and no second transaction
-    assert f"asking the host how transaction {tx} ended" in capsys.readouterr().err
+    # the host's own outcome (not "did not answer"), and no second transaction
+    assert (code, answer["tx"], answer["reconnected"]) == (0, tx, True)
+    assert ssh.calls == [("outcome", tx)]
+    err = capsys.readouterr().err
+    assert "stopping alpha" in err
+    assert f"asking the host how transaction {tx} ended" in err
 
 
 def test_a_helper_that_cannot_be_reached_is_ssh_as_nothing_started(tmp_path, ssh) -> None:
