@@ -138,6 +138,8 @@ class Model:
     task: str = "chat"
     #: The companion this model loads as its speculative draft (None: none).
     draft: str | None = None
+    #: llama-server's HTTP threads: one per connection held open at once.
+    http_threads: int = 64
 
     @property
     def unit(self) -> str:

@@ -177,6 +177,7 @@ def argv(
         "--alias", model.name,
         "--ctx-size", str(model.ctx_size),
         "--parallel", str(model.parallel),
+        "--threads-http", str(model.http_threads),
         "--n-gpu-layers", str(model.n_gpu_layers),
         "--n-cpu-moe", str(model.n_cpu_moe),
         "--cache-type-k", model.cache_type,

@@ -9,7 +9,9 @@ controller in one file:
    copy of ``tools/ui`` (hosts then embed the prebuilt ``tools/ui/dist``, never npm, never
    a download);
 3. write a deterministic tarball of the tree with the UI dist inside (same bytes for the same
-   inputs, so Ansible's copy is idempotent and the role's build key is stable).
+   inputs, so Ansible's copy is idempotent and the role's build key is stable), with the
+   source patches of ``config/llama_cpp.yaml`` applied to the files they name (the cached
+   tree stays as the sdist shipped it).
 
 The integrator passes the result to ``ansible-playbook`` as the extra var
 ``llama_cpp_source_archive`` (see :data:`EXTRA_VAR`)::
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -57,6 +60,26 @@ _UI_REQUIRED = ("index.html",)
 
 
 @dataclass(frozen=True)
+class Patch:
+    """One change llamavm makes to the pinned source: `find` (which must occur exactly once in
+    `file`) becomes `replace`."""
+
+    name: str
+    file: str
+    find: str
+    replace: str
+
+    def apply(self, text: str, where: Path) -> str:
+        found = text.count(self.find)
+        if found != 1:
+            raise LlamavmError(
+                f"{where}: patch {self.name!r}: its 'find' text occurs {found} times in "
+                f"{self.file} (once expected) — update or drop the patch for this source pin"
+            )
+        return text.replace(self.find, self.replace)
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """The pins read from config/llama_cpp.yaml."""
 
@@ -66,6 +89,17 @@ class SourceConfig:
     ui_build: bool
     ui_timeout_s: int
     ship_exclude: tuple[str, ...]
+    patches: tuple[Patch, ...] = ()
+    #: The pins file these settings came from (named in errors).
+    path: Path = DEFAULT_CONFIG
+
+    @property
+    def patch_id(self) -> str:
+        """A short digest of the patches ("" with none): part of the tarball's name."""
+        if not self.patches:
+            return ""
+        text = "\0".join(f"{p.name}\0{p.file}\0{p.find}\0{p.replace}" for p in self.patches)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property
     def label(self) -> str:
@@ -97,6 +131,8 @@ def load_config(path: Path = DEFAULT_CONFIG) -> SourceConfig:
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise LlamavmError(f"{path}: ship_exclude must be a list of relative paths")
     return SourceConfig(
+        patches=_load_patches(path, data.get("patches") or []),
+        path=path,
         package=str(sdist.get("package") or "llama-cpp-python"),
         version=version,
         tree=str(sdist.get("tree") or "vendor/llama.cpp"),
@@ -104,6 +140,27 @@ def load_config(path: Path = DEFAULT_CONFIG) -> SourceConfig:
         ui_timeout_s=int(ui.get("timeout_s", 900)),
         ship_exclude=tuple(e.strip("/") for e in exclude),
     )
+
+
+def _load_patches(path: Path, raw: object) -> tuple[Patch, ...]:
+    if not isinstance(raw, list):
+        raise LlamavmError(f"{path}: patches must be a list of {{name, file, find, replace}}")
+    patches = []
+    for i, entry in enumerate(raw):
+        fields = ("name", "file", "find", "replace")
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) and entry.get(k) for k in fields
+        ):
+            raise LlamavmError(
+                f"{path}: patches[{i}]: needs the strings name, file, find and replace"
+            )
+        rel = entry["file"]
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise LlamavmError(
+                f"{path}: patches[{i}].file: {rel!r} must be a path inside the llama.cpp tree"
+            )
+        patches.append(Patch(entry["name"], rel, entry["find"], entry["replace"]))
+    return tuple(patches)
 
 
 def _sdist_stem(cfg: SourceConfig) -> str:
@@ -323,8 +380,16 @@ def _tarinfo(tar: tarfile.TarFile, path: Path, arcname: str) -> tarfile.TarInfo:
     return info
 
 
-def write_tarball(tree: Path, ui_dist: Path | None, out: Path, exclude: Sequence[str]) -> Path:
-    """Write tree (plus ui_dist as tools/ui/dist) to out as a reproducible .tar.gz.
+def write_tarball(
+    tree: Path,
+    ui_dist: Path | None,
+    out: Path,
+    exclude: Sequence[str],
+    patches: Sequence[Patch] = (),
+    where: Path = DEFAULT_CONFIG,
+) -> Path:
+    """Write tree (plus ui_dist as tools/ui/dist) to out as a reproducible .tar.gz, with
+    `patches` applied to the files they name (`where`: the pins file, named in errors).
 
     Members are sorted, owned by root, with fixed mtimes and modes, and the gzip header has no
     timestamp or name: the same inputs give the same bytes on every controller.
@@ -341,6 +406,7 @@ def write_tarball(tree: Path, ui_dist: Path | None, out: Path, exclude: Sequence
             for p in _walk(ui_dist)
         ]
     entries.sort(key=lambda e: e[0])
+    patched = patched_files(tree, patches, exclude, where)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with (
@@ -354,13 +420,37 @@ def write_tarball(tree: Path, ui_dist: Path | None, out: Path, exclude: Sequence
         tar.addfile(root)
         for arcname, path in entries:
             info = _tarinfo(tar, path, arcname)
-            if info.isreg():
+            if info.isreg() and path in patched:
+                info.size = len(patched[path])
+                tar.addfile(info, io.BytesIO(patched[path]))
+            elif info.isreg():
                 with open(path, "rb") as fh:
                     tar.addfile(info, fh)
             else:
                 tar.addfile(info)
     tmp.replace(out)
     return out
+
+
+def patched_files(
+    tree: Path, patches: Sequence[Patch], exclude: Sequence[str], where: Path
+) -> dict[Path, bytes]:
+    """The new bytes of every file a patch changes (several patches of one file in order)."""
+    texts: dict[Path, str] = {}
+    for patch in patches:
+        path = tree / patch.file
+        if any(patch.file == e or patch.file.startswith(f"{e}/") for e in exclude):
+            raise LlamavmError(f"{where}: patch {patch.name!r}: {patch.file} is not shipped")
+        if path not in texts:
+            try:
+                texts[path] = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise LlamavmError(
+                    f"{where}: patch {patch.name!r}: cannot read {patch.file} in {tree}: "
+                    f"{exc.strerror} — update or drop the patch for this source pin"
+                ) from exc
+        texts[path] = patch.apply(texts[path], where)
+    return {path: text.encode("utf-8") for path, text in texts.items()}
 
 
 def sha256_file(path: Path) -> str:
@@ -413,13 +503,13 @@ def prepare(
     use_ui = cfg.ui_build if with_ui is None else with_ui
     ui_dist = build_ui(cfg, tree, cache) if use_ui else None
     # Name after everything that changes the bytes: version, UI build, format, tree, excludes.
-    ident = f"{tree.resolve()}|{TARBALL_FORMAT}|{','.join(cfg.ship_exclude)}"
+    ident = f"{tree.resolve()}|{TARBALL_FORMAT}|{','.join(cfg.ship_exclude)}|{cfg.patch_id}"
     tree_id = hashlib.sha256(ident.encode()).hexdigest()[:8]
     ui_tag = f"ui-{ui_dist.parent.name.rsplit('-', 1)[-1]}" if ui_dist else "noui"
     out = cache / "dist" / f"llama.cpp-{cfg.label}-{ui_tag}-f{TARBALL_FORMAT}-{tree_id}.tar.gz"
     # A given tree may have changed in place: rewrite (same content gives the same bytes).
     if given_tree or not out.is_file():
-        write_tarball(tree, ui_dist, out, cfg.ship_exclude)
+        write_tarball(tree, ui_dist, out, cfg.ship_exclude, cfg.patches, cfg.path)
     return out
 
 
@@ -462,6 +552,7 @@ if __name__ == "__main__":
 __all__ = [
     "EXTRA_VAR",
     "EXTRA_VAR_VERSION",
+    "Patch",
     "SourceConfig",
     "cache_root",
     "fetched_tree",

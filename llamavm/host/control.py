@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import re
 import socket
@@ -46,12 +47,14 @@ from typing import Any
 import httpx  # Debian: python3-httpx (the control role installs it)
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from llamavm.host import EXIT_UNKNOWN, TX_PATTERN, picker
 from llamavm.host import contract as contract_mod
+from llamavm.host.activity import activity
 from llamavm.host.contract import Contract, HostError, Model
 from llamavm.host.helper import MAX_REQUEST, request_line
+from llamavm.host.upstream import Answer, ClientLink, ModelTransport
 
 #: How the helper's outcome codes read over HTTP.
 HTTP_STATUS = {0: 200, 1: 500, 2: 409, 3: 409, 4: 500, 5: 500, 6: 202}
@@ -64,13 +67,29 @@ TASK_PATHS = {"embeddings": "embeddings", "rerank": "rerank"}
 #: serves at least this often (a switch over SSH is not told to this service).
 IDLE_TICK_S = 1.0
 REFRESH_S = 30.0
-#: llama-server's /metrics: counters that move with every request, and requests under way.
-ACTIVITY_COUNTERS = (
-    "llamacpp:prompt_tokens_total",
-    "llamacpp:tokens_predicted_total",
-    "llamacpp:n_decode_total",
+#: While a transaction runs, the wake listener asks the helper this often whether it ended.
+SETTLE_EVERY_S = 0.25
+#: llama-server closes a kept-alive connection after 5 s without a request (cpp-httplib's
+#: keep-alive timeout): this service lets its idle connections to the models go well before,
+#: so it never sends a request on a connection the server is closing.
+UPSTREAM_IDLE_S = 2.0
+#: Connections to the models kept for reuse (as many as requests the front door lets through
+#: at once, rounded up).
+UPSTREAM_KEEP = 64
+#: A routed request nothing answered (refused: the model moved; a kept-alive connection the
+#: server had closed) is sent again, at most this many times in all.
+SEND_ATTEMPTS = 3
+#: How long this service keeps a client's idle connection open. uvicorn's 5 s would race with
+#: the clients that keep theirs 5 s (httpx, and so the OpenAI clients): a request sent as the
+#: server closes fails without an answer.
+CLIENT_KEEPALIVE_S = 75
+#: Errors of a request to a model that got no response at all.
+NOTHING_ANSWERED = (
+    httpx.ConnectError,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
 )
-ACTIVITY_BUSY = ("llamacpp:requests_processing", "llamacpp:requests_deferred")
 #: Headers a proxy does not pass on (RFC 9110 7.6.1), and those httpx sets itself.
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -200,6 +219,8 @@ class Router:
         self.asleep: str | None = None
         self.refreshed = float("-inf")
         self.clock = time.monotonic
+        #: The look under way for the end of a transaction (see settled()).
+        self._settling: asyncio.Future[None] | None = None
 
     async def _refresh(self) -> None:
         status = await self.helper.call("status")
@@ -218,6 +239,24 @@ class Router:
             if self.switching:
                 return
         status = await self.helper.call("status")
+        async with self.cond:
+            if not self.switching:
+                self._heard(status)
+                self.cond.notify_all()
+
+    async def settled(self) -> None:
+        """Once no transaction runs on the host (a switch from anywhere: the CLI, the API, this
+        router), knowing what serves then. One look at a time, shared by everyone waiting."""
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.ensure_future(self._settle())
+        await asyncio.shield(self._settling)
+
+    async def _settle(self) -> None:
+        while True:
+            status = await self.helper.call("status")
+            if not status.get("ok") or not status.get("transaction"):
+                break
+            await asyncio.sleep(SETTLE_EVERY_S)
         async with self.cond:
             if not self.switching:
                 self._heard(status)
@@ -326,23 +365,6 @@ class Router:
             if stale:
                 self.known = False
             self.cond.notify_all()
-
-
-def activity(text: str) -> tuple[tuple[float, ...], int] | None:
-    """(request counters, requests under way) from llama-server's /metrics text; None when
-    it has none of the counters (then nobody can tell idle from busy, and nothing sleeps)."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name in ACTIVITY_COUNTERS or name in ACTIVITY_BUSY:
-            try:
-                values[name] = float(rest.split()[0])
-            except (IndexError, ValueError):
-                continue
-    if not any(name in values for name in ACTIVITY_COUNTERS):
-        return None
-    busy = sum(values.get(name, 0.0) for name in ACTIVITY_BUSY)
-    return tuple(values.get(name, 0.0) for name in ACTIVITY_COUNTERS), int(busy)
 
 
 class IdleClock:
@@ -556,6 +578,66 @@ def read_key(contract: Contract) -> str | None:
     return key
 
 
+#: The headers of a routed answer passed on: what it is, and whether it may be kept.
+KEPT_HEADERS = ("content-type", "cache-control")
+
+
+def upstream_headers(key: str | None) -> list[tuple[str, str]]:
+    """A routed request's headers to the model: JSON, the key, and identity (the answer is
+    passed on as it comes, so it must not be compressed)."""
+    headers = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
+    if key is not None:
+        headers.append(("Authorization", f"Bearer {key}"))
+    return headers
+
+
+def passed(answer: Answer, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The answer's headers of `names`."""
+    return [(k, v) for k, v in answer.headers if k in names]
+
+
+def said(exc: BaseException) -> str:
+    """An exception's message, or its kind when it has none (httpx's often have none)."""
+    return str(exc) or type(exc).__name__
+
+
+class Relay(Response):
+    """A model's answer passed on as it comes (an ASGI response: a body message for each piece
+    that arrives, no task of its own but a watch for the client going away). When the client
+    goes away, the model's connection is dropped, so llama-server stops generating for nobody.
+    A model that breaks off mid-answer leaves the client's answer unfinished (its connection
+    closed), never ended as if whole. `after()` is awaited once the relay ends, however."""
+
+    def __init__(self, answer: Answer, headers: list[tuple[str, str]], after: Any = None) -> None:
+        self.answer, self.after = answer, after
+        self.status_code, self.background = answer.status, None
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        answer = self.answer
+
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            await answer.close()  # the read under way ends at once
+
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": self.raw_headers})  # fmt: skip
+            async for piece in answer.body:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            if not gone.done():  # the model broke off: the client's answer stays unfinished
+                print(f"llamavm-control: an answer broke off: {said(exc)}", flush=True)
+        finally:
+            gone.cancel()
+            await answer.close()
+            if self.after is not None:
+                await self.after()
+
+
 def create_app(
     contract: Contract,
     helper: Helper,
@@ -564,7 +646,8 @@ def create_app(
     contract_path: Path | None = None,
     idle_tick_s: float | None = None,
 ) -> Any:
-    """The FastAPI application. `upstream`: the httpx.AsyncClient that reaches the models;
+    """The FastAPI application. `upstream`: what reaches the models (an httpx.AsyncClient, or
+    by default llamavm's lean transport, which the relays use directly);
     `contract_path`: the file to follow for models added or changed since the start;
     `idle_tick_s`: run the idle watcher, a look this often (None: not). `app.state.wake` is
     the wake listener's application, `app.state.router` the router both share."""
@@ -578,13 +661,17 @@ def create_app(
         "picker page and these docs wants the API key (Authorization: Bearer KEY).",
         version="1",
     )
-    client = upstream or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
+    if upstream is None:
+        transport = ModelTransport(idle_s=UPSTREAM_IDLE_S, keep=UPSTREAM_KEEP)
+        client, link = httpx.AsyncClient(transport=transport), transport
+    else:
+        client, link = upstream, ClientLink(upstream)
     router = Router(live, helper)
     app.state.router = router
-    app.state.wake = wake_app(router, live, client, key, control.wake_wait_s if control else 120)
+    app.state.wake = wake_app(router, live, link, key, control.wake_wait_s if control else 120)
     watcher: list[asyncio.Task[None]] = []
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: no worker thread per request
         if key is not None and not key_given(request, key):
             raise HTTPException(
                 401,
@@ -708,56 +795,40 @@ def create_app(
             return openai_error(exc.status, str(exc))
         except TimeoutError:
             return openai_error(503, f"{model.name} did not get its turn in {ROUTE_WAIT_S:.0f}s")
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        content = json.dumps(body)
-        for attempt in (1, 2):
-            upstream_request = client.build_request(
-                "POST", f"{served.base_url}/v1/{path}", headers=headers, content=content
-            )
+        headers = upstream_headers(key)
+        content = json.dumps(body).encode()
+        for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                answer = await client.send(upstream_request, stream=True)
+                answer = await link.send("POST", served.base_url, f"/v1/{path}", headers, content)
                 break
-            except httpx.ConnectError as exc:  # switched behind our back (say, by the CLI)
-                await router.release(stale=True)
-                if attempt == 2:
-                    return openai_error(502, f"{served.name} did not answer: {exc}")
-                try:
-                    served = await asyncio.wait_for(router.acquire(model.name), ROUTE_WAIT_S)
-                except (TimeoutError, RouteError) as again:
-                    return openai_error(503, str(again) or "timed out")
+            except NOTHING_ANSWERED as exc:
+                # Refused: switched behind our back (say, by the CLI), so ask what serves and
+                # wait for the model again. Any other: nothing came back on a kept-alive
+                # connection, so the model never answered this request: send it again.
+                moved = isinstance(exc, httpx.ConnectError)
+                if attempt == SEND_ATTEMPTS:
+                    await router.release(stale=moved)
+                    return openai_error(502, f"{served.name} did not answer: {said(exc)}")
+                if moved:
+                    await router.release(stale=True)
+                    try:
+                        served = await asyncio.wait_for(router.acquire(model.name), ROUTE_WAIT_S)
+                    except (TimeoutError, RouteError) as again:
+                        return openai_error(503, str(again) or "timed out")
             except httpx.HTTPError as exc:
                 await router.release(stale=True)
-                return openai_error(502, f"{served.name} did not answer: {exc}")
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in answer.aiter_bytes():
-                    yield chunk
-            finally:
-                await answer.aclose()
-                await router.release()
-
-        keep = {"content-type", "cache-control"}
-        return StreamingResponse(
-            relay(),
-            status_code=answer.status_code,
-            headers={k: v for k, v in answer.headers.items() if k.lower() in keep},
-        )
+                return openai_error(502, f"{served.name} did not answer: {said(exc)}")
+        return Relay(answer, passed(answer, KEPT_HEADERS), router.release)
 
     async def beside(companion: Model, path: str, body: dict[str, Any]) -> Any:
         """A companion's request: straight to its server, no switch (it runs beside the big
         model, or the admission keeps it stopped and the answer says why)."""
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
         body["model"] = companion.name
-        upstream_request = client.build_request(
-            "POST", f"{companion.base_url}/v1/{path}", headers=headers, content=json.dumps(body)
-        )
+        content = json.dumps(body).encode()
         try:
-            answer = await client.send(upstream_request, stream=True)
+            answer = await link.send(
+                "POST", companion.base_url, f"/v1/{path}", upstream_headers(key), content
+            )
         except httpx.HTTPError:
             status = await call("status")
             why = next(
@@ -767,20 +838,7 @@ def create_app(
             )  # fmt: skip
             reason = f"stopped: {why}" if why else "not running"
             return openai_error(503, f"companion {companion.name} is {reason}")
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in answer.aiter_bytes():
-                    yield chunk
-            finally:
-                await answer.aclose()
-
-        keep = {"content-type", "cache-control"}
-        return StreamingResponse(
-            relay(),
-            status_code=answer.status_code,
-            headers={k: v for k, v in answer.headers.items() if k.lower() in keep},
-        )
+        return Relay(answer, passed(answer, KEPT_HEADERS))
 
     for path in ROUTED:
 
@@ -809,13 +867,12 @@ def create_app(
     return app
 
 
-def wake_app(
-    router: Router, live: LiveContract, client: Any, key: str | None, wait_s: float
-) -> Any:
+def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wait_s: float) -> Any:
     """The wake listener (127.0.0.1, the front door's map points here while the model
-    sleeps): any request wakes the sleeping model — with the key, when there is one; the web
-    UI's page is public, as on llama-server — waits for it, at most `wait_s`, and goes on to
-    it. Once it serves, the firewall sends the front door straight to it again."""
+    sleeps, and while a switch moves it): a request waits for a transaction under way to end,
+    wakes the sleeping model — with the key, when there is one; the web UI's page is public,
+    as on llama-server — waits for it, at most `wait_s` in all, and goes on to the model that
+    serves. Once one serves, the firewall sends the front door straight to it again."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -832,8 +889,16 @@ def wake_app(
         public = request.method in ("GET", "HEAD") and request.url.path in ("/", "/index.html")
         if key is not None and not public and not key_given(request, key):
             return refuse(401, "Invalid API Key")
-        if not router.known:
-            await router.refresh()
+        # A switch holds the front door here from its stop until the new model is exposed:
+        # wait it out (Caddy 2.6 cannot send a request body twice, so it must not dial again).
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(router.settled(), wait_s)
+        except TimeoutError:
+            return refuse(
+                503, f"llamavm: a switch is under way, not done after {wait_s:.0f}s — retry "
+                "shortly", retry=True,
+            )  # fmt: skip
         name = router.serving or router.asleep
         if name is None:
             return refuse(
@@ -844,7 +909,8 @@ def wake_app(
         turn = asyncio.ensure_future(router.acquire(name))
         try:
             # Shielded: a request that stops waiting leaves the wake going for the next one.
-            served = await asyncio.wait_for(asyncio.shield(turn), wait_s)
+            left = max(0.1, wait_s - (time.monotonic() - began))
+            served = await asyncio.wait_for(asyncio.shield(turn), left)
         except TimeoutError:
             turn.add_done_callback(_release_when_admitted(router))
             return refuse(
@@ -854,29 +920,16 @@ def wake_app(
         except RouteError as exc:
             return refuse(503, f"llamavm: {exc}", retry=True)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        url = f"{served.base_url}/{path}" + (f"?{request.url.query}" if request.url.query else "")
-        upstream = client.build_request(
-            request.method, url, headers=headers, content=await request.body()
-        )
+        target = f"/{path}" + (f"?{request.url.query}" if request.url.query else "")
         try:
-            answer = await client.send(upstream, stream=True)
+            answer = await link.send(
+                request.method, served.base_url, target, headers, await request.body()
+            )
         except httpx.HTTPError as exc:
             await router.release(stale=True)
-            return refuse(502, f"llamavm: {served.name} did not answer: {exc}", retry=True)
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in answer.aiter_raw():
-                    yield chunk
-            finally:
-                await answer.aclose()
-                await router.release()
-
-        return StreamingResponse(
-            relay(),
-            status_code=answer.status_code,
-            headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP},
-        )
+            return refuse(502, f"llamavm: {served.name} did not answer: {said(exc)}", retry=True)
+        through = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
+        return Relay(answer, through, router.release)
 
     return app
 
@@ -921,6 +974,13 @@ def listener(address: str, port: int) -> socket.socket:
     return sock
 
 
+def quiet_routes(record: logging.LogRecord) -> bool:
+    """The access log without the routed /v1 requests (a line each, dozens a second under
+    load, to the journal): what the API was asked to do stays in it."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (len(args) >= 3 and str(args[2]).startswith("/v1/"))
+
+
 def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
     """Run the control service (llamavm-control.service)."""
     import uvicorn  # Debian: python3-uvicorn
@@ -943,6 +1003,8 @@ def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
         log_level="info",
         proxy_headers=False,
         server_header=False,
+        timeout_keep_alive=CLIENT_KEEPALIVE_S,
     )
+    logging.getLogger("uvicorn.access").addFilter(quiet_routes)
     uvicorn.Server(config).run(sockets=sockets)
     return 0

@@ -33,6 +33,7 @@ from llamavm.host import (
     store,
 )
 from llamavm.host import watch as watch_mod
+from llamavm.host.activity import in_flight_of
 from llamavm.host.contract import Contract, Firewall, HostError, Model
 from llamavm.host.systemd import Systemd
 
@@ -191,20 +192,16 @@ class Host:
             self.progress("front door: new requests wait for the switch")
 
     def in_flight(self, model: Model, key: str | None) -> int:
-        """Requests `model`'s server is processing now (its /metrics; 0 when it can't say)."""
+        """Requests `model`'s server has now: in its slots, and waiting for one (with more
+        requests than slots most of them wait; a stop would cut them). Its /metrics; 0 when it
+        can't say."""
         try:
             status, text = http.request(model.base_url + "/metrics", key=key, timeout=2)
         except OSError:
             return 0
         if status != 200 or not isinstance(text, str):
             return 0
-        for line in text.splitlines():
-            if line.startswith("llamacpp:requests_processing "):
-                try:
-                    return int(float(line.split()[1]))
-                except (IndexError, ValueError):
-                    return 0
-        return 0
+        return in_flight_of(text)
 
     def drain(self, models: list[Model]) -> None:
         """Before a stop: wait, at most the contract's drain_s, for `models`' requests in

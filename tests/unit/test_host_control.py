@@ -9,6 +9,7 @@ import asyncio
 import copy
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -287,6 +288,54 @@ def test_a_switch_behind_the_routers_back_is_followed(tmp_path) -> None:
         fake.serving = "beta"  # say, `invoke switch` from the CLI
         answer = client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH)
     assert answer.status_code == 200 and answer.json()["model"] == "alpha"
+
+
+class Dropping(Upstream):
+    """Model servers that close `drops` kept-alive connections before answering (the race a
+    client loses when it sends just as the server lets an idle connection go)."""
+
+    def __init__(self, fake: FakeHelper, host_contract, drops: int) -> None:
+        super().__init__(fake, host_contract)
+        self.drops = drops
+        self.sent = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.drops:
+            self.drops -= 1
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize(("drops", "status"), [(0, 200), (1, 200), (2, 200), (3, 502)])
+def test_a_routed_request_nothing_answered_is_sent_again(tmp_path, drops, status) -> None:
+    host, fake = _contract(tmp_path), FakeHelper()
+    upstream = Dropping(fake, host, drops)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    app = control.create_app(host, fake, KEY, upstream=client)
+    with TestClient(app) as http:
+        answer = http.post("/v1/completions", json={"model": "alpha"}, headers=AUTH)
+        assert answer.status_code == status, answer.text
+        assert upstream.sent == min(drops + 1, control.SEND_ATTEMPTS)
+        if status == 502:
+            assert "alpha did not answer: Server disconnected" in answer.json()["error"]["message"]
+        assert [c[0] for c in fake.calls] == ["status"]  # asked once what serves; no switch
+        # the turn was given back: the next request (another model) may switch
+        assert http.post("/v1/completions", json={"model": "beta"}, headers=AUTH).is_success
+    assert fake.serving == "beta"
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [("/v1/chat/completions", False), ("/v1/completions", False), ("/switch", True),
+     ("/status", True), ("/", True)],
+)  # fmt: skip
+def test_the_access_log_keeps_the_api_not_the_routed_requests(path, kept) -> None:
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("10.0.0.5:5000", "POST", path, "1.1", 200), None,
+    )  # fmt: skip
+    assert control.quiet_routes(record) is kept
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])

@@ -6,6 +6,7 @@ tests/integration/test_expose.py. nvidia-smi answers come from tests/fixtures/nv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from dataclasses import replace
@@ -237,6 +238,33 @@ def test_state_reads_nft_json_and_skips_an_unchanged_update(monkeypatch) -> None
     assert calls[-1][:2] == ["-j", "list"], "nothing applied when nothing changes"
     assert firewall.set_open(FW, [8001]) is True
     assert calls[-1] == ["-f", "-"]
+
+
+@pytest.mark.parametrize(("wake_port", "held_at"), [(8401, 8401), (None, None)])
+def test_a_hold_sends_the_front_door_to_the_wake_listener_when_there_is_one(
+    monkeypatch, wake_port, held_at
+) -> None:
+    """Mid-switch, front-door requests wait at the control service (it passes them on once the
+    switch ended); without one they wait in the front door, which dials again."""
+    fw = dataclasses.replace(FW, wake_port=wake_port)
+    applied: list[str] = []
+
+    def nft(args, stdin=None):
+        if args[:2] == ["-j", "list"]:
+            listing = {"nftables": [
+                {"set": {"name": "model_ports", "elem": [8001]}},
+                {"map": {"name": "front_door", "elem": [[8400, 8001]]}},
+            ]}  # fmt: skip
+            return subprocess.CompletedProcess([], 0, json.dumps(listing), "")
+        applied.append(stdin)
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(firewall, "_nft", nft)
+    assert firewall.hold(fw) is True
+    assert "add element inet llamavm model_ports { 8001 }" in applied[0]  # the port stays open
+    entry = f"add element inet llamavm front_door {{ 8400 : {held_at} }}"
+    assert (entry in applied[0]) is (held_at is not None)
+    assert "flush map inet llamavm front_door" in applied[0]
 
 
 # --- nvidia-smi ---------------------------------------------------------------------------------

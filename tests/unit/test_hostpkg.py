@@ -14,7 +14,7 @@ from llamavm import REPO_ROOT, hostpkg
 
 #: The control service alone uses Debian packages (its role installs them); nothing else on the
 #: host may need them, so it is imported only by the `control` command.
-DEBIAN_ONLY = {"control.py": {"fastapi", "httpx", "uvicorn"}}
+DEBIAN_ONLY = {"control.py": {"fastapi", "httpx", "uvicorn"}, "upstream.py": {"httpx"}}
 
 
 def test_the_host_package_imports_only_the_standard_library() -> None:

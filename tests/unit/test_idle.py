@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from llamavm import catalog, contract
 from llamavm.host import EXIT_REFUSED, checks, control, firewall, metrics, status, store
+from llamavm.host.activity import in_flight_of
 from llamavm.host.contract import Firewall, HostError
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.transaction import Host, Transaction
@@ -249,6 +250,16 @@ def test_activity_reads_the_counters_and_the_requests_under_way() -> None:
     assert control.activity("llamacpp:prompt_tokens_total x\n") is None
 
 
+def test_the_requests_in_flight_count_those_waiting_for_a_slot() -> None:
+    """A switch drains these before its stop: with more requests than slots, most wait."""
+    busy = METRICS.format(prompt=3, busy=2).replace("deferred 0", "deferred 30")
+    assert in_flight_of(busy) == 32
+    assert control.activity(busy) == ((3.0, 7.0, 9.0), 32)
+    assert in_flight_of(METRICS.format(prompt=3, busy=0)) == 0
+    assert in_flight_of("") == 0
+    assert in_flight_of("llamacpp:requests_deferred nan-ish\n") == 0
+
+
 def test_the_idle_clock_restarts_at_any_sign_of_a_request() -> None:
     clock = control.IdleClock()
     clock.observe("one", (1.0,), False, 100.0)
@@ -279,13 +290,15 @@ class Helper:
         self.calls: list[str] = []
         self.switch_s = 0.01
         self.fail_sleep = False
+        #: A transaction in flight elsewhere (the CLI's): status says so until it ends.
+        self.transaction: dict[str, Any] | None = None
 
     async def events(self, op: str, **fields: str) -> AsyncIterator[dict[str, Any]]:
         self.calls.append(op)
         if op == "status":
             asleep = {"model": self.asleep, "at": 0, "idle_s": 5} if self.asleep else None
             yield {"event": "outcome", "ok": True, "code": 0, "active": self.serving,
-                   "asleep": asleep, "models": []}  # fmt: skip
+                   "asleep": asleep, "transaction": self.transaction, "models": []}  # fmt: skip
             return
         if op == "sleep":
             if self.fail_sleep or self.serving != fields["model"]:
@@ -426,6 +439,41 @@ def test_the_wake_listener_wakes_the_model_and_passes_the_request_on(tmp_path) -
         service.fake.serving, service.fake.asleep = None, "alpha"
         service.app.state.router.known = False
         assert wake.get("/").status_code == 200
+
+
+def test_mid_switch_the_wake_listener_waits_and_passes_on_to_the_new_model(tmp_path) -> None:
+    """A switch from the CLI holds the front door at the wake listener: requests wait for the
+    transaction to end, share one look at the helper meanwhile, then go to the new model."""
+    service = _service(tmp_path)
+    fake = service.fake
+    fake.serving, fake.transaction = None, {"tx": "abcdef123456", "op": "switch", "target": "beta"}
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=service.app.state.wake)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://wake") as wake:
+            waiting = [
+                asyncio.ensure_future(wake.post("/v1/completions", json={"n": i}, headers=AUTH))
+                for i in range(6)
+            ]
+            await asyncio.sleep(0.6)
+            assert not any(w.done() for w in waiting), "they wait while the switch runs"
+            assert 2 <= fake.calls.count("status") <= 4  # one look every 0.25 s, shared
+            fake.serving, fake.transaction = "beta", None  # the CLI's switch ended
+            return list(await asyncio.gather(*waiting))
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * 6
+    assert {a.json()["model"] for a in answers} == {"beta"}
+    assert fake.calls.count("switch") == 0  # it waited for that switch, started none
+
+
+def test_a_switch_that_does_not_end_is_a_retryable_503(tmp_path) -> None:
+    service = _service(tmp_path, wait_s=1)
+    service.fake.transaction = {"tx": "abcdef123456", "op": "switch", "target": "beta"}
+    with TestClient(service.app.state.wake) as wake:
+        answer = wake.post("/v1/completions", json={}, headers=AUTH)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert "a switch is under way, not done after 1s" in answer.json()["error"]["message"]
 
 
 def test_a_wake_that_takes_too_long_is_a_retryable_503_and_goes_on(tmp_path) -> None:

@@ -100,11 +100,99 @@ def test_load_config_missing_file_is_an_operator_error(tmp_path: Path) -> None:
         source.load_config(tmp_path / "absent.yaml")
 
 
+def _pins(tmp_path: Path, patches: str = "") -> Path:
+    """A pins file like the repository's, with these patches (YAML list items) or none."""
+    pins = tmp_path / "llama_cpp.yaml"
+    pins.write_text(
+        "sdist: {version: '0.3.36'}\nship_exclude: [docs]\n"
+        + (f"patches:\n{patches}" if patches else "")
+    )
+    return pins
+
+
+PATCH = """\
+  - name: say-hello
+    file: src/llama.cpp
+    find: "int main() {}"
+    replace: "int main() { return 42; }"
+"""
+
+
 def test_prepare_without_ui_uses_cache_and_a_given_tree(tmp_path: Path) -> None:
-    tree = _tree(tmp_path)
-    out = source.prepare(cache=tmp_path / "cache", with_ui=False, tree=tree)
+    tree, pins = _tree(tmp_path), _pins(tmp_path)
+    out = source.prepare(pins, cache=tmp_path / "cache", with_ui=False, tree=tree)
     assert out.is_file() and "noui" in out.name
-    assert source.prepare(cache=tmp_path / "cache", with_ui=False, tree=tree) == out
+    assert source.prepare(pins, cache=tmp_path / "cache", with_ui=False, tree=tree) == out
+
+
+def test_patches_change_the_shipped_file_not_the_tree(tmp_path: Path) -> None:
+    tree, dist = _tree(tmp_path), _dist(tmp_path)
+    cfg = source.load_config(_pins(tmp_path, PATCH))
+    out = source.write_tarball(tree, dist, tmp_path / "t.tar.gz", ["docs"], cfg.patches)
+    with tarfile.open(out) as tar:
+        member = tar.getmember("llama.cpp/src/llama.cpp")
+        shipped = tar.extractfile(member).read()  # type: ignore[union-attr]
+        untouched = tar.extractfile("llama.cpp/CMakeLists.txt").read()  # type: ignore[union-attr]
+    assert shipped == b"int main() { return 42; }\n"
+    assert member.size == len(shipped)
+    assert untouched == b"project(x)\n"
+    assert (tree / "src" / "llama.cpp").read_text() == "int main() {}\n"
+
+
+def test_patches_name_the_tarball(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    plain = source.prepare(_pins(tmp_path), cache=tmp_path / "c", with_ui=False, tree=tree)
+    patched = source.prepare(_pins(tmp_path, PATCH), cache=tmp_path / "c", with_ui=False, tree=tree)
+    assert plain != patched and plain.is_file() and patched.is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("int main() {}\nint main() {}\n", r"'say-hello'.*occurs 2 times in src/llama\.cpp"),
+        ("int other() {}\n", r"'say-hello'.*occurs 0 times.*update or drop the patch"),
+    ],
+)
+def test_a_patch_that_does_not_match_once_stops_prepare(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    tree, pins = _tree(tmp_path), _pins(tmp_path, PATCH)
+    (tree / "src" / "llama.cpp").write_text(text)
+    with pytest.raises(LlamavmError, match=error):
+        source.prepare(pins, cache=tmp_path / "cache", with_ui=False, tree=tree)
+
+
+def test_a_patch_of_a_missing_or_unshipped_file_stops_prepare(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    gone = _pins(tmp_path, PATCH.replace("src/llama.cpp", "src/gone.cpp"))
+    with pytest.raises(LlamavmError, match=r"'say-hello': cannot read src/gone\.cpp"):
+        source.prepare(gone, cache=tmp_path / "cache", with_ui=False, tree=tree)
+    unshipped = _pins(tmp_path, PATCH.replace("src/llama.cpp", "docs/big.md"))
+    with pytest.raises(LlamavmError, match=r"docs/big\.md is not shipped"):
+        source.prepare(unshipped, cache=tmp_path / "cache", with_ui=False, tree=tree)
+
+
+@pytest.mark.parametrize(
+    ("patches", "error"),
+    [
+        ("  - {name: x, file: a.cpp, find: y}\n", r"patches\[0\]: needs the strings"),
+        ("  - {name: x, file: ../a.cpp, find: y, replace: z}\n", r"patches\[0\]\.file"),
+        ("  - {name: x, file: /etc/passwd, find: y, replace: z}\n", r"patches\[0\]\.file"),
+        ("  just-a-string\n", r"patches must be a list"),
+    ],
+)
+def test_load_config_rejects_malformed_patches(tmp_path: Path, patches: str, error: str) -> None:
+    with pytest.raises(LlamavmError, match=error):
+        source.load_config(_pins(tmp_path, patches))
+
+
+def test_the_repository_patches_apply_to_the_pinned_tree() -> None:
+    cfg = source.load_config()
+    if source.is_cold():
+        pytest.skip("the pinned source is not fetched yet (invoke provision fetches it)")
+    tree = source.fetched_tree()  # extracted already: no download
+    patched = source.patched_files(tree, cfg.patches, cfg.ship_exclude, cfg.path)
+    assert len(patched) == len({p.file for p in cfg.patches}) > 0
 
 
 def test_prepare_rejects_a_tree_without_cmakelists(tmp_path: Path) -> None:
