@@ -8,7 +8,7 @@ Run on a provisioned test bed (`invoke provision` first), as root:
                                    [--json FILE]
 
 For each concurrency C and mode (streamed or not), each way in gets N requests, at most C at
-once, split into bursts (of at least 2C requests, at most 10 of them, or `--rounds`) that take
+once, split into bursts (of at least 2C and 50 requests, at most 10 of them, or `--rounds`) that take
 turns with the other ways in (the order rotates each round), so all three see the same machine;
 `--repeat R` runs it all R times (less noise in the ratios). The client
 (tests/integration/clients/streams.py) is what an OpenAI client is: httpx, keep-alive on, one
@@ -79,7 +79,7 @@ def interleaved(ways: dict[str, str], model: str, args: argparse.Namespace) -> l
             # A burst of at least twice C requests (C at once, then C more as they end), as
             # many bursts as that leaves: the ways in take turns often, so a machine whose
             # speed drifts within seconds (this one does) shows it to all three alike.
-            rounds = args.rounds or max(1, min(10, args.requests // (2 * c)))
+            rounds = args.rounds or max(1, min(10, args.requests // max(2 * c, 50)))
             per_round = [args.requests // rounds] * rounds
             per_round[-1] += args.requests - sum(per_round)
             for r, n in enumerate(per_round):

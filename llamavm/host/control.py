@@ -578,6 +578,26 @@ def read_key(contract: Contract) -> str | None:
     return key
 
 
+#: What a request without the key is told (401).
+KEY_WANTED = "this endpoint wants the API key: Authorization: Bearer KEY (or X-Api-Key)"
+
+
+class RoutedFirst:
+    """ASGI middleware: the routed requests (POST /v1/...) are answered here, ahead of
+    FastAPI's routing, dependencies and exception layers, which a relay would otherwise pass
+    every token through; everything else goes on to the application. (The same routes stay in
+    the application, for its API documentation.)"""
+
+    def __init__(self, app: Any, paths: set[str], handle: Any) -> None:
+        self.app, self.paths, self.handle = app, paths, handle
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 #: The headers of a routed answer passed on: what it is, and whether it may be kept.
 KEPT_HEADERS = ("content-type", "cache-control")
 
@@ -673,11 +693,7 @@ def create_app(
 
     async def authorized(request: Request) -> None:  # async: no worker thread per request
         if key is not None and not key_given(request, key):
-            raise HTTPException(
-                401,
-                "this endpoint wants the API key: Authorization: Bearer KEY (or X-Api-Key)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise HTTPException(401, KEY_WANTED, headers={"WWW-Authenticate": "Bearer"})
 
     def outcome_response(outcome: dict[str, Any]) -> JSONResponse:
         code = int(outcome.get("code", 0))
@@ -852,6 +868,19 @@ def create_app(
             dependencies=[Depends(authorized)],
             name=f"v1_{path.replace('/', '_')}",
         )
+
+    async def routed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A routed request, answered ahead of FastAPI's routing (see RoutedFirst)."""
+        request = Request(scope, receive)
+        if key is not None and not key_given(request, key):
+            answer: Any = JSONResponse(
+                {"detail": KEY_WANTED}, 401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        else:
+            answer = await route(request, scope["path"].removeprefix("/v1/"))
+        await answer(scope, receive, send)
+
+    app.add_middleware(RoutedFirst, paths={f"/v1/{path}" for path in ROUTED}, handle=routed)
 
     @app.on_event("startup")
     async def start() -> None:

@@ -4,6 +4,7 @@ its privileged helper behind a socket, the API answering with the catalog."""
 from __future__ import annotations
 
 import json
+import re
 
 
 def _control(host) -> dict:
@@ -37,3 +38,22 @@ def test_the_api_lists_the_catalog_and_what_serves(host) -> None:
     models = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{port}/v1/models"))
     names = {m["id"] for m in models["data"]}
     assert {"qwen3-coder-30b", "gpt-oss-120b"} <= names
+
+
+def exposure(host, unit: str) -> float:
+    """`systemd-analyze security`'s overall exposure of `unit` (0 confined .. 10 exposed)."""
+    verdict = host.check_output(f"systemd-analyze security --no-pager {unit}").splitlines()[-1]
+    found = re.search(rf"Overall exposure level for {re.escape(unit)}: ([0-9.]+)", verdict)
+    assert found, verdict
+    return float(found.group(1))
+
+
+def test_the_control_service_and_its_root_helper_are_confined(host) -> None:
+    """The helper stays root (systemd starts units only for root) with CAP_NET_ADMIN (a status
+    reads the firewall) and little else; the service on the LAN keeps nothing."""
+    control = _control(host)
+    helper = control["helper_socket_unit"].replace(".socket", ".service")
+    assert exposure(host, helper) <= 5.0
+    assert exposure(host, control["unit"]) <= 2.0
+    caps = host.check_output(f"systemctl show -p CapabilityBoundingSet --value {helper}")
+    assert caps == "cap_net_admin", caps
