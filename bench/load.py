@@ -8,12 +8,13 @@ Run on a provisioned test bed (`invoke provision` first), as root:
                                    [--json FILE]
 
 For each concurrency C and mode (streamed or not), each way in gets N requests, at most C at
-once, split into bursts (of at least 2C and 50 requests, at most 10 of them, or `--rounds`) that take
-turns with the other ways in (the order rotates each round), so all three see the same machine;
-`--repeat R` runs it all R times (less noise in the ratios). The client
+once, split into bursts (of at least 2C and 50 requests, at most 10 of them, or `--rounds`) that
+take turns with the other ways in (the order rotates each round), so all three see the same
+machine; `--repeat R` runs each case's rounds R times (less noise in the ratios). The client
 (tests/integration/clients/streams.py) is what an OpenAI client is: httpx, keep-alive on, one
 connection pool per way in kept for the whole run. Prints requests/s, p50/p95 time to the first
-token and to the end, every error by kind, and the ratios to the model port (goals: zero errors
+token and to the end, every error by kind, and the ratios to the model port (requests/s: the
+median of the rounds' ratios, each taken between bursts next to each other; goals: zero errors
 through the front door and the routing endpoint; the front door >= 0.95x and routing >= 0.9x
 the model port's requests/s; p95 first token within 1.2x the model port's).
 
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,15 +84,23 @@ def interleaved(ways: dict[str, str], model: str, args: argparse.Namespace) -> l
             rounds = args.rounds or max(1, min(10, args.requests // max(2 * c, 50)))
             per_round = [args.requests // rounds] * rounds
             per_round[-1] += args.requests - sum(per_round)
-            for r, n in enumerate(per_round):
+            for r, n in enumerate(per_round * args.repeat):
                 turn = order[r % len(order) :] + order[: r % len(order)]
                 for way in turn:
                     bursts.append({
                         "target": way, "url": ways[way], "requests": n, "concurrency": c,
                         "stream": mode == "stream", "models": [model],
-                        "max_tokens": args.max_tokens,
+                        "max_tokens": args.max_tokens, "round": r,
                     })  # fmt: skip
     return bursts
+
+
+def round_ratios(case: list[dict[str, Any]], way: str) -> list[float]:
+    """`way`'s requests/s over the model port's, round by round: bursts next to each other in
+    time, so the machine's drift between rounds cancels out."""
+    rate = {(b["target"], b["round"]): b["requests"] / b["seconds"] for b in case}
+    rounds = sorted({b["round"] for b in case})
+    return [rate[(way, r)] / rate[("model", r)] for r in rounds if (way, r) in rate]
 
 
 def report(done: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[dict], bool]:
@@ -111,7 +121,7 @@ def report(done: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[d
                 if not bursts:
                     continue
                 s = summary(bursts)
-                rps_ratio = s["rps"] / base["rps"]
+                rps_ratio = statistics.median(round_ratios(case, way))
                 first_ratio = s["first_p95"] / base["first_p95"]
                 errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())) or "none"
                 print(
@@ -225,7 +235,7 @@ def main() -> int:
             verdict = "met" if met else "NOT met"
             print(f"\ngoal (every request 200 and complete, one big model): {verdict}")
             return 0 if met else 1
-        bursts = interleaved(ways, contract["default_model"], args) * args.repeat
+        bursts = interleaved(ways, contract["default_model"], args)
         done = finish(run_client({"bursts": bursts}, key))
     rows, met = report(done, args)
     print(

@@ -67,8 +67,6 @@ TASK_PATHS = {"embeddings": "embeddings", "rerank": "rerank"}
 #: serves at least this often (a switch over SSH is not told to this service).
 IDLE_TICK_S = 1.0
 REFRESH_S = 30.0
-#: While a transaction runs, the wake listener asks the helper this often whether it ended.
-SETTLE_EVERY_S = 0.25
 #: llama-server closes a kept-alive connection after 5 s without a request (cpp-httplib's
 #: keep-alive timeout): this service lets its idle connections to the models go well before,
 #: so it never sends a request on a connection the server is closing.
@@ -219,8 +217,6 @@ class Router:
         self.asleep: str | None = None
         self.refreshed = float("-inf")
         self.clock = time.monotonic
-        #: The look under way for the end of a transaction (see settled()).
-        self._settling: asyncio.Future[None] | None = None
 
     async def _refresh(self) -> None:
         status = await self.helper.call("status")
@@ -239,24 +235,6 @@ class Router:
             if self.switching:
                 return
         status = await self.helper.call("status")
-        async with self.cond:
-            if not self.switching:
-                self._heard(status)
-                self.cond.notify_all()
-
-    async def settled(self) -> None:
-        """Once no transaction runs on the host (a switch from anywhere: the CLI, the API, this
-        router), knowing what serves then. One look at a time, shared by everyone waiting."""
-        if self._settling is None or self._settling.done():
-            self._settling = asyncio.ensure_future(self._settle())
-        await asyncio.shield(self._settling)
-
-    async def _settle(self) -> None:
-        while True:
-            status = await self.helper.call("status")
-            if not status.get("ok") or not status.get("transaction"):
-                break
-            await asyncio.sleep(SETTLE_EVERY_S)
         async with self.cond:
             if not self.switching:
                 self._heard(status)
@@ -898,10 +876,9 @@ def create_app(
 
 def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wait_s: float) -> Any:
     """The wake listener (127.0.0.1, the front door's map points here while the model
-    sleeps, and while a switch moves it): a request waits for a transaction under way to end,
-    wakes the sleeping model — with the key, when there is one; the web UI's page is public,
-    as on llama-server — waits for it, at most `wait_s` in all, and goes on to the model that
-    serves. Once one serves, the firewall sends the front door straight to it again."""
+    sleeps): any request wakes the sleeping model — with the key, when there is one; the web
+    UI's page is public, as on llama-server — waits for it, at most `wait_s`, and goes on to
+    it. Once it serves, the firewall sends the front door straight to it again."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -918,16 +895,8 @@ def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wai
         public = request.method in ("GET", "HEAD") and request.url.path in ("/", "/index.html")
         if key is not None and not public and not key_given(request, key):
             return refuse(401, "Invalid API Key")
-        # A switch holds the front door here from its stop until the new model is exposed:
-        # wait it out (Caddy 2.6 cannot send a request body twice, so it must not dial again).
-        began = time.monotonic()
-        try:
-            await asyncio.wait_for(router.settled(), wait_s)
-        except TimeoutError:
-            return refuse(
-                503, f"llamavm: a switch is under way, not done after {wait_s:.0f}s — retry "
-                "shortly", retry=True,
-            )  # fmt: skip
+        if not router.known:
+            await router.refresh()
         name = router.serving or router.asleep
         if name is None:
             return refuse(
@@ -938,8 +907,7 @@ def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wai
         turn = asyncio.ensure_future(router.acquire(name))
         try:
             # Shielded: a request that stops waiting leaves the wake going for the next one.
-            left = max(0.1, wait_s - (time.monotonic() - began))
-            served = await asyncio.wait_for(asyncio.shield(turn), left)
+            served = await asyncio.wait_for(asyncio.shield(turn), wait_s)
         except TimeoutError:
             turn.add_done_callback(_release_when_admitted(router))
             return refuse(

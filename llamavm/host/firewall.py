@@ -112,12 +112,10 @@ def set_open(fw: Firewall, ports: Iterable[int], front: int | None = None) -> bo
 
 
 def hold(fw: Firewall) -> bool:
-    """The front door reaches no model: its requests wait, at the control service's wake
-    listener (which waits for the switch to end, then passes them on) or, without one, in the
-    front door (which dials again until a model is exposed). The open ports stay as they are."""
+    """The front door reaches no model (its requests wait); the open ports stay as they are."""
     if not fw.front_door_map:
         return False
-    return _apply(fw, open_ports(fw), fw.wake_port or None)
+    return _apply(fw, open_ports(fw), None)
 
 
 def wake(fw: Firewall, ports: Iterable[int] = ()) -> bool:

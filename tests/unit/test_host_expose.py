@@ -240,12 +240,13 @@ def test_state_reads_nft_json_and_skips_an_unchanged_update(monkeypatch) -> None
     assert calls[-1] == ["-f", "-"]
 
 
-@pytest.mark.parametrize(("wake_port", "held_at"), [(8401, 8401), (None, None)])
-def test_a_hold_sends_the_front_door_to_the_wake_listener_when_there_is_one(
-    monkeypatch, wake_port, held_at
+@pytest.mark.parametrize("wake_port", [8401, None])
+def test_a_hold_leaves_the_front_door_pointing_nowhere_and_the_port_open(
+    monkeypatch, wake_port
 ) -> None:
-    """Mid-switch, front-door requests wait at the control service (it passes them on once the
-    switch ended); without one they wait in the front door, which dials again."""
+    """Mid-switch, front-door requests wait in Caddy (it dials again until a model is exposed;
+    it reads a request's body first, so it can send it again); the draining model's port
+    stays open meanwhile."""
     fw = dataclasses.replace(FW, wake_port=wake_port)
     applied: list[str] = []
 
@@ -261,10 +262,11 @@ def test_a_hold_sends_the_front_door_to_the_wake_listener_when_there_is_one(
 
     monkeypatch.setattr(firewall, "_nft", nft)
     assert firewall.hold(fw) is True
-    assert "add element inet llamavm model_ports { 8001 }" in applied[0]  # the port stays open
-    entry = f"add element inet llamavm front_door {{ 8400 : {held_at} }}"
-    assert (entry in applied[0]) is (held_at is not None)
-    assert "flush map inet llamavm front_door" in applied[0]
+    assert applied == [
+        "flush set inet llamavm model_ports\n"
+        "add element inet llamavm model_ports { 8001 }\n"
+        "flush map inet llamavm front_door\n"
+    ]
 
 
 # --- nvidia-smi ---------------------------------------------------------------------------------

@@ -290,15 +290,13 @@ class Helper:
         self.calls: list[str] = []
         self.switch_s = 0.01
         self.fail_sleep = False
-        #: A transaction in flight elsewhere (the CLI's): status says so until it ends.
-        self.transaction: dict[str, Any] | None = None
 
     async def events(self, op: str, **fields: str) -> AsyncIterator[dict[str, Any]]:
         self.calls.append(op)
         if op == "status":
             asleep = {"model": self.asleep, "at": 0, "idle_s": 5} if self.asleep else None
             yield {"event": "outcome", "ok": True, "code": 0, "active": self.serving,
-                   "asleep": asleep, "transaction": self.transaction, "models": []}  # fmt: skip
+                   "asleep": asleep, "models": []}  # fmt: skip
             return
         if op == "sleep":
             if self.fail_sleep or self.serving != fields["model"]:
@@ -439,41 +437,6 @@ def test_the_wake_listener_wakes_the_model_and_passes_the_request_on(tmp_path) -
         service.fake.serving, service.fake.asleep = None, "alpha"
         service.app.state.router.known = False
         assert wake.get("/").status_code == 200
-
-
-def test_mid_switch_the_wake_listener_waits_and_passes_on_to_the_new_model(tmp_path) -> None:
-    """A switch from the CLI holds the front door at the wake listener: requests wait for the
-    transaction to end, share one look at the helper meanwhile, then go to the new model."""
-    service = _service(tmp_path)
-    fake = service.fake
-    fake.serving, fake.transaction = None, {"tx": "abcdef123456", "op": "switch", "target": "beta"}
-
-    async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=service.app.state.wake)  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://wake") as wake:
-            waiting = [
-                asyncio.ensure_future(wake.post("/v1/completions", json={"n": i}, headers=AUTH))
-                for i in range(6)
-            ]
-            await asyncio.sleep(0.6)
-            assert not any(w.done() for w in waiting), "they wait while the switch runs"
-            assert 2 <= fake.calls.count("status") <= 4  # one look every 0.25 s, shared
-            fake.serving, fake.transaction = "beta", None  # the CLI's switch ended
-            return list(await asyncio.gather(*waiting))
-
-    answers = asyncio.run(run())
-    assert [a.status_code for a in answers] == [200] * 6
-    assert {a.json()["model"] for a in answers} == {"beta"}
-    assert fake.calls.count("switch") == 0  # it waited for that switch, started none
-
-
-def test_a_switch_that_does_not_end_is_a_retryable_503(tmp_path) -> None:
-    service = _service(tmp_path, wait_s=1)
-    service.fake.transaction = {"tx": "abcdef123456", "op": "switch", "target": "beta"}
-    with TestClient(service.app.state.wake) as wake:
-        answer = wake.post("/v1/completions", json={}, headers=AUTH)
-    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
-    assert "a switch is under way, not done after 1s" in answer.json()["error"]["message"]
 
 
 def test_a_wake_that_takes_too_long_is_a_retryable_503_and_goes_on(tmp_path) -> None:
