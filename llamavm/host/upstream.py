@@ -122,7 +122,7 @@ class ModelTransport(httpx.AsyncBaseTransport):
         head += [f"{name}: {value}" for name, value in headers if name.lower() not in _OURS]
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         status, raw, conn = await self._exchange(key, "\r\n".join(head).encode("latin-1") + body)
-        stream = _Body(self, key, conn, raw, method, None)
+        stream = _Body(self, key, conn, raw, method, status, None)
         pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
         return Answer(status, pairs, stream, stream.aclose)
 
@@ -137,7 +137,9 @@ class ModelTransport(httpx.AsyncBaseTransport):
         except httpx.RequestError as exc:
             exc.request = request
             raise
-        stream = _Body(self, key, conn, headers, request.method, timeout.get("read"), request)
+        stream = _Body(
+            self, key, conn, headers, request.method, status, timeout.get("read"), request
+        )
         return httpx.Response(status, headers=headers, stream=stream, request=request)
 
     async def _exchange(
@@ -245,6 +247,7 @@ class _Body(httpx.AsyncByteStream):
         conn: Conn,
         headers: list[tuple[bytes, bytes]],
         method: str,
+        status: int,
         read_s: float | None,
         request: httpx.Request | None = None,
     ) -> None:
@@ -253,12 +256,13 @@ class _Body(httpx.AsyncByteStream):
         fields = {name.lower(): value.lower() for name, value in headers}
         self.chunked = b"chunked" in fields.get(b"transfer-encoding", b"")
         length = fields.get(b"content-length")
-        self.length = int(length) if length is not None and not self.chunked else None
+        self.length = int(length) if length and length.isdigit() and not self.chunked else None
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:  # no body, ever
+            self.chunked, self.length = False, 0
+        # Kept when the server did not close it and the body's end is known.
         self.reusable = b"close" not in fields.get(b"connection", b"") and (
             self.chunked or self.length is not None
         )
-        if method == "HEAD":
-            self.chunked, self.length = False, 0
         self.done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:

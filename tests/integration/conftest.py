@@ -21,6 +21,7 @@ from llamavm import REPO_ROOT, catalog, testbed
 from tests.integration.helpers import (
     TESTBED_CATALOG,
     VM_INVENTORY,
+    clear_failpoints,
     invoke,
     remove_stale_stubs,
 )
@@ -115,6 +116,15 @@ def provisioned(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
     if result.returncode != 0:
         pytest.fail(f"invoke provision failed:\n{result.stdout[-6000:]}\n{result.stderr}")
     return testbed_info
+
+
+@pytest.fixture
+def serving_default(provisioned, models) -> Iterator[catalog.Model]:
+    """The provisioned test bed with its default model serving; failpoints cleared after."""
+    result = invoke("switch", "--model", models.default.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield models.default
+    clear_failpoints()
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ from llamavm import REPO_ROOT, catalog, testbed
 from tests.integration.helpers import (
     INVOKE,
     STUB_MARK,
-    clear_failpoints,
     client_curl,
     host_run,
     http_code,
@@ -40,14 +39,6 @@ pytestmark = pytest.mark.testbed
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
 NODE_EXPORTER = 9100
-
-
-@pytest.fixture
-def serving_default(provisioned, models) -> Iterator[catalog.Model]:
-    result = invoke("switch", "--model", models.default.name)
-    assert result.returncode == 0, result.stdout + result.stderr
-    yield models.default
-    clear_failpoints()
 
 
 def _other(models: catalog.Catalog) -> catalog.Model:

@@ -6,7 +6,6 @@ assertion here)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,6 @@ from tests.integration.load import finish, run_client, sampling, summary
 pytestmark = pytest.mark.testbed
 
 STREAMS = 32
-
-
-@pytest.fixture
-def serving_default(provisioned, models) -> Iterator[catalog.Model]:
-    result = invoke("switch", "--model", models.default.name)
-    assert result.returncode == 0, result.stdout + result.stderr
-    yield models.default
-    back = invoke("switch", "--model", models.default.name)
-    assert back.returncode == 0, back.stdout + back.stderr
 
 
 def _ways(host: str, cat: catalog.Catalog) -> dict[str, str]:

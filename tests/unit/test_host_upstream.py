@@ -333,3 +333,39 @@ def test_a_relay_that_stops_reading_drops_the_connection() -> None:
         await server.stop()
 
     run(test)
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_an_answer_without_a_body_ends_at_its_head(method, status) -> None:
+    """No body after a HEAD, a 204 or a 304 (whatever the headers say): reading it must not
+    wait for a connection the server keeps open."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\n\r\n" % status)
+            await writer.drain()
+
+    async def test() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = ModelTransport()
+        for _ in range(2):  # and the connection serves the next request
+            answer = await asyncio.wait_for(
+                transport.send(method, f"http://127.0.0.1:{port}", "/", [], b""), 5
+            )
+            assert answer.status == status
+            assert await asyncio.wait_for(_read(answer), 5) == b""
+            await answer.close()
+        assert len(transport._idle[("127.0.0.1", port)]) == 1
+        await transport.aclose()
+        server.close()
+
+    run(test)
+
+
+async def _read(answer) -> bytes:
+    return b"".join([piece async for piece in answer.body])
