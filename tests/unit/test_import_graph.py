@@ -1,0 +1,130 @@
+"""The shape of the llamavm package, from its own imports (every `import` in a module, those
+inside functions too): no import circles, and the embedded test bed imported only by what may
+(the commands in tasks.py, the tests, bench/). The on-host package's own rule (it imports only
+itself, the standard library and the host's Debian packages) is tests/unit/test_hostpkg.py's.
+
+Issue 35 takes the package apart along these lines. Until it has, KNOWN_CIRCLES and
+KNOWN_TESTBED_IMPORTERS list what is there today, exactly: a new circle or a new importer
+fails, and so does one that is gone but still listed (strike it off here)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from llamavm import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "llamavm"
+#: The embedded default target: built on this machine for the tests and the README's first
+#: command, never needed on an operator's own hosts.
+TESTBED = {"llamavm.testbed", "llamavm.fleetbed", "llamavm.localhv"}
+#: Circles there today (issue 35 cuts them at their seams).
+KNOWN_CIRCLES = {
+    frozenset({"llamavm.converge", "llamavm.provision"}),
+    frozenset({"llamavm.host.checks", "llamavm.host.share"}),
+    frozenset({"llamavm.host.cli", "llamavm.host.control", "llamavm.host.helper"}),
+}
+#: Production modules that import the test bed today (issue 35 moves what they use).
+KNOWN_TESTBED_IMPORTERS = {
+    "llamavm.cloudinit",
+    "llamavm.doctor",
+    "llamavm.provision",
+    "llamavm.vmbuild",
+    "llamavm.vmimage",
+    "llamavm.wsl",
+}
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its own name)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The package's modules `name` imports, anywhere in it (functions included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([node.module] if node.module else [])])
+            targets.add(base)
+            targets.update(f"{base}.{alias.name}" for alias in node.names)
+    resolved = set()
+    for target in targets:
+        while target and target not in known:  # llamavm.host.x.y -> the module llamavm.host.x
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            resolved.add(target)
+    return resolved
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def circles(edges: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: set[frozenset[str]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.add(frozenset(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_sees_imports_inside_functions_and_relative_ones() -> None:
+    edges = graph()
+    assert "llamavm.host.checks" in edges["llamavm.host.share"]  # imported inside a function
+    assert edges["llamavm.host.control"] >= {"llamavm.host.helper", "llamavm.host.upstream"}
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
+    assert circles({"a": {"b"}, "b": set()}) == set()
+
+
+def test_no_import_circle_but_the_known_ones() -> None:
+    found = circles(graph())
+    new = found - KNOWN_CIRCLES
+    assert not new, f"new import circles: {[sorted(c) for c in new]} — cut them at their seam"
+    gone = KNOWN_CIRCLES - found
+    assert not gone, f"gone (strike them off KNOWN_CIRCLES): {[sorted(c) for c in gone]}"
+
+
+def test_only_the_known_modules_import_the_test_bed() -> None:
+    edges = graph()
+    importers = {n for n, deps in edges.items() if n not in TESTBED and deps & TESTBED}
+    new = importers - KNOWN_TESTBED_IMPORTERS
+    assert not new, f"{sorted(new)} import the test bed: production code must not"
+    gone = KNOWN_TESTBED_IMPORTERS - importers
+    assert not gone, f"no longer import the test bed (strike off): {sorted(gone)}"
