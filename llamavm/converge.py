@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, playbook
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "converge.yml"
 ANSIBLE_TREE = REPO_ROOT / "ansible"
@@ -387,12 +387,10 @@ def run_converge_play(
     check: bool = False,
 ) -> tuple[int, dict[str, Any], str]:
     """converge.yml with `llamavm_converge` = per_host; (exit code, observed, output)."""
-    from llamavm import provision
-
     with tempfile.TemporaryDirectory(prefix="llamavm-converge-") as tmp:
         observed = Path(tmp) / "observed.json"
         lines: list[str] = []
-        rc, _ = provision.run_playbook(
+        rc, _ = playbook.run_playbook(
             PLAYBOOK,
             inventory,
             {"llamavm_converge": per_host},

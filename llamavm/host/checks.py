@@ -6,35 +6,12 @@ version is checked while its bytes are fetched (share.fetch), still before the s
 
 from __future__ import annotations
 
-import os
-import pwd
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llamavm.host import EXIT_REFUSED, share
 from llamavm.host.contract import Contract, HostError, Model
-
-
-def readable_by(path: Path, user: str) -> bool:
-    """Can `user` read `path`, judging by mode bits along the whole path (root reads all)?"""
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        return os.access(path, os.R_OK)
-    groups = {entry.pw_gid, *os.getgrouplist(user, entry.pw_gid)}
-    for part in [*reversed(path.parents), path]:
-        info = part.stat()
-        bits = (0o400, 0o040, 0o004) if part == path else (0o100, 0o010, 0o001)
-        if info.st_uid == entry.pw_uid:
-            allowed = info.st_mode & bits[0]
-        elif info.st_gid in groups:
-            allowed = info.st_mode & bits[1]
-        else:
-            allowed = info.st_mode & bits[2]
-        if not allowed:
-            return False
-    return True
 
 
 def api_key(contract: Contract) -> str | None:

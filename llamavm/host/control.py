@@ -53,7 +53,7 @@ from llamavm.host import EXIT_UNKNOWN, TX_PATTERN, picker
 from llamavm.host import contract as contract_mod
 from llamavm.host.activity import activity
 from llamavm.host.contract import Contract, HostError, Model
-from llamavm.host.helper import MAX_REQUEST, request_line
+from llamavm.host.protocol import MAX_REQUEST, request_line
 from llamavm.host.upstream import Answer, ClientLink, ModelTransport
 
 #: How the helper's outcome codes read over HTTP.

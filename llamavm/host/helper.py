@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -34,13 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from llamavm.host import EXIT_REFUSED, TX_PATTERN
+from llamavm.host import EXIT_REFUSED, runner
 from llamavm.host import status as status_mod
 from llamavm.host.contract import Contract, HostError
+from llamavm.host.protocol import MAX_REQUEST, parse
 from llamavm.host.systemd import Systemd
 
-#: A request is one short line; anything longer is refused unread.
-MAX_REQUEST = 4096
 #: How long a connection may take to send its request line, and a write may block.
 REQUEST_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 60.0
@@ -48,38 +46,12 @@ WRITE_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 32
 #: systemd's first passed file descriptor (sd_listen_fds).
 LISTEN_FDS_START = 3
-TX_RE = re.compile(TX_PATTERN)
-OPS = ("status", "switch", "stop", "restart", "check", "result", "sleep")
-
-
-def parse(line: bytes) -> dict[str, Any]:
-    """The request in `line`, checked: its op, and a model name or tx id where one is needed."""
-    if not line.endswith(b"\n") or len(line) > MAX_REQUEST:
-        raise HostError(f"a request is one JSON line of at most {MAX_REQUEST} bytes", EXIT_REFUSED)
-    try:
-        request = json.loads(line)
-    except ValueError:
-        raise HostError("the request is not JSON", EXIT_REFUSED) from None
-    if not isinstance(request, dict) or request.get("op") not in OPS:
-        raise HostError(f"the request needs an op, one of: {', '.join(OPS)}", EXIT_REFUSED)
-    for key in ("model", "tx"):
-        if key in request and not isinstance(request[key], str):
-            raise HostError(f"{key} must be a string", EXIT_REFUSED)
-    if request["op"] in ("switch", "check", "sleep") and not request.get("model"):
-        raise HostError(f"{request['op']} needs a model", EXIT_REFUSED)
-    if request["op"] == "result" and not request.get("tx"):
-        raise HostError("result needs a tx", EXIT_REFUSED)
-    if "tx" in request and not TX_RE.fullmatch(request["tx"]):
-        raise HostError(f"{request['tx'][:40]!r} is not a transaction id", EXIT_REFUSED)
-    return request
 
 
 def serve(contract: Contract, reader: IO[bytes], writer: IO[bytes]) -> int:
     """Answer the one request on `reader`: 0 once answered. The outcome's code travels in the
     answer: a refused switch is the caller's news, not a failed llamavm-switchd@ instance
     (which would leave the host's systemd degraded)."""
-    from llamavm.host import cli  # the CLI's launch/follow: one implementation
-
     gone = False
 
     def emit(event: str, payload: dict[str, Any]) -> None:
@@ -102,12 +74,12 @@ def serve(contract: Contract, reader: IO[bytes], writer: IO[bytes]) -> int:
         if op == "status":
             outcome: dict[str, Any] = {"ok": True, **status_mod.report(contract, Systemd())}
         elif op == "check":
-            outcome = cli.run_inline_check(contract, request["model"])
+            outcome = runner.run_inline_check(contract, request["model"])
         elif op == "result":
-            outcome = cli.follow(contract, Systemd(), request["tx"], 0.0, lambda _line: None)
+            outcome = runner.follow(contract, Systemd(), request["tx"], 0.0, lambda _line: None)
         else:
             args = [contract.resolve(request["model"]).name] if op in ("switch", "sleep") else []
-            outcome = cli.start_and_follow(
+            outcome = runner.start_and_follow(
                 contract,
                 op,
                 args,
@@ -241,7 +213,7 @@ def run_daemon(contract_path: Path, fd: int, package: Path | None) -> int:
     """`llamavm-switch serve` under socket activation: the listener systemd passed."""
     # Everything a request may run is loaded now: the package is a zip read by path, and a
     # provision replaces it (the daemon then finishes what is in flight and exits).
-    from llamavm.host import checks, cli, http, share, transaction, watch  # noqa: F401
+    from llamavm.host import checks, http, share, transaction, watch  # noqa: F401
     from llamavm.host import contract as contract_mod
 
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -249,8 +221,3 @@ def run_daemon(contract_path: Path, fd: int, package: Path | None) -> int:
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     listener = socket.socket(fileno=fd)
     return daemon(lambda: contract_mod.load(contract_path), listener, package, stop)
-
-
-def request_line(op: str, **fields: str) -> bytes:
-    """A request as the control service writes it."""
-    return json.dumps({"op": op, **fields}).encode() + b"\n"

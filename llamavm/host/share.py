@@ -24,6 +24,7 @@ import hashlib
 import json
 import mmap
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -164,6 +165,27 @@ def rate_line(what: str, done: int, total: int, seconds: float) -> str:
 # --- looking at a file on the share ---------------------------------------------------------------
 
 
+def readable_by(path: Path, user: str) -> bool:
+    """Can `user` read `path`, judging by mode bits along the whole path (root reads all)?"""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return os.access(path, os.R_OK)
+    groups = {entry.pw_gid, *os.getgrouplist(user, entry.pw_gid)}
+    for part in [*reversed(path.parents), path]:
+        info = part.stat()
+        bits = (0o400, 0o040, 0o004) if part == path else (0o100, 0o010, 0o001)
+        if info.st_uid == entry.pw_uid:
+            allowed = info.st_mode & bits[0]
+        elif info.st_gid in groups:
+            allowed = info.st_mode & bits[1]
+        else:
+            allowed = info.st_mode & bits[2]
+        if not allowed:
+            return False
+    return True
+
+
 def inspect(
     path: Path, service_user: str, stall_s: float, header_checked: str | None = None
 ) -> dict[str, Any]:
@@ -171,7 +193,6 @@ def inspect(
 
     `header_checked`: the version of the file (file_key) whose header passed before; that
     version's header is not read again (a 152k-token vocab takes ~40 ms)."""
-    from llamavm.host.checks import readable_by
 
     def work(report: Report) -> dict[str, Any]:
         info = path.stat()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, hostpkg, provision, vmbuild, vmspec
+from llamavm import REPO_ROOT, hostpkg, playbook, provision, vmbuild, vmspec
 from tests.integration.helpers import (
     VM_INVENTORY as INVENTORY,
 )
@@ -112,7 +112,7 @@ def test_vm_list_shows_it_running(vm) -> None:
 def _vm_playbook(inventory: Path) -> None:
     vms = vmbuild.prepare(str(inventory), say=lambda _: None)
     extra = {"llamavm_vms": vms, "llamavm_host_package": str(hostpkg.build())}
-    rc, _ = provision.run_playbook(provision.VM_PLAYBOOK, inventory, extra, echo=lambda _: None)
+    rc, _ = playbook.run_playbook(provision.VM_PLAYBOOK, inventory, extra, echo=lambda _: None)
     assert rc == 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, converge, provision
+from llamavm import REPO_ROOT, converge, playbook, provision
 
 MODULE = REPO_ROOT / "ansible" / "library" / "llamavm_converge.py"
 
@@ -277,7 +277,7 @@ def test_the_whole_loop_through_ansible_playbook(
     play.write_text(PLAY.format(d=work, t=template))
     observed = tmp_path / "observed.json"
     for _ in range(2):  # the second converge changes nothing: what it reports then counts too
-        rc, _ = provision.run_playbook(
+        rc, _ = playbook.run_playbook(
             play, inventory, {}, echo=lambda _: None, env={"LLAMAVM_OBSERVE": str(observed)}
         )
         assert rc == 0
@@ -308,7 +308,7 @@ def test_the_whole_loop_through_ansible_playbook(
         f"{work}/owned.conf: content changed",
         f"{work}/templated.conf: content changed",
     ]
-    assert provision.run_playbook(play, inventory, {}, echo=lambda _: None)[0] == 0
+    assert playbook.run_playbook(play, inventory, {}, echo=lambda _: None)[0] == 0
     _, answers, _ = converge.run_converge_play(inventory, probe)
     assert answers["probe"]["here"]["drift"] == []
 
@@ -576,7 +576,7 @@ def test_the_callback_names_the_role_that_managed_each_item(tmp_path: Path) -> N
         f"      ansible_python_interpreter: {sys.executable}\n      ansible_become: false\n"
     )
     observed = tmp_path / "observed.json"
-    rc, _ = provision.run_playbook(
+    rc, _ = playbook.run_playbook(
         play,
         inventory,
         {},

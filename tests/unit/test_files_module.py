@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import converge, provision
+from llamavm import converge, playbook
 
 
 def _run(tmp_path: Path, args: dict[str, Any], *flags: str) -> tuple[int, dict[str, Any], str]:
@@ -39,7 +39,7 @@ def _run(tmp_path: Path, args: dict[str, Any], *flags: str) -> tuple[int, dict[s
     )
     lines: list[str] = []
     (tmp_path / "result.json").unlink(missing_ok=True)
-    rc, _ = provision.run_playbook(
+    rc, _ = playbook.run_playbook(
         play,
         inventory,
         {},

@@ -19,7 +19,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from llamavm import catalog, contract
-from llamavm.host import control, helper
+from llamavm.host import control, helper, protocol
 from llamavm.host.contract import HostError
 from llamavm.host.contract import parse as parse_contract
 from tests.unit.test_catalog import VALID
@@ -378,18 +378,18 @@ def test_a_failed_api_switch_makes_the_router_ask_again(tmp_path) -> None:
 )  # fmt: skip
 def test_the_helper_refuses_a_malformed_request(line) -> None:
     with pytest.raises(HostError) as caught:
-        helper.parse(line)
+        protocol.parse(line)
     assert caught.value.code == 2
 
 
 def test_the_helper_accepts_its_requests() -> None:
-    assert helper.parse(helper.request_line("switch", model="qwen")) == {
+    assert protocol.parse(protocol.request_line("switch", model="qwen")) == {
         "op": "switch",
         "model": "qwen",
     }
-    assert helper.parse(b'{"op": "status"}\n') == {"op": "status"}
-    named = helper.request_line("stop", tx="abcdef123456")
-    assert helper.parse(named) == {"op": "stop", "tx": "abcdef123456"}
+    assert protocol.parse(b'{"op": "status"}\n') == {"op": "status"}
+    named = protocol.request_line("stop", tx="abcdef123456")
+    assert protocol.parse(named) == {"op": "stop", "tx": "abcdef123456"}
 
 
 def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> None:
@@ -398,7 +398,7 @@ def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> 
     host = _contract(tmp_path)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = helper.parse(await reader.readline())
+        request = protocol.parse(await reader.readline())
         for message in ("stopping alpha", "starting beta"):
             writer.write(json.dumps({"event": "progress", "message": message}).encode() + b"\n")
         outcome = {"event": "outcome", "ok": True, "code": 0, "model": request["model"]}
@@ -472,7 +472,7 @@ def test_the_helper_answers_a_refused_switch_and_exits_0(tmp_path) -> None:
     """The refusal is the caller's news: a failed llamavm-switchd@ instance would leave the
     host's systemd degraded."""
     host = _contract(tmp_path)
-    reader = io.BytesIO(helper.request_line("switch", model="nope"))
+    reader = io.BytesIO(protocol.request_line("switch", model="nope"))
     writer = io.BytesIO()
     writer.close = lambda: None  # type: ignore[method-assign]
     assert helper.serve(host, reader, writer) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm.host import helper
+from llamavm.host import helper, protocol
 from llamavm.host.contract import HostError
 from tests.unit.test_host_control import _contract
 
@@ -64,7 +64,7 @@ def test_one_daemon_answers_many_connections_and_reads_the_contract_for_each(run
     answers = []
 
     def one(i: int) -> None:
-        answers.append(_ask(path, helper.request_line("switch", model=f"nope{i}")))
+        answers.append(_ask(path, protocol.request_line("switch", model=f"nope{i}")))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for t in threads:
@@ -83,10 +83,10 @@ def test_a_malformed_request_and_an_unreadable_contract_get_one_outcome_each(run
     path, *_rest = running
     (outcome,) = _ask(path, b'{"op": "reboot"}\n')
     assert outcome["code"] == 2 and "needs an op" in outcome["error"]
-    (outcome,) = _ask(path, b"x" * (helper.MAX_REQUEST + 10) + b"\n")
+    (outcome,) = _ask(path, b"x" * (protocol.MAX_REQUEST + 10) + b"\n")
     assert outcome["code"] == 2 and "one JSON line" in outcome["error"]
     (path.parent / "broken").touch()
-    (outcome,) = _ask(path, helper.request_line("status"))
+    (outcome,) = _ask(path, protocol.request_line("status"))
     assert outcome["ok"] is False and "invoke provision" in outcome["error"]
 
 
@@ -96,7 +96,7 @@ def test_a_silent_connection_times_out_without_holding_up_the_others(running, mo
     silent = socket.socket(socket.AF_UNIX)
     silent.connect(str(path))
     try:
-        (outcome,) = _ask(path, helper.request_line("check", model="nope"))
+        (outcome,) = _ask(path, protocol.request_line("check", model="nope"))
         assert outcome["code"] == 2
         silent.setblocking(False)
         with pytest.raises(BlockingIOError):  # answered the other while this one still waits
@@ -115,13 +115,13 @@ def test_more_connections_than_it_answers_at_once_are_refused_with_a_retry(runni
     with socket.socket(socket.AF_UNIX) as holder:
         holder.connect(str(path))
         time.sleep(0.3)  # the daemon took it: its one slot is in use
-        (outcome,) = _ask(path, helper.request_line("status"))
+        (outcome,) = _ask(path, protocol.request_line("status"))
     assert outcome["code"] == 2 and "retry" in outcome["error"]
 
 
 def test_it_exits_once_its_package_is_replaced_and_nothing_is_in_flight(running) -> None:
     path, package, _stop, thread, result, _loads = running
-    (outcome,) = _ask(path, helper.request_line("switch", model="nope"))
+    (outcome,) = _ask(path, protocol.request_line("switch", model="nope"))
     assert outcome["code"] == 2 and thread.is_alive()
     fresh = package.with_suffix(".new")
     fresh.write_bytes(b"v2")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, catalog, inventory, provision, remote
+from llamavm import REPO_ROOT, catalog, inventory, playbook, provision, remote
 
 INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
 
@@ -43,7 +43,7 @@ def test_the_provision_playbook_parses_against_it(name: str) -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), "--syntax-check", "-i",
          str(inv.path), str(provision.PLAYBOOK)],
-        cwd=REPO_ROOT / "ansible", env=provision.ansible_env(), capture_output=True, text=True,
+        cwd=REPO_ROOT / "ansible", env=playbook.ansible_env(), capture_output=True, text=True,
         check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
