@@ -43,11 +43,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llamavm import catalog, testbed, tinymodel, vmspec  # noqa: E402
+from llamavm import catalog, paths, testbed, tinymodel, vmspec  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 INVENTORY = "local-vm"
-KEY = "/var/lib/llamavm/vm/id_ed25519"
+KEY = str(paths.local_vms() / "id_ed25519")
 TESTBED_CATALOG = REPO / "config" / "models.testbed.yaml"
 BIG = tinymodel.TinySpec(
     "bench-big", seed=7, n_embd=2048, n_layer=8, n_head=16, n_head_kv=16, n_ff=5632, dtype="f16"
@@ -58,7 +58,7 @@ GGUF = "bench/bench-big-f16.gguf"
 def ssh(spec: vmspec.VmSpec, command: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     result = testbed.client_run(
         ["ssh", "-i", KEY, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-         "-o", "UserKnownHostsFile=/var/lib/llamavm/vm/known_hosts",
+         "-o", f"UserKnownHostsFile={paths.local_vms() / 'known_hosts'}",
          f"{spec.admin_user}@{spec.network.ip}", f"sudo -n bash -c {shlex.quote(command)}"],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
@@ -96,7 +96,7 @@ def main() -> int:
     vm = vmspec.from_inventory(INVENTORY)[0]
     nas = vmspec.from_inventory(INVENTORY, only="llamavm-nas")[0]
     base = catalog.load(TESTBED_CATALOG)
-    share = Path(base.settings.controller_share_path or "/var/cache/llamavm/models")
+    share = Path(base.settings.controller_share_path or paths.models())
     big = share / GGUF
     if not big.exists():
         print(f"writing {big} ...", flush=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT, catalog, remote, testbed
+from llamavm import REPO_ROOT, catalog, contract, remote, testbed
 from llamavm import inventory as inventory_mod
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace, cat: catalog.Catalog) -> int:
     info = testbed.up()
     host = remote.hosts(inventory_mod.resolve(None).path)[0]
     address = f"http://{info.host_address}:{model.port}"
-    slot_dir = f"/var/cache/llamavm/slots/{model.name}"
+    slot_dir = f"{contract.load_host_config().slot_dir}/{model.name}"
     switch(model.name)
     first, again, cold = [], [], []
     same = True

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llamavm import testbed
+from llamavm import paths, testbed
 from llamavm.errors import LlamavmError
 
 
@@ -41,9 +41,9 @@ def main() -> int:
         print("the test bed is running: `python -m llamavm.testbed down` first", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="llamavm-bench-", dir="/var/tmp"))
-    os.environ["LLAMAVM_CACHE"] = args.cache or str(work / "cache")
-    os.environ["LLAMAVM_STATE"] = str(work / "state")
-    print(f"cache {os.environ['LLAMAVM_CACHE']}, state {os.environ['LLAMAVM_STATE']}")
+    os.environ[paths.CACHE_ENV] = args.cache or str(work / "cache")
+    os.environ[paths.STATE_ENV] = str(work / "state")
+    print(f"cache {paths.cache()}, state {paths.state()}")
     try:
         cold = timed("cold start (build rootfs + copy + boot + ssh)", testbed.up)
         timed("stop (down)", testbed.down)

@@ -21,11 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llamavm import catalog, testbed, vmspec  # noqa: E402
+from llamavm import catalog, paths, testbed, vmspec  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 INVENTORY = "local-vm"
-KEY = "/var/lib/llamavm/vm/id_ed25519"
+KEY = str(paths.local_vms() / "id_ed25519")
 
 
 def client(*argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
@@ -44,7 +44,7 @@ def main() -> int:
 
     subprocess.run([INVOKE, "vm.destroy", "-i", INVENTORY, "--vm", spec.name, "--purge"],
                    cwd=REPO, capture_output=True, check=False)  # fmt: skip
-    Path("/var/lib/llamavm/vm/known_hosts").unlink(missing_ok=True)
+    (paths.local_vms() / "known_hosts").unlink(missing_ok=True)
     marks: dict[str, float] = {}
     done = threading.Event()
     t0 = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, flags, validation, yamlsafe
+from llamavm import REPO_ROOT, flags, paths, validation, yamlsafe
 from llamavm.errors import LlamavmError
 from llamavm.validation import describe, short, with_defaults
 
@@ -555,7 +555,7 @@ def _checked_marker(text: str) -> Path | None:
     schema and the code that checks it, so a change to any of them checks it again. Every
     command reads the catalog, and the schema check is a third of a command's start-up (an
     `invoke switch` is measured in tenths of a second). None: no cache to remember in."""
-    root = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "catalogs"
+    root = paths.checked_catalogs()
     digest = hashlib.sha256(text.encode())
     try:
         for source in (SCHEMA_PATH, Path(validation.__file__), Path(__file__)):

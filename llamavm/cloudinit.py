@@ -30,7 +30,7 @@ import jinja2
 import jsonschema
 import yaml
 
-from llamavm import REPO_ROOT, yamlsafe
+from llamavm import REPO_ROOT, paths, yamlsafe
 from llamavm.errors import LlamavmError
 from llamavm.vmspec import VmSpec
 
@@ -100,7 +100,7 @@ def _mirror() -> str:
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm") / "cloud-init-schemas"
+    return paths.cloud_init_schemas()
 
 
 def _package_entry(mirror: str, suite: str) -> dict[str, str]:

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, contract
+from llamavm import REPO_ROOT, contract, paths
 from llamavm import catalog as catalog_mod
 from llamavm.errors import LlamavmError
 from llamavm.host import EXIT_LOCK, store
@@ -97,7 +97,7 @@ class Site:
 
 
 def state_root() -> Path:
-    return Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "compose"
+    return paths.compose_projects()
 
 
 def _setting(inv: Inventory, key: str, kind: type, default: Any, what: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from llamavm import REPO_ROOT, yamlsafe
 from llamavm import vram as vram_mod
-from llamavm.catalog import Catalog, Model
+from llamavm.catalog import COMPANION_PREFIX, UNIT_PREFIX, Catalog, Model
 from llamavm.errors import LlamavmError
 from llamavm.host import contract as host_contract
 
@@ -404,6 +404,8 @@ def build(
         },
         "default_model": catalog.default.name,
         "boot_unit": BOOT_UNIT,
+        # Every unit a catalog can name, this one or an earlier one: what is llamavm's to prune.
+        "unit_globs": [f"{UNIT_PREFIX}*.service", f"{COMPANION_PREFIX}*.service"],
         "firewall": firewall(catalog, cfg),
         "front_door": {
             "enabled": settings.expose.front_door.enabled,

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamavm import remote
+from llamavm import paths, remote
 from llamavm.catalog import Settings
 
 #: How long the control port may take to accept a connection before SSH is used instead.
@@ -208,7 +208,7 @@ def _detail(response: http.client.HTTPResponse) -> str:
 
 
 def key_dir() -> Path:
-    return Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "keys"
+    return paths.keys()
 
 
 def _key_path(host: remote.Host) -> Path:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, playbook
+from llamavm import REPO_ROOT, paths, playbook
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "converge.yml"
 ANSIBLE_TREE = REPO_ROOT / "ansible"
@@ -118,11 +118,11 @@ def to_run(changed: set[str]) -> list[str]:
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "converge"
+    return paths.converged()
 
 
 def _file_digests() -> Path:
-    return Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "digests.json"
+    return paths.file_digests()
 
 
 class _Digests:

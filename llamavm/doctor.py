@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
+from llamavm import paths
 from llamavm.errors import LlamavmError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -167,7 +168,7 @@ def run(inventory: str | None, catalog: str | None) -> list[Check]:
     checks.append(Check(OK, "inventory", str(inv.path)))
     checks.append(check_catalog(catalog, inv.catalog))
     checks += check_tools(("npm", "node"), WARN, "apt-get install nodejs npm (builds the web UI)")
-    cache = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm"))
+    cache = paths.cache()
     if inv.is_local:
         checks += [check_root(), check_netns(), check_disk(cache, 6.0)]
         checks += check_tools(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import lan, netns, testbed
+from llamavm import lan, localinv, netns, testbed
+from llamavm import paths as controller_paths
 from llamavm.errors import LlamavmError
 
 #: The first fleet host's address is the LAN's .41 (the test bed is .10, VMs .30/.31, WSL .40).
@@ -74,12 +74,12 @@ class FleetHost:
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "fleet"
+    return controller_paths.fleet()
 
 
 def known_hosts() -> Path:
     """The fleet's known_hosts (every host's own keys, pinned at up())."""
-    return state_dir() / "known_hosts"
+    return state_dir() / localinv.KNOWN_HOSTS
 
 
 def hosts(count: int, cfg: testbed.TestbedConfig | None = None) -> list[FleetHost]:

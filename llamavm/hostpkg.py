@@ -20,7 +20,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, paths
 
 SOURCE = REPO_ROOT / "llamavm" / "host"
 #: -I: a root tool ignores PYTHON* variables and the user's site-packages.
@@ -76,8 +76,8 @@ def source_key() -> str:
 def build(cache: Path | None = None) -> Path:
     """Write the zipapp once per source and return its path: the same sources give the same
     file in every later run (a provision's digest and Ansible's copy see no change)."""
-    root = cache or Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
-    path = root / "host" / f"llamavm-host-{source_key()[:16]}.pyz"
+    root = cache / "host" if cache else paths.host_packages()
+    path = root / f"llamavm-host-{source_key()[:16]}.pyz"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

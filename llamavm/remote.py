@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
 from llamavm.host import EXIT_RUNNING, EXIT_UNKNOWN
 
@@ -143,12 +143,17 @@ _DYNAMIC = (b"$ANSIBLE_VAULT", b"plugin:", b"lookup(", b"query(")
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "inventory"
+    return paths.inventories()
+
+
+#: The script the local inventories share (a function of llamavm's folders only).
+_LOCAL_PATHS = REPO_ROOT / "inventories" / "local" / "paths.py"
 
 
 def _static_digest(inventory: Path) -> str | None:
     """A digest of everything `ansible-inventory` reads for a static inventory; None when
-    the inventory could say something else next time (a plugin, a script, a vault)."""
+    the inventory could say something else next time (a plugin, a script, a vault). The
+    local inventories' paths.py (llamavm/localinv.py) is static given llamavm's folders."""
     files = sorted(p for p in inventory.rglob("*") if p.is_file()) if inventory.is_dir() else []
     if inventory.is_file():
         files = [inventory]
@@ -158,7 +163,12 @@ def _static_digest(inventory: Path) -> str | None:
             data = path.read_bytes()
         except OSError:
             return None
-        if path in files and (os.access(path, os.X_OK) or any(word in data for word in _DYNAMIC)):
+        if path in files and path.resolve() == _LOCAL_PATHS:
+            digest.update(
+                _LOCAL_PATHS.read_bytes() + (REPO_ROOT / "llamavm" / "localinv.py").read_bytes()
+            )
+            digest.update(f"{paths.cache()}\0{paths.state()}\0".encode())
+        elif path in files and (os.access(path, os.X_OK) or any(w in data for w in _DYNAMIC)):
             return None
         digest.update(f"{path}\0{len(data)}\0".encode() + data)
     for key in sorted(k for k in os.environ if k.startswith("ANSIBLE_")):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
 
 #: The extra var the role reads the tarball path from.
@@ -49,7 +49,6 @@ EXTRA_VAR = "llama_cpp_source_archive"
 EXTRA_VAR_VERSION = "llama_cpp_source_version"
 
 DEFAULT_CONFIG = REPO_ROOT / "config" / "llama_cpp.yaml"
-DEFAULT_CACHE = Path("/var/cache/llamavm")
 #: Every member of the shipped tarball gets this mtime (2020-01-01), so the bytes depend on
 #: content only. Make's staleness checks don't care: hosts extract into a fresh directory
 #: whenever the tarball changes.
@@ -108,8 +107,8 @@ class SourceConfig:
 
 
 def cache_root() -> Path:
-    """The controller cache: ``$LLAMAVM_CACHE`` or /var/cache/llamavm."""
-    return Path(os.environ.get("LLAMAVM_CACHE") or DEFAULT_CACHE)
+    """The controller cache (llamavm.paths)."""
+    return paths.cache()
 
 
 def load_config(path: Path = DEFAULT_CONFIG) -> SourceConfig:

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, lan
+from llamavm import REPO_ROOT, lan, localinv
+from llamavm import paths as controller_paths
 from llamavm.errors import LlamavmError
 
 CONFIG_PATH = REPO_ROOT / "config" / "testbed.yaml"
@@ -60,8 +61,8 @@ class Paths:
     def from_env(cls) -> Paths:
         """Honour $LLAMAVM_CACHE and $LLAMAVM_STATE."""
         return cls(
-            cache=Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")),
-            state=Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "testbed",
+            cache=controller_paths.cache(),
+            state=controller_paths.testbed(),
         )
 
     @property
@@ -81,11 +82,11 @@ class Paths:
 
     @property
     def key(self) -> Path:
-        return self.state / "id_ed25519"
+        return self.state / localinv.SSH_KEY
 
     @property
     def known_hosts(self) -> Path:
-        return self.state / "known_hosts"
+        return self.state / localinv.KNOWN_HOSTS
 
     @property
     def pid_file(self) -> Path:
@@ -665,7 +666,7 @@ def _stop_nspawn(cfg: TestbedConfig, paths: Paths) -> None:
 def _state_processes(cfg: TestbedConfig, paths: Paths) -> list[int]:
     """PIDs of processes that belong to the test bed: nspawn on our machine, and SSH
     multiplexers whose control sockets live in our state dir (Ansible's ControlPersist)."""
-    needles = (str(paths.machine).encode(), str(paths.state / "cp").encode())
+    needles = (str(paths.machine).encode(), str(paths.state / localinv.CONTROL_PATH_DIR).encode())
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():

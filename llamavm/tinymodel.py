@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import gguf_meta
+from llamavm import gguf_meta, paths
 from llamavm.errors import LlamavmError
 
 VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
@@ -75,7 +75,7 @@ class TinySpec:
 
 def find_in_source(relpath: str, cache: Path | None = None, fetch: bool = True) -> Path:
     """A file of the cached llama.cpp source (e.g. models/X.gguf); fetches the source if needed."""
-    root = cache or Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm"))
+    root = cache or paths.cache()
     for pattern in (f"src/*/vendor/llama.cpp/{relpath}", f"src/**/{relpath}"):
         for candidate in sorted(root.glob(pattern)):
             return candidate
@@ -422,8 +422,7 @@ CANARY = TinySpec("llamavm-canary", seed=7)
 
 def canary(cache: Path | None = None) -> Path:
     """The canary GGUF (written once into the controller cache)."""
-    root = cache or Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm"))
-    path = root / "canary" / f"{CANARY.name}.gguf"
+    path = (cache / "canary" if cache else paths.canary()) / f"{CANARY.name}.gguf"
     if not path.is_file():
         write(CANARY, path)
     return path

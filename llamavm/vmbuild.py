@@ -5,13 +5,12 @@ is written. Nothing on a hypervisor is touched here."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import cloudinit, libvirt_domain, proxmox, remote, vmimage, vmspec
+from llamavm import cloudinit, libvirt_domain, paths, proxmox, remote, vmimage, vmspec
 from llamavm import inventory as inventory_mod
 from llamavm.vmspec import VmSpec
 
@@ -77,8 +76,7 @@ def render_all(inventory: str | None, out: Path | None = None) -> list[Rendered]
 
 def render_dir(inventory: inventory_mod.Inventory) -> Path:
     """Where the controller keeps the rendered seeds and domains of an inventory's VMs."""
-    cache = Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
-    return cache / "vm" / inventory.path.resolve().name
+    return paths.vm_renders(inventory.path.resolve().name)
 
 
 def base_disk(item: Rendered) -> str:

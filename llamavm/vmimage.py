@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamavm import REPO_ROOT, yamlsafe
+from llamavm import REPO_ROOT, paths, yamlsafe
 from llamavm.errors import LlamavmError
 
 #: Bump when the build steps change: part of the cache key.
@@ -92,9 +91,9 @@ def _post_install(root: Path) -> None:
 def ensure_offline(name: str, cache: Path | None = None, mirror: str | None = None) -> OfflineImage:
     """The built image `name` (building it first when its key is not cached)."""
     entry = _config(name)
-    root = cache or Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
     key = key_of(name)
-    image = OfflineImage(name, key, root / "vm-images" / f"{name}-{key}")
+    images = cache / "vm-images" if cache else paths.vm_images()
+    image = OfflineImage(name, key, images / f"{name}-{key}")
     if (image.folder / STAMP).is_file():
         return image
     for tool in ("mmdebstrap", "mkfs.ext4", "qemu-img"):

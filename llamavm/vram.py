@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llamavm import gguf_meta
+from llamavm import gguf_meta, paths
 from llamavm.catalog import Catalog, Model
 from llamavm.errors import LlamavmError
 
@@ -148,7 +148,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm") / "gguf"
+    return paths.gguf_headers()
 
 
 def _version_key(shards: list[Path]) -> str | None:

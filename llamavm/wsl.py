@@ -30,6 +30,7 @@ import jinja2
 
 from llamavm import REPO_ROOT, catalog, cloudinit, contract, remote, validation, vmspec
 from llamavm import inventory as inventory_mod
+from llamavm import paths as controller_paths
 from llamavm.errors import LlamavmError
 
 SCHEMA_PATH = REPO_ROOT / "config" / "wsl.schema.json"
@@ -356,5 +357,4 @@ def build(spec: WslSpec, out: Path) -> Built:
 
 
 def build_dir(inventory: inventory_mod.Inventory) -> Path:
-    cache = Path(os.environ.get("LLAMAVM_CACHE") or "/var/cache/llamavm")
-    return cache / "wsl" / inventory.path.resolve().name
+    return controller_paths.wsl_builds(inventory.path.resolve().name)

@@ -130,8 +130,11 @@ class Contract:
     lock_timeout_s: float
     boot_unit: str
     models: tuple[Model, ...]
-    #: Where staged copies live, their size cap, and how long the share may stay silent.
-    stage_dir: Path = Path("/var/cache/llamavm/models")
+    #: Where staged copies live.
+    stage_dir: Path
+    #: The units any catalog may name (this one's and those of models since removed).
+    unit_globs: tuple[str, ...]
+    #: The staged copies' size cap, and how long the share may stay silent.
     stage_cap_bytes: int = 0
     share_stall_s: float = 30.0
     firewall: Firewall | None = None
@@ -195,6 +198,7 @@ def parse(data: dict[str, Any]) -> Contract:
         boot_unit=data["boot_unit"],
         models=models,
         stage_dir=Path(data["loading"]["stage_dir"]),
+        unit_globs=tuple(data["unit_globs"]),
         stage_cap_bytes=int(data["loading"]["stage_cap_bytes"]),
         share_stall_s=float(data["loading"]["share_stall_s"]),
         firewall=_firewall(data["firewall"]),

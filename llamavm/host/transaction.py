@@ -620,7 +620,7 @@ class Transaction:
                 ) from None
         live = {
             p.name: p.read_text()
-            for pattern in ("llamavm-model-*.service", "llamavm-companion-*.service")
+            for pattern in self.contract.unit_globs
             for p in paths.units_live.glob(pattern)
         }
         return staged, live

@@ -11,12 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from llamavm import testbed
+from llamavm import paths, testbed
 
 RUN = Path("/run/llamavm-docker")
 SOCKET = RUN / "docker.sock"
 HOST = f"unix://{SOCKET}"
-DATA = Path(os.environ.get("LLAMAVM_STATE", "/var/lib/llamavm")) / "docker"
+DATA = paths.state() / "docker"
 LOG = DATA.parent / "docker.log"
 #: The base image inventories/local-compose builds on (llamavm_compose_build_image).
 BASE = "llamavm-test/debian:12"

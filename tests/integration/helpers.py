@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -16,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import REPO_ROOT, catalog, paths, testbed
 
 INVOKE = Path(sys.executable).parent / "invoke"
 TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
-SHARE = Path(os.environ.get("LLAMAVM_CACHE", "/var/cache/llamavm")) / "models"
+SHARE = paths.models()
 FAILPOINTS = "/run/llamavm/failpoints.json"
 #: The embedded VM inventory (a model VM and an NFS server VM), and how tests reach the VMs.
 VM_INVENTORY = "local-vm"

@@ -88,6 +88,7 @@ def contracts(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> cont
         boot_unit="llamavm-boot.service",
         models=tuple(entries),
         stage_dir=top.get("stage_dir", tmp_path / "stage"),
+        unit_globs=("llamavm-model-*.service", "llamavm-companion-*.service"),
         stage_cap_bytes=top.get("stage_cap_bytes", 1 << 40),
         share_stall_s=top.get("share_stall_s", 10.0),
         firewall=top.get("firewall"),

@@ -17,7 +17,7 @@ from llamavm import REPO_ROOT
 PACKAGE = REPO_ROOT / "llamavm"
 #: The embedded default target: built on this machine for the tests and the README's first
 #: command, never needed on an operator's own hosts.
-TESTBED = {"llamavm.testbed", "llamavm.fleetbed", "llamavm.localhv"}
+TESTBED = {"llamavm.testbed", "llamavm.fleetbed", "llamavm.localhv", "llamavm.localinv"}
 #: Production modules that import the test bed today (issue 35 moves what they use).
 KNOWN_TESTBED_IMPORTERS = {
     "llamavm.cloudinit",

@@ -84,3 +84,21 @@ def test_an_inventory_that_may_answer_otherwise_is_asked_every_time(tmp_path, as
         with contextlib.suppress(LlamavmError):
             remote.hosts(inv)
     assert len(asked) == 2
+
+
+def test_the_local_inventory_derives_its_paths_and_is_cached_per_state_folder(
+    monkeypatch, tmp_path, asked
+) -> None:
+    """inventories/local's paths.py is a script, yet a function of llamavm's folders only: its
+    hosts are kept, and asked again (with the paths moved) when $LLAMAVM_STATE moves."""
+    from llamavm import REPO_ROOT
+
+    local = REPO_ROOT / "inventories" / "local"
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path / "one"))
+    first = remote.hosts(local)
+    assert first[0].key == str(tmp_path / "one" / "testbed" / "id_ed25519")
+    assert f"UserKnownHostsFile={tmp_path / 'one' / 'testbed' / 'known_hosts'}" in first[0].ssh_args
+    assert remote.hosts(local) == first and len(asked) == 1
+    monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path / "two"))
+    assert remote.hosts(local)[0].key == str(tmp_path / "two" / "testbed" / "id_ed25519")
+    assert len(asked) == 2
