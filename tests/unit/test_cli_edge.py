@@ -7,7 +7,7 @@ import pytest
 from invoke.exceptions import Exit
 
 from llamavm.catalog import CatalogError
-from llamavm.cli import errors_to_exit
+from llamavm.commands.cli import errors_to_exit
 from llamavm.errors import LlamavmError
 
 
@@ -47,14 +47,14 @@ def test_lint_without_the_test_tools_says_how_to_get_them(tmp_path, monkeypatch,
     `invoke test` say in one line how to install them, and run nothing."""
     import invoke
 
-    import tasks
+    from llamavm.commands import testing
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ruff").touch()
-    monkeypatch.setattr(tasks.sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setattr(testing.sys, "executable", str(tmp_path / "bin" / "python"))
     ran = []
-    monkeypatch.setattr(tasks.subprocess, "run", lambda *a, **k: ran.append(a))
-    for body in (tasks.lint, tasks.test):
+    monkeypatch.setattr(testing.subprocess, "run", lambda *a, **k: ran.append(a))
+    for body in (testing.lint, testing.test):
         with pytest.raises(Exit) as caught:
             body(invoke.Context())
         assert caught.value.code == 1

@@ -14,8 +14,8 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-import tasks
 from llamavm import REPO_ROOT, control_api, fleet, remote
+from llamavm.commands import serving
 from llamavm.errors import LlamavmError
 
 LAB = REPO_ROOT / "inventories" / "example-lab"
@@ -131,7 +131,7 @@ def test_a_switch_on_many_hosts_runs_at_once_one_line_each_and_one_fails_alone(
     hosts, capsys
 ) -> None:
     with pytest.raises(Exit) as caught:
-        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+        serving.switch(Context(), model="qwen", inventory=str(LAB))
     out = capsys.readouterr().out.splitlines()
     assert caught.value.code == 1
     assert "switch failed on 1 of 2 hosts: gpu-box-2.lan (exit 1)" in str(caught.value.message)
@@ -145,10 +145,10 @@ def test_a_switch_on_many_hosts_runs_at_once_one_line_each_and_one_fails_alone(
 
 
 def test_forks_one_goes_host_by_host_and_a_pattern_limits_the_hosts(hosts, capsys) -> None:
-    tasks.switch(Context(), model="qwen", inventory=str(LAB), host="gpu-box-1*", forks=1)
+    serving.switch(Context(), model="qwen", inventory=str(LAB), host="gpu-box-1*", forks=1)
     assert hosts.calls == [("gpu-box-1.lan", "switch")]
     with pytest.raises(Exit):
-        tasks.switch(Context(), model="qwen", inventory=str(LAB), forks=1)
+        serving.switch(Context(), model="qwen", inventory=str(LAB), forks=1)
     assert hosts.peak == 1
 
 
@@ -162,20 +162,20 @@ def test_a_hosts_refusal_raised_as_an_error_keeps_its_exit_code(monkeypatch, cap
 
     monkeypatch.setattr(remote, "transaction", transaction)
     with pytest.raises(Exit) as caught:
-        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+        serving.switch(Context(), model="qwen", inventory=str(LAB))
     assert caught.value.code == 2
     assert "gpu-box-2.lan (exit 2)" in str(caught.value.message)
 
 
 def test_stop_and_status_report_every_host_and_fail_for_the_one_that_did(hosts, capsys):
     with pytest.raises(Exit) as caught:
-        tasks.stop(Context(), inventory=str(LAB))
+        serving.stop(Context(), inventory=str(LAB))
     assert caught.value.code == 1
     out = capsys.readouterr().out
     assert "llamavm: gpu-box-1.lan: stopped qwen3-coder-30b" in out
     assert "llamavm: gpu-box-2.lan: the GGUF is unreadable" in out
     with pytest.raises(Exit) as caught:
-        tasks.status(Context(), inventory=str(LAB), json=True)
+        serving.status(Context(), inventory=str(LAB), json=True)
     assert caught.value.code == 1
     out = capsys.readouterr().out
     assert '"gpu-box-1.lan"' in out and "Connection refused" in out
@@ -201,7 +201,7 @@ def test_an_interrupted_switch_on_many_hosts_says_the_hosts_go_on(monkeypatch, c
 
     monkeypatch.setattr(fleet, "each", interrupted)
     with pytest.raises(Exit) as caught:
-        tasks.switch(Context(), model="qwen", inventory=str(LAB))
+        serving.switch(Context(), model="qwen", inventory=str(LAB))
     assert caught.value.code == 130
     assert "the switch goes on on each host" in str(caught.value.message)
 

@@ -1,7 +1,9 @@
 """The shape of the llamavm package, from its own imports (every `import` in a module, those
 inside functions too): no import circles, and the embedded test bed imported only by what may
-(the commands in tasks.py, the tests, bench/). The on-host package's own rule (it imports only
-itself, the standard library and the host's Debian packages) is tests/unit/test_hostpkg.py's.
+(the commands: llamavm/commands/, whose tasks tasks.py assembles; the tests, bench/). The on-host
+package's own rule (it imports only itself, the standard library and the host's Debian packages)
+is tests/unit/test_hostpkg.py's. And what tasks.py imports at start-up leaves out what only some
+tasks need (they import it themselves), so that a quick `invoke switch` does not pay for it.
 
 Issue 35 takes the package apart along these lines. Until it has, KNOWN_TESTBED_IMPORTERS lists
 what imports the test bed today, exactly: a new importer fails, and so does one that no longer
@@ -10,6 +12,8 @@ does but is still listed (strike it off here)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from llamavm import REPO_ROOT
@@ -18,6 +22,9 @@ PACKAGE = REPO_ROOT / "llamavm"
 #: The embedded default target: built on this machine for the tests and the README's first
 #: command, never needed on an operator's own hosts.
 TESTBED = {"llamavm.testbed", "llamavm.fleetbed", "llamavm.localhv", "llamavm.localinv"}
+#: The commands (the Invoke task bodies): they may drive the test bed (invoke testbed.*, the
+#: default target's provision), as tasks.py did before them.
+COMMANDS = "llamavm.commands"
 #: Production modules that import the test bed today (issue 35 moves what they use).
 KNOWN_TESTBED_IMPORTERS = {
     "llamavm.cloudinit",
@@ -27,6 +34,11 @@ KNOWN_TESTBED_IMPORTERS = {
     "llamavm.vmimage",
     "llamavm.wsl",
 }
+
+
+def is_command(name: str) -> bool:
+    """Whether module `name` is the commands' package or one of its modules."""
+    return name == COMMANDS or name.startswith(f"{COMMANDS}.")
 
 
 def modules() -> dict[str, Path]:
@@ -112,10 +124,30 @@ def test_no_import_circle() -> None:
     assert not found, f"import circles: {[sorted(c) for c in found]} — cut each at its seam"
 
 
+def test_only_the_commands_are_let_off_the_test_bed_rule() -> None:
+    assert is_command("llamavm.commands") and is_command("llamavm.commands.testbed")
+    assert not is_command("llamavm.commandsx") and not is_command("llamavm.provision")
+    assert graph()["llamavm.commands.testbed"] & TESTBED  # the rule is not idle
+
+
 def test_only_the_known_modules_import_the_test_bed() -> None:
     edges = graph()
-    importers = {n for n, deps in edges.items() if n not in TESTBED and deps & TESTBED}
+    importers = {
+        n for n, deps in edges.items() if n not in TESTBED and not is_command(n) and deps & TESTBED
+    }
     new = importers - KNOWN_TESTBED_IMPORTERS
     assert not new, f"{sorted(new)} import the test bed: production code must not"
     gone = KNOWN_TESTBED_IMPORTERS - importers
     assert not gone, f"no longer import the test bed (strike off): {sorted(gone)}"
+
+
+def test_tasks_start_without_what_only_some_tasks_need() -> None:
+    code = "import sys, tasks; print('\\n'.join(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = set(done.stdout.split())
+    assert "llamavm.commands.serving" in loaded  # tasks.py's own import, so the check is real
+    heavy = {"jinja2", "jsonschema", "ansible", "proxmoxer", *TESTBED}
+    heavy |= {f"llamavm.{m}" for m in ("cloudinit", "compose", "doctor", "proxmox", "provision")}
+    assert not loaded & heavy, f"imported at every task's start: {sorted(loaded & heavy)}"

@@ -47,10 +47,10 @@ def test_private_names_are_role_prefixed(role: Path) -> None:
 
 def _scenarios() -> dict[Path, dict]:
     """Every Molecule scenario `invoke test` runs: molecule/*/ and molecule/vm/*/ (its glob)."""
-    import tasks
+    from llamavm.commands import testing
 
     found = {}
-    for pattern in ("molecule/*/molecule.yml", tasks.MOLECULE_VM_GLOB):
+    for pattern in ("molecule/*/molecule.yml", testing.MOLECULE_VM_GLOB):
         for path in sorted(REPO_ROOT.glob(pattern)):
             found[path.parent] = yaml.safe_load(path.read_text())
     return found

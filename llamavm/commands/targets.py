@@ -1,0 +1,41 @@
+"""What the commands share: the --inventory and --catalog help, and what an inventory names —
+the hosts a pattern picks, or the Compose engine of an inventory of kind compose."""
+
+from __future__ import annotations
+
+from llamavm import catalog as catalog_mod
+from llamavm import inventory as inventory_mod
+from llamavm import remote
+from llamavm.errors import LlamavmError
+
+INVENTORY_HELP = "inventory: a folder under inventories/ or a path (default: local, the test bed)"
+CATALOG_HELP = (
+    "model catalog file (default: the inventory's, else config/models.yaml; "
+    f"env {catalog_mod.CATALOG_ENV})"
+)
+
+
+def compose_engine(inventory, catalog=None):
+    """(catalog, engine, host) of an inventory of kind compose; None for any other kind."""
+    inv = inventory_mod.resolve(inventory)
+    if inv.platform != "compose":
+        return None
+    from llamavm import compose
+
+    cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+    hosts = remote.hosts(inv.path)
+    if len(hosts) != 1:
+        raise LlamavmError(
+            f"{inv.path}: a compose inventory has one host in {remote.GROUP} (the engine's "
+            f"machine), not {len(hosts)} — one inventory per engine"
+        )
+    return cat, compose.Engine(compose.site(inv, cat, hosts[0].address)), hosts[0]
+
+
+def pick_hosts(inventory, catalog, host):
+    """(catalog, hosts) of an inventory: the hosts its pattern `host` picks (None: all)."""
+    from llamavm import fleet
+
+    inv = inventory_mod.resolve(inventory)
+    cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
+    return cat, fleet.pick(inv.path, host)
