@@ -8,6 +8,7 @@ from invoke import task
 
 from llamavm import catalog as catalog_mod
 from llamavm import inventory as inventory_mod
+from llamavm import paths
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP
 
@@ -17,7 +18,7 @@ from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP
         "inventory": INVENTORY_HELP,
         "catalog": CATALOG_HELP,
         "out": "write the project here (default: the inventory's llamavm_compose_dir, else "
-        "/var/lib/llamavm/compose/<inventory>/)",
+        f"{paths.DEFAULT_STATE}/compose/<inventory>/)",
     }
 )
 @errors_to_exit

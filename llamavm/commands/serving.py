@@ -10,6 +10,7 @@ import threading
 from invoke import task
 from invoke.exceptions import Exit
 
+from llamavm import catalog as catalog_mod
 from llamavm import control_api, remote
 from llamavm import inventory as inventory_mod
 from llamavm.commands import status_view, switch_view
@@ -232,7 +233,7 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
         running = answer.get("running", [])
         units = [m["unit"] for m in answer.get("models", []) if m["name"] in running]
         cmd = ["journalctl", "--no-pager", "-n", str(lines)]
-        for unit in units or ["llamavm-model-*"]:
+        for unit in units or [f"{catalog_mod.UNIT_PREFIX}*"]:
             cmd += ["-u", unit]
         if follow:
             cmd.append("-f")

@@ -7,6 +7,7 @@ from pathlib import Path
 from invoke import task
 
 from llamavm import inventory as inventory_mod
+from llamavm import paths
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import INVENTORY_HELP
 
@@ -16,7 +17,7 @@ from llamavm.commands.targets import INVENTORY_HELP
         "inventory": INVENTORY_HELP,
         "host": "only this WSL host of the inventory",
         "out": "write the tarball, user-data and PowerShell script here "
-        "(default: /var/cache/llamavm/wsl/<inventory>/)",
+        f"(default: {paths.DEFAULT_CACHE}/wsl/<inventory>/)",
     }
 )
 @errors_to_exit
