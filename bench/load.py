@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from llamavm import REPO_ROOT, testbed
+from llamavm.host.contract import CONTRACT_PATH
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.integration.load import finish, run_client, sampling, ssh, summary
@@ -219,7 +220,7 @@ def main() -> int:
     if args.repeat < 1:
         parser.error("--repeat at least 1")
     with keyed() if args.key else contextlib.nullcontext():
-        contract = host_json("/etc/llamavm/contract.json")
+        contract = host_json(str(CONTRACT_PATH))
         key = None
         if contract["api_key"]["policy"] == "required":
             key = ssh(f"sudo -n cat {shlex.quote(contract['api_key']['file'])}").stdout.strip()

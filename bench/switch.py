@@ -30,14 +30,21 @@ import sys
 import time
 
 from llamavm import REPO_ROOT, testbed
+from llamavm.host.contract import CONTRACT_PATH
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
+
+
+def on_this_host(script: str) -> str:
+    """A host script with the contract's path filled in."""
+    return script.replace("@CONTRACT@", str(CONTRACT_PATH))
+
 
 HOST_SCRIPT = r"""
 import json, os, statistics, subprocess, sys, time, urllib.request
 
 RUNS = int(sys.argv[1])
-contract = json.load(open("/etc/llamavm/contract.json"))
+contract = json.load(open("@CONTRACT@"))
 a, b = contract["models"][0], contract["models"][1]
 server = contract["paths"]["llama_server"]
 switch_tool = contract["paths"]["switch"]
@@ -162,7 +169,7 @@ ROUTER_PORT = 8095
 ROUTER_PID = "/run/llamavm-bench-router.pid"
 ROUTER_UP = r"""
 import json, os, subprocess, sys, tempfile, time, urllib.request
-contract = json.load(open("/etc/llamavm/contract.json"))
+contract = json.load(open("@CONTRACT@"))
 d = tempfile.mkdtemp()
 for m in contract["models"][:2]:
     os.symlink(m["gguf"], f"{d}/{m['name']}.gguf")
@@ -220,7 +227,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    data = json.loads(on_host(HOST_SCRIPT, str(args.runs)).strip().splitlines()[-1])
+    data = json.loads(on_host(on_this_host(HOST_SCRIPT), str(args.runs)).strip().splitlines()[-1])
 
     def median(values: list[float]) -> float:
         ordered = sorted(values)
@@ -232,7 +239,7 @@ def main() -> int:
     router_rounds: list[float] = []
     swaps = 0  # each timed run switches to the model that is not serving: a real swap
     subprocess.run([str(INVOKE), "switch", "--model", data["models"][0]], capture_output=True)
-    on_host(ROUTER_UP, str(ROUTER_PORT), ROUTER_PID)
+    on_host(on_this_host(ROUTER_UP), str(ROUTER_PORT), ROUTER_PID)
     try:
         on_host(ROUTER_SWAP, str(ROUTER_PORT), data["models"][0])  # its first load, untimed
         for i in range(args.runs):
