@@ -27,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from llamavm import source, tinymodel  # noqa: E402
+from llamavm.artifacts import source, tinymodel  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -31,8 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT, catalog, contract, remote, testbed
-from llamavm import inventory as inventory_mod
+from llamavm import REPO_ROOT, testbed
+from llamavm.artifacts import contract
+from llamavm.inputs import catalog
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
 TEXT = (

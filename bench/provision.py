@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT, remote
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
+from llamavm import REPO_ROOT
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
 
 BIN = REPO_ROOT / ".venv" / "bin"
 UNIT = "/etc/systemd/system/llamavm-control.service"

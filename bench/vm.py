@@ -21,7 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llamavm import catalog, paths, testbed, vmspec  # noqa: E402
+from llamavm import paths, testbed  # noqa: E402
+from llamavm.inputs import catalog  # noqa: E402
+from llamavm.platforms.vm import vmspec  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 INVENTORY = "local-vm"

@@ -41,12 +41,13 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, contract, paths
-from llamavm import catalog as catalog_mod
+from llamavm import REPO_ROOT, paths
+from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.host import EXIT_LOCK, store
 from llamavm.host.contract import HostError
-from llamavm.inventory import Inventory
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs.inventory import Inventory
 
 #: The compose project name (`-p`), the image's repository, the container names' prefix.
 PROJECT = "llamavm"
@@ -373,7 +374,7 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
            archive: Path | None = None) -> Rendered:  # fmt: skip
     """Write the project into `out` (default: the site's folder); unchanged files stay as they
     are. The API key (policy required) is made once, 0600, readable by the container's user."""
-    from llamavm import source
+    from llamavm.artifacts import source
 
     out = out or site.dir
     archive = archive or source.prepare()
@@ -927,8 +928,8 @@ def detached_switch(inventory: Path, catalog_path: Path, name: str, *,
 def _main(argv: list[str]) -> int:
     """`python -m llamavm.compose switch INVENTORY CATALOG MODEL LOCK_TIMEOUT`: the detached
     transaction; its answer is the last line of stdout (JSON)."""
-    from llamavm import inventory as inventory_mod
-    from llamavm import remote
+    from llamavm.inputs import inventory as inventory_mod
+    from llamavm.ops import remote
 
     if len(argv) != 5 or argv[0] != "switch":
         print("usage: python -m llamavm.compose switch INVENTORY CATALOG MODEL LOCK_TIMEOUT")

@@ -5,9 +5,9 @@
 #   scripts/gpu-check.sh run          # on the GPU machine (offline is fine)
 #
 # `prepare` puts into .cache/gpu-check/ (git-ignored; carry it to the GPU machine, ~25 MB): the
-# source tarball (sdist tree + prebuilt web UI, from llamavm.source), a tiny GGUF, the vocabs and
-# chat templates the MoE stand-ins are written from, and wheels of what the GPU machine lacks
-# (gguf, ansible-core, resolvelib).
+# source tarball (sdist tree + prebuilt web UI, from llamavm.artifacts.source), a tiny GGUF, the
+# vocabs and chat templates the MoE stand-ins are written from, and wheels of what the GPU machine
+# lacks (gguf, ansible-core, resolvelib).
 # `run` then, with the same cmake flags as the llama_cpp role's CUDA build:
 #   1. checks the toolchain (nvidia-smi, nvcc + cuBLAS, cmake, a C++ compiler) and fails fast;
 #      the gpu role's card table against nvidia-smi (gpu-role.json), and the role's own preflight
@@ -60,10 +60,11 @@ prepare() {
     [ -x "${py}" ] || py=python3
     mkdir -p "${DATA}"
     local tarball
-    tarball=$(cd "${HERE}" && "${py}" -m llamavm.source prepare)
+    tarball=$(cd "${HERE}" && "${py}" -m llamavm.artifacts.source prepare)
     cp "${tarball}" "${DATA}/llama.cpp.tar.gz"
-    # The cache layout llamavm.tinymodel looks in (src/*/vendor/llama.cpp/<path>): the vocabs and
-    # chat templates the stand-ins are written from on the GPU machine (45 MB each: too big to carry).
+    # The cache layout llamavm.artifacts.tinymodel looks in (src/*/vendor/llama.cpp/<path>): the
+    # vocabs and chat templates the stand-ins are written from on the GPU machine (45 MB each: too
+    # big to carry).
     (cd "${HERE}" && "${py}" -c "
 import json, shutil, yaml
 from pathlib import Path

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 """llamavm_converge: the record a converge leaves on a host, and the cheap drift probe over it.
 
-`invoke provision` (llamavm/converge.py) runs this module twice around a converge:
+`invoke provision` (llamavm/ops/converge.py) runs this module twice around a converge:
 
 - `state: verify` before: reads the host's record, compares its digest with the one the
   controller computed from everything that shapes the converge (roles, playbooks, the host

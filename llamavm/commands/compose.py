@@ -6,11 +6,11 @@ from pathlib import Path
 
 from invoke import task
 
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
 from llamavm import paths
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
 
 
 @task(

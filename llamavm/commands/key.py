@@ -6,10 +6,10 @@ import json as jsonlib
 
 from invoke import task
 
-from llamavm import control_api, remote
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, pick_hosts
 from llamavm.errors import LlamavmError
+from llamavm.ops import control_api, remote
 
 
 @task(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llamavm.catalog import Catalog
-from llamavm.vram import Estimate, admission, check_companions, estimate
+from llamavm.inputs.catalog import Catalog
+from llamavm.inputs.vram import Estimate, admission, check_companions, estimate
 
 
 def rows(

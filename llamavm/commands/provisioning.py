@@ -8,11 +8,11 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, compose_engine
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
 
 
 def _catalog(inventory: str | None, catalog: str | None) -> catalog_mod.Catalog:
@@ -34,7 +34,7 @@ def models(c, inventory=None, catalog=None, json=False):
 @errors_to_exit
 def doctor(c, inventory=None, catalog=None, json=False):
     """Check controller and target prerequisites: OK/WARN/FAIL, with the fix for each."""
-    from llamavm import doctor as doctor_mod
+    from llamavm.ops import doctor as doctor_mod
 
     checks = doctor_mod.run(inventory, catalog)
     say(doctor_mod.render(checks, as_json=json))
@@ -54,7 +54,7 @@ def doctor(c, inventory=None, catalog=None, json=False):
 @errors_to_exit
 def provision(c, inventory=None, catalog=None, limit=None, check=False, full=False):
     """Build or converge the target (default: the test bed): base, llama.cpp, model services."""
-    from llamavm import provision as provision_mod
+    from llamavm.ops import provision as provision_mod
 
     on_compose = compose_engine(inventory, catalog)
     if on_compose:
@@ -66,7 +66,8 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
         inv = inventory_mod.resolve(inventory)
         if inv.uses_testbed:
             # Its LAN is the test bed's, its models the tiny stand-ins llamavm writes.
-            from llamavm import testbed, tinymodel
+            from llamavm import testbed
+            from llamavm.artifacts import tinymodel
 
             testbed.up()
             if cat.settings.controller_share_path:

@@ -10,13 +10,13 @@ import threading
 from invoke import task
 from invoke.exceptions import Exit
 
-from llamavm import catalog as catalog_mod
-from llamavm import control_api, remote
-from llamavm import inventory as inventory_mod
 from llamavm.commands import status_view, switch_view
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, compose_engine, pick_hosts
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import control_api, remote
 
 HOST_HELP = (
     "the hosts, as an Ansible pattern: a host, a group, gpu-*, a:b, !host (default: every host)"
@@ -35,7 +35,7 @@ def _outcome(result):
 
 def _each(targets, work, done, forks, what):
     """fleet.each for a transaction on many hosts; an interrupt says what goes on."""
-    from llamavm import fleet
+    from llamavm.ops import fleet
 
     try:
         return fleet.each(targets, work, done, forks=forks)
@@ -175,7 +175,7 @@ def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
 @errors_to_exit
 def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
     """Show per host: active model, URL, health, uptime, load time, GPU memory."""
-    from llamavm import fleet
+    from llamavm.ops import fleet
 
     on_compose = compose_engine(inventory, catalog)
     if on_compose:
@@ -212,7 +212,7 @@ def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
 @errors_to_exit
 def logs(c, inventory=None, host=None, lines=100, follow=True):
     """Follow the active model's journal on the hosts (each line after its host's name)."""
-    from llamavm import fleet
+    from llamavm.ops import fleet
 
     on_compose = compose_engine(inventory)
     if on_compose:
@@ -270,7 +270,8 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
 
 
 def _compose_switch(cat, engine, target, model, *, inventory=None, json=False, dry=False):
-    from llamavm import compose, contract
+    from llamavm import compose
+    from llamavm.artifacts import contract
 
     wanted = cat.resolve(model)
     if dry:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamavm.catalog import Model
-from llamavm.remote import Host
+from llamavm.inputs.catalog import Model
+from llamavm.ops.remote import Host
 
 
 def line(host: Host, wanted: Model, code: int, answer: dict[str, Any], *, dry: bool) -> str:

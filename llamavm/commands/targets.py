@@ -3,10 +3,10 @@ the hosts a pattern picks, or the Compose engine of an inventory of kind compose
 
 from __future__ import annotations
 
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
-from llamavm import remote
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
 
 INVENTORY_HELP = "inventory: a folder under inventories/ or a path (default: local, the test bed)"
 CATALOG_HELP = (
@@ -34,7 +34,7 @@ def compose_engine(inventory, catalog=None):
 
 def pick_hosts(inventory, catalog, host):
     """(catalog, hosts) of an inventory: the hosts its pattern `host` picks (None: all)."""
-    from llamavm import fleet
+    from llamavm.ops import fleet
 
     inv = inventory_mod.resolve(inventory)
     cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))

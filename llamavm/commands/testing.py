@@ -181,8 +181,9 @@ def _test(c, phases, unit, pytest_args, molecule, vm, compose):
         # the llama.cpp source with the web UI (the two at once, as `invoke provision` does),
         # and the first provision (the llama.cpp build). The tests' own provision then finds
         # nothing to do.
-        from llamavm import provision as provision_mod
-        from llamavm import source, testbed
+        from llamavm import testbed
+        from llamavm.artifacts import source
+        from llamavm.ops import provision as provision_mod
 
         # First-run paths this run walks itself from empty caches: the tests that walk them
         # again into scratch caches (tests/integration/test_first_run.py) are skipped, saying so.

@@ -10,9 +10,9 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from llamavm import REPO_ROOT
-from llamavm import inventory as inventory_mod
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import INVENTORY_HELP
+from llamavm.inputs import inventory as inventory_mod
 
 
 @task(
@@ -24,7 +24,7 @@ from llamavm.commands.targets import INVENTORY_HELP
 @errors_to_exit
 def render(c, inventory=None, out=None):
     """Validate every VM spec of an inventory and render its cloud-init seed and libvirt domain."""
-    from llamavm import vmbuild
+    from llamavm.platforms.vm import vmbuild
 
     inv = inventory_mod.resolve(inventory)
     folder = Path(out) if out else REPO_ROOT / ".cache" / "vm" / inv.path.name
@@ -44,7 +44,7 @@ def render(c, inventory=None, out=None):
 @errors_to_exit
 def list_vms(c, inventory=None, json=False):
     """List the inventory's VMs: hypervisor, state, address, whether a restart is pending."""
-    from llamavm import vmctl
+    from llamavm.platforms.vm import vmctl
 
     states = vmctl.list_vms(inventory)
     rows = [
@@ -71,7 +71,7 @@ def list_vms(c, inventory=None, json=False):
 @errors_to_exit
 def console(c, vm, inventory=None):
     """Attach to a VM's serial console (leave with Ctrl-])."""
-    from llamavm import vmctl
+    from llamavm.platforms.vm import vmctl
 
     raise Exit(code=vmctl.console(inventory, vm))
 
@@ -87,7 +87,7 @@ def console(c, vm, inventory=None):
 @errors_to_exit
 def destroy(c, vm, inventory=None, purge=False, dry=False):
     """Power a VM off and undefine it (with --purge, delete its disk too)."""
-    from llamavm import vmctl
+    from llamavm.platforms.vm import vmctl
 
     for line in vmctl.destroy(inventory, vm, purge=purge, dry=dry):
         say(f"llamavm: {line}")

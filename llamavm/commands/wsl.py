@@ -6,10 +6,10 @@ from pathlib import Path
 
 from invoke import task
 
-from llamavm import inventory as inventory_mod
 from llamavm import paths
 from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import INVENTORY_HELP
+from llamavm.inputs import inventory as inventory_mod
 
 
 @task(
@@ -23,7 +23,7 @@ from llamavm.commands.targets import INVENTORY_HELP
 @errors_to_exit
 def build(c, inventory=None, host=None, out=None):
     """Build each WSL host's distro: rootfs tarball, cloud-init user-data, PowerShell script."""
-    from llamavm import wsl
+    from llamavm.platforms import wsl
 
     inv = inventory_mod.resolve(inventory)
     folder = Path(out) if out else wsl.build_dir(inv)

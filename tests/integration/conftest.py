@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import REPO_ROOT, testbed
+from llamavm.inputs import catalog
 from tests.integration.helpers import (
     TESTBED_CATALOG,
     VM_INVENTORY,
@@ -130,7 +131,7 @@ def serving_default(provisioned, models) -> Iterator[catalog.Model]:
 @pytest.fixture(scope="session")
 def vm(testbed_info: testbed.TestbedInfo) -> Any:
     """The embedded VMs provisioned (`invoke provision -i local-vm`); the model VM's spec."""
-    from llamavm import vmspec
+    from llamavm.platforms.vm import vmspec
 
     result = invoke("provision", "-i", VM_INVENTORY, timeout=3600)
     if result.returncode != 0 and "was made on" in result.stdout:
@@ -149,6 +150,6 @@ def vm(testbed_info: testbed.TestbedInfo) -> Any:
 @pytest.fixture(scope="session")
 def nas(vm: Any) -> Any:
     """The embedded NFS server VM's spec (provisioned with the model VM)."""
-    from llamavm import vmspec
+    from llamavm.platforms.vm import vmspec
 
     return vmspec.from_inventory(VM_INVENTORY, only="llamavm-nas")[0]

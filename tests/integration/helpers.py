@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, catalog, paths, testbed
+from llamavm import REPO_ROOT, paths, testbed
+from llamavm.inputs import catalog
 
 INVOKE = Path(sys.executable).parent / "invoke"
 TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
@@ -183,7 +184,7 @@ def keyed_catalog_file(tmp_path: Path, **front_door: Any) -> Path:
 def keyed_testbed(tmp_path: Path, **front_door: Any) -> Iterator[tuple[Any, str]]:
     """The test bed provisioned with the key policy on, its default model serving:
     (catalog, provision's output). Provisioned back to its own catalog afterwards."""
-    from llamavm import catalog
+    from llamavm.inputs import catalog
 
     path = keyed_catalog_file(tmp_path, **front_door)
     result = invoke("provision", "--catalog", str(path))

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, compose, inventory
+from llamavm import REPO_ROOT, compose
+from llamavm.inputs import catalog, inventory
 from tests.integration import engine as engine_mod
 from tests.integration.helpers import (
     INVOKE,

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, control_api, fleet, inventory, testbed
+from llamavm import REPO_ROOT, testbed
+from llamavm.inputs import catalog, inventory
+from llamavm.ops import control_api, fleet
 from tests.integration.helpers import (
     client_curl,
     host_run,

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import REPO_ROOT, testbed
+from llamavm.inputs import catalog
 from tests.integration.helpers import (
     INVOKE,
     STUB_MARK,

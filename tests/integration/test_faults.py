@@ -19,7 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from llamavm import catalog, control_api, testbed, tinymodel
+from llamavm import testbed
+from llamavm.artifacts import tinymodel
+from llamavm.inputs import catalog
+from llamavm.ops import control_api
 from tests.integration.helpers import (
     INVOKE,
     REPO_ROOT,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import source, testbed, tinymodel
+from llamavm import testbed
+from llamavm.artifacts import source, tinymodel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root")
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from llamavm import flags
+from llamavm.inputs import flags
 from tests.integration.helpers import host_run
 
 pytestmark = pytest.mark.testbed

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, hostpkg
+from llamavm import REPO_ROOT
+from llamavm.artifacts import hostpkg
 from llamavm.host import passthrough
 from tests.integration.conftest import INVENTORY, VENV_BIN, ansible_env
 from tests.integration.helpers import host_run

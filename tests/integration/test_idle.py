@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog
+from llamavm import REPO_ROOT
+from llamavm.inputs import catalog
 from tests.integration.helpers import (
     TESTBED_CATALOG,
     active_units,

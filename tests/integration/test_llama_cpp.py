@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, source, tinymodel
+from llamavm import REPO_ROOT
+from llamavm.artifacts import source, tinymodel
 
 VENV_BIN = Path(sys.executable).parent
 TARGET = os.environ.get("LLAMAVM_LLAMA_CPP_TARGET", "testbed")
@@ -239,7 +240,7 @@ def test_second_converge_changes_nothing_and_compiles_nothing(
 
 
 def test_web_ui_is_served_at_root(target: Target, first_build: str) -> None:
-    from llamavm import tinymodel
+    from llamavm.artifacts import tinymodel
 
     model_local = Path(tempfile.mkdtemp(prefix="lvm-it-model-")) / "tiny.gguf"
     tinymodel.write(tinymodel.TinySpec(name="it-tiny"), model_local)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llamavm import catalog
+from llamavm.inputs import catalog
 from tests.integration.helpers import invoke
 from tests.integration.load import finish, run_client, sampling, summary
 

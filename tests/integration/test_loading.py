@@ -14,7 +14,8 @@ import shutil
 
 import pytest
 
-from llamavm import catalog, tinymodel
+from llamavm.artifacts import tinymodel
+from llamavm.inputs import catalog
 from tests.integration.helpers import (
     SHARE,
     host_run,

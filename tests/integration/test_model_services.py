@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from llamavm import catalog, tinymodel
+from llamavm.artifacts import tinymodel
+from llamavm.inputs import catalog
 from tests.integration.helpers import (
     SHARE,
     TESTBED_CATALOG,

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, vram
+from llamavm import REPO_ROOT
+from llamavm.inputs import catalog, vram
 from tests.integration.helpers import client_curl, host_run, invoke
 
 pytestmark = pytest.mark.testbed
@@ -122,7 +123,7 @@ def test_a_requests_reasoning_effort_reaches_the_chat_template(
 
 
 def test_the_stand_ins_are_written_deterministically(tmp_path) -> None:
-    from llamavm import tinymodel
+    from llamavm.artifacts import tinymodel
 
     entry = dict(_specs()["gpt-oss-120b"])
     entry.pop("file")

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, hostpkg, playbook, provision, vmbuild, vmspec
+from llamavm import REPO_ROOT
+from llamavm.artifacts import hostpkg
+from llamavm.ops import playbook, provision
+from llamavm.platforms.vm import vmbuild, vmspec
 from tests.integration.helpers import (
     VM_INVENTORY as INVENTORY,
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from llamavm import wsl
+from llamavm.platforms import wsl
 from tests.integration.wsl_distro import ADDRESS, SSH_PORT, Distro, booted
 
 pytestmark = pytest.mark.testbed

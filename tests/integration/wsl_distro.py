@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llamavm import lan as lan_mod
-from llamavm import testbed, wsl
+from llamavm import testbed
+from llamavm.platforms import wsl
 
 ADDRESS = "10.213.0.40"
 NS, PORT = "llamavm-wsl", "lv-wsl"

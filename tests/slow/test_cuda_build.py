@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, source, tinymodel
+from llamavm import REPO_ROOT
+from llamavm.artifacts import source, tinymodel
 
 pytestmark = [
     pytest.mark.slow,

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from llamavm import REPO_ROOT, catalog, fleetbed, testbed
+from llamavm import REPO_ROOT, fleetbed, testbed
+from llamavm.inputs import catalog
 from tests.integration.helpers import client_curl, invoke
 
 pytestmark = [

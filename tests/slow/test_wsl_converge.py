@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, testbed
+from llamavm import REPO_ROOT, testbed
+from llamavm.inputs import catalog
 from tests.integration.helpers import client_curl, invoke
 from tests.integration.wsl_distro import ADDRESS, SSH_PORT, Distro, booted
 

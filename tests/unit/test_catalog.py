@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import catalog
+from llamavm.inputs import catalog
 
 VALID: dict[str, Any] = {
     "settings": {

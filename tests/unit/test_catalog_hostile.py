@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import catalog
+from llamavm.inputs import catalog
 from tests.unit.test_catalog import VALID
 
 STRING_FIELDS = [

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from invoke.exceptions import Exit
 
-from llamavm.catalog import CatalogError
 from llamavm.commands.cli import errors_to_exit
 from llamavm.errors import LlamavmError
+from llamavm.inputs.catalog import CatalogError
 
 
 def _raise(exc: Exception):

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import catalog, contract, vram
+from llamavm.artifacts import contract
 from llamavm.host import checks
 from llamavm.host.control import companion_route, model_list
 from llamavm.host.transaction import Host, Transaction
+from llamavm.inputs import catalog, vram
 from tests.unit.host_fakes import FakeSystemd, Unit, contracts
 from tests.unit.test_vram import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
 

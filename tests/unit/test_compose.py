@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, catalog, compose, inventory
+from llamavm import REPO_ROOT, compose
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog, inventory
 
 INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
 

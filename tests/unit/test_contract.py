@@ -1,5 +1,5 @@
-"""The host contract (llamavm/contract.py): computed once on the controller, read by the host.
-Quoting for systemd, the credential, URLs, and that both sides agree on its shape."""
+"""The host contract (llamavm/artifacts/contract.py): computed once on the controller, read by
+the host. Quoting for systemd, the credential, URLs, and that both sides agree on its shape."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import catalog, contract
+from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.host import contract as host_contract
+from llamavm.inputs import catalog
 from tests.unit.test_catalog import VALID
 
 

@@ -1,4 +1,4 @@
-"""`invoke switch` through the control API (llamavm/control_api.py) against the real control
+"""`invoke switch` through the control API (llamavm/ops/control_api.py) against the real control
 application (llamavm/host/control.py, served by uvicorn on a loopback port) with a fake helper;
 the SSH seam (remote.run/transaction/outcome) is faked. The real path, systemd and SSH included,
 runs on the test bed (tests/integration/test_control.py)."""
@@ -21,8 +21,9 @@ import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 
-from llamavm import catalog, control_api, remote
 from llamavm.host import control
+from llamavm.inputs import catalog
+from llamavm.ops import control_api, remote
 from tests.unit.test_catalog import VALID
 from tests.unit.test_host_control import KEY, FakeHelper, _app
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, converge, playbook, provision
+from llamavm import REPO_ROOT
+from llamavm.ops import converge, playbook, provision
 
 MODULE = REPO_ROOT / "ansible" / "library" / "llamavm_converge.py"
 
@@ -430,7 +431,7 @@ def _provision_roles() -> list[dict]:
     ]
 
 
-#: What `invoke provision` passes provision.yml (llamavm/provision.py) besides role-named vars.
+#: What `invoke provision` passes provision.yml (llamavm/ops/provision.py) besides role-named vars.
 EXTRA_VARS = (
     "llamavm_contract",
     "llamavm_default_models",

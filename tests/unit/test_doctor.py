@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from llamavm import doctor, testbed
+from llamavm import testbed
+from llamavm.ops import doctor
 
 
 def test_testbed_running_is_ok(monkeypatch) -> None:

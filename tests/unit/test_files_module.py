@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import converge, playbook
+from llamavm.ops import converge, playbook
 
 
 def _run(tmp_path: Path, args: dict[str, Any], *flags: str) -> tuple[int, dict[str, Any], str]:

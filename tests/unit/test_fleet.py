@@ -1,4 +1,4 @@
-"""Many hosts at once (llamavm.fleet, and the tasks on top of it): Ansible host patterns over
+"""Many hosts at once (llamavm.ops.fleet, and the tasks on top of it): Ansible host patterns over
 the example inventories, bounded parallelism with each host's result its own, and `invoke
 switch`/`stop`/`status` over several hosts — one line each, a failing host failing alone,
 the exit code saying so. The hosts' side is faked at the SSH seam (remote.transaction and
@@ -14,9 +14,10 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from llamavm import REPO_ROOT, control_api, fleet, remote
+from llamavm import REPO_ROOT
 from llamavm.commands import serving
 from llamavm.errors import LlamavmError
+from llamavm.ops import control_api, fleet, remote
 
 LAB = REPO_ROOT / "inventories" / "example-lab"
 
@@ -219,7 +220,7 @@ FLEET = REPO_ROOT / "inventories" / "local-fleet"
 
 
 def test_the_local_fleet_inventory_is_a_lab_layout_with_racks_and_a_builder() -> None:
-    from llamavm import inventory
+    from llamavm.inputs import inventory
 
     inv = inventory.resolve("local-fleet")
     assert (inv.fleet, inv.uses_testbed, inv.platform) == (4, True, "container")
@@ -238,7 +239,8 @@ def test_the_local_fleet_inventory_is_a_lab_layout_with_racks_and_a_builder() ->
 
 
 def test_a_host_default_model_is_resolved_from_host_vars_aliases_included() -> None:
-    from llamavm import catalog, provision
+    from llamavm.inputs import catalog
+    from llamavm.ops import provision
 
     cat = catalog.load(REPO_ROOT / "config" / "models.testbed.yaml")
     assert provision.default_models(FLEET, cat) == {"fleet-2": "gpt-oss-120b"}
@@ -259,7 +261,8 @@ def _inventory(tmp_path, group_vars: dict, host_vars: dict | None = None):
 
 
 def test_a_host_default_model_not_in_the_catalog_is_one_clear_line(tmp_path) -> None:
-    from llamavm import catalog, provision
+    from llamavm.inputs import catalog
+    from llamavm.ops import provision
 
     inv = _inventory(tmp_path, {"llamavm_catalog": "config/models.testbed.yaml"},
                      {"llamavm_default_model": "llama-9000"})  # fmt: skip
@@ -274,7 +277,7 @@ def test_a_host_default_model_not_in_the_catalog_is_one_clear_line(tmp_path) -> 
 
 @pytest.mark.parametrize("value", [-1, 9, "four", True, 2.5])
 def test_a_fleet_size_out_of_range_is_refused_with_the_file(tmp_path, value) -> None:
-    from llamavm import inventory
+    from llamavm.inputs import inventory
 
     inv = _inventory(tmp_path, {"llamavm_testbed_fleet": value})
     with pytest.raises(LlamavmError) as err:

@@ -1,5 +1,6 @@
-"""llamavm.gguf_meta against gguf's own reader: the same metadata and tensor table, on GGUFs the
-tests write and on the vocabularies of the cached llama.cpp source; broken files refused."""
+"""llamavm.inputs.gguf_meta against gguf's own reader: the same metadata and tensor table, on
+GGUFs the tests write and on the vocabularies of the cached llama.cpp source; broken files
+refused."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from llamavm import gguf_meta, tinymodel
+from llamavm.artifacts import tinymodel
 from llamavm.errors import LlamavmError
+from llamavm.inputs import gguf_meta
 
 
 def _theirs(path: Path) -> tuple[dict, list]:

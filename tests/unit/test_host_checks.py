@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import tinymodel
+from llamavm.artifacts import tinymodel
 from llamavm.host import EXIT_REFUSED, checks, share
 from llamavm.host.contract import HostError
 from tests.unit.host_fakes import contract_for

@@ -18,10 +18,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from llamavm import catalog, contract
+from llamavm.artifacts import contract
 from llamavm.host import control, helper, protocol
 from llamavm.host.contract import HostError
 from llamavm.host.contract import parse as parse_contract
+from llamavm.inputs import catalog
 from tests.unit.test_catalog import VALID
 
 KEY = "k" * 40

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, hostpkg
+from llamavm import REPO_ROOT
+from llamavm.artifacts import hostpkg
 
 #: The control service alone uses Debian packages (its role installs them); nothing else on the
 #: host may need them, so it is imported only by the `control` command.

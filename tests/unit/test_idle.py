@@ -17,12 +17,13 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from llamavm import catalog, contract
+from llamavm.artifacts import contract
 from llamavm.host import EXIT_REFUSED, checks, control, firewall, metrics, status, store
 from llamavm.host.activity import in_flight_of
 from llamavm.host.contract import Firewall, HostError
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.transaction import Host, Transaction
+from llamavm.inputs import catalog
 from tests.unit.host_fakes import FakeSystemd, contracts
 from tests.unit.test_catalog import VALID
 from tests.unit.test_host_expose import FakeNft

@@ -27,12 +27,12 @@ TESTBED = {"llamavm.testbed", "llamavm.fleetbed", "llamavm.localhv", "llamavm.lo
 COMMANDS = "llamavm.commands"
 #: Production modules that import the test bed today (issue 35 moves what they use).
 KNOWN_TESTBED_IMPORTERS = {
-    "llamavm.cloudinit",
-    "llamavm.doctor",
-    "llamavm.provision",
-    "llamavm.vmbuild",
-    "llamavm.vmimage",
-    "llamavm.wsl",
+    "llamavm.ops.doctor",
+    "llamavm.ops.provision",
+    "llamavm.platforms.vm.cloudinit",
+    "llamavm.platforms.vm.vmbuild",
+    "llamavm.platforms.vm.vmimage",
+    "llamavm.platforms.wsl",
 }
 
 
@@ -126,7 +126,7 @@ def test_no_import_circle() -> None:
 
 def test_only_the_commands_are_let_off_the_test_bed_rule() -> None:
     assert is_command("llamavm.commands") and is_command("llamavm.commands.testbed")
-    assert not is_command("llamavm.commandsx") and not is_command("llamavm.provision")
+    assert not is_command("llamavm.commandsx") and not is_command("llamavm.ops.provision")
     assert graph()["llamavm.commands.testbed"] & TESTBED  # the rule is not idle
 
 
@@ -149,5 +149,11 @@ def test_tasks_start_without_what_only_some_tasks_need() -> None:
     loaded = set(done.stdout.split())
     assert "llamavm.commands.serving" in loaded  # tasks.py's own import, so the check is real
     heavy = {"jinja2", "jsonschema", "ansible", "proxmoxer", *TESTBED}
-    heavy |= {f"llamavm.{m}" for m in ("cloudinit", "compose", "doctor", "proxmox", "provision")}
+    heavy |= {
+        "llamavm.platforms.vm.cloudinit",
+        "llamavm.compose",
+        "llamavm.ops.doctor",
+        "llamavm.platforms.proxmox",
+        "llamavm.ops.provision",
+    }
     assert not loaded & heavy, f"imported at every task's start: {sorted(loaded & heavy)}"

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, catalog, inventory, playbook, provision, remote
+from llamavm import REPO_ROOT
+from llamavm.inputs import catalog, inventory
+from llamavm.ops import playbook, provision, remote
 
 INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, source
+from llamavm import REPO_ROOT
+from llamavm.artifacts import source
 
 ROLE = REPO_ROOT / "ansible" / "roles" / "llama_cpp"
 VENV_BIN = Path(sys.executable).parent

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, hostpkg
+from llamavm import REPO_ROOT
+from llamavm.artifacts import hostpkg
 from llamavm.host import passthrough
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "passthrough"

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import catalog, contract
+from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.host import checks, status, store
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.transaction import Host, Transaction
+from llamavm.inputs import catalog
 from tests.unit.host_fakes import FakeSystemd, contracts
 from tests.unit.test_catalog import VALID
 

@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, cloudinit, proxmox, remote, vmbuild, vmspec
+from llamavm import REPO_ROOT
+from llamavm.ops import remote
+from llamavm.platforms import proxmox
+from llamavm.platforms.vm import cloudinit, vmbuild, vmspec
 from tests.unit.proxmox_fake import FakeProxmox
 
 INVENTORY = REPO_ROOT / "inventories" / "example-proxmox"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import remote
 from llamavm.errors import LlamavmError
+from llamavm.ops import remote
 
 HOSTS = """---
 llamavm_hosts:

@@ -1,4 +1,4 @@
-"""Unit tests of llamavm.source (no network, no npm, no hosts)."""
+"""Unit tests of llamavm.artifacts.source (no network, no npm, no hosts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import source
+from llamavm.artifacts import source
 from llamavm.errors import LlamavmError
 
 

@@ -1,6 +1,6 @@
-"""The tiny stand-ins' files (llamavm/tinymodel.py): the architecture and tokenizer llama.cpp
-will see, and the designed answer laid out in the weights. llama-server serving them is tested
-on the test bed (tests/integration/test_standins.py)."""
+"""The tiny stand-ins' files (llamavm/artifacts/tinymodel.py): the architecture and tokenizer
+llama.cpp will see, and the designed answer laid out in the weights. llama-server serving them
+is tested on the test bed (tests/integration/test_standins.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, tinymodel
+from llamavm import REPO_ROOT
+from llamavm.artifacts import tinymodel
 from llamavm.errors import LlamavmError
 
 

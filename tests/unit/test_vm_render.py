@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
-from llamavm import cloudinit, libvirt_domain, vmbuild, vmspec
-from llamavm.inventory import DEFAULT_INVENTORY
+from llamavm.inputs.inventory import DEFAULT_INVENTORY
+from llamavm.platforms.vm import cloudinit, libvirt_domain, vmbuild, vmspec
 
 
 def _specs() -> list[tuple[str, vmspec.VmSpec]]:

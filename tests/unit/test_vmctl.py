@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from llamavm import vmctl, vmspec
+from llamavm.platforms.vm import vmctl, vmspec
 
 
 @pytest.fixture(autouse=True)

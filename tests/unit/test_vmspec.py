@@ -1,5 +1,5 @@
-"""VM specs (llamavm/vmspec.py): every example validates; every bad value is one line that
-names the inventory, the host and the key, with the fix — exit code 2, no traceback."""
+"""VM specs (llamavm/platforms/vm/vmspec.py): every example validates; every bad value is one
+line that names the inventory, the host and the key, with the fix — exit code 2, no traceback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, vmspec
+from llamavm import REPO_ROOT
+from llamavm.platforms.vm import vmspec
 
 EXAMPLE = REPO_ROOT / "inventories" / "example-lab"
 GOOD: dict[str, Any] = yaml.safe_load((EXAMPLE / "host_vars" / "gpu-box-1.lan.yml").read_text())[

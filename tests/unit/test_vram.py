@@ -1,7 +1,7 @@
 """VRAM admission on GGUF files written here with known tensor shapes.
 
 Expected numbers are computed in the tests by plain arithmetic from the shapes, independently
-of llamavm.vram, so a wrong placement rule or byte count in the estimate fails here.
+of llamavm.inputs.vram, so a wrong placement rule or byte count in the estimate fails here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import yaml
 from gguf import GGUFWriter
 
-from llamavm import catalog, vram
+from llamavm.inputs import catalog, vram
 
 MIB = 1024 * 1024
 F16 = 2

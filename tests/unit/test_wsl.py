@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, wsl
+from llamavm import REPO_ROOT
+from llamavm.platforms import wsl
 
 GOLDEN = REPO_ROOT / "tests" / "fixtures" / "wsl"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBqt8Sx/EMbJTWWe337WU/+y9Dt0UbAvKLxSVNi+dM0M op@lab"

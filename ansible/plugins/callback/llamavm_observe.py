@@ -4,7 +4,7 @@ An aggregate callback, silent unless $LLAMAVM_OBSERVE names a file: then, at the
 playbook, it writes there per host the files the roles wrote or shaped (copy, template, file,
 lineinfile, ...), the units they enabled or started, the Debian packages they installed, and
 the answers of the llamavm_converge module — each item with the roles whose tasks managed it.
-llamavm/converge.py turns the first three into the host's converge record
+llamavm/ops/converge.py turns the first three into the host's converge record
 (ansible/library/llamavm_converge.py), and reads the last.
 """
 

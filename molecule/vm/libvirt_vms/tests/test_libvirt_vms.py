@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-#: Where `invoke provision` rendered the lab's domains and seeds (llamavm.vmbuild.render_dir:
-#: the controller's cache, $LLAMAVM_CACHE or /var/cache/llamavm; the hypervisor is the controller).
+#: Where `invoke provision` rendered the lab's domains and seeds
+#: (llamavm.platforms.vm.vmbuild.render_dir: the controller's cache, $LLAMAVM_CACHE or
+#: /var/cache/llamavm; the hypervisor is the controller).
 RENDER = f"{os.environ.get('LLAMAVM_CACHE') or '/var/cache/llamavm'}/vm/local-vm"
 VMS = ["llamavm-vm", "llamavm-nas"]
 

@@ -38,7 +38,7 @@ def test_the_export_is_read_only_squashed_and_for_the_model_host_alone(host) -> 
 def _catalog_files() -> list[str]:
     """The lab catalog's GGUFs, relative to the share (what the model host will ask for)."""
     sys.path.insert(0, os.environ["MOLECULE_PROJECT_DIRECTORY"])
-    from llamavm import catalog, inventory
+    from llamavm.inputs import catalog, inventory
 
     inv = inventory.resolve("local-vm")
     models = catalog.load(catalog.catalog_path(None, inv.catalog))

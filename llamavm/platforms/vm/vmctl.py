@@ -10,10 +10,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from llamavm import inventory as inventory_mod
-from llamavm import libvirt_domain, remote, vmbuild, vmspec
 from llamavm.errors import LlamavmError
-from llamavm.vmspec import VmSpec
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
+from llamavm.platforms.vm import libvirt_domain, vmbuild, vmspec
+from llamavm.platforms.vm.vmspec import VmSpec
 
 URI = "qemu:///system"
 

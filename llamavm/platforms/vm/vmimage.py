@@ -16,8 +16,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamavm import REPO_ROOT, paths, yamlsafe
+from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
+from llamavm.inputs import yamlsafe
 
 #: Bump when the build steps change: part of the cache key.
 BUILD_VERSION = 1

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llamavm import REPO_ROOT, yamlsafe
-from llamavm import vram as vram_mod
-from llamavm.catalog import COMPANION_PREFIX, UNIT_PREFIX, Catalog, Model
+from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
 from llamavm.host import contract as host_contract
+from llamavm.inputs import vram as vram_mod
+from llamavm.inputs import yamlsafe
+from llamavm.inputs.catalog import COMPANION_PREFIX, UNIT_PREFIX, Catalog, Model
 
 HOST_CONFIG = REPO_ROOT / "config" / "host.yaml"
 UNITS_LIVE = "/etc/systemd/system"

@@ -399,6 +399,6 @@ def outcome(
 
 def switch_path() -> str:
     """Where llamavm-switch is on every host (the contract's paths.switch)."""
-    from llamavm import contract  # the contract builder (VRAM, GGUF): only where asked
+    from llamavm.artifacts import contract  # the contract builder (VRAM, GGUF): only where asked
 
     return f"{contract.load_host_config().bin_dir}/{contract.SWITCH_NAME}"

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import cloudinit, libvirt_domain, paths, proxmox, remote, vmimage, vmspec
-from llamavm import inventory as inventory_mod
-from llamavm.vmspec import VmSpec
+from llamavm import paths
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
+from llamavm.platforms import proxmox
+from llamavm.platforms.vm import cloudinit, libvirt_domain, vmimage, vmspec
+from llamavm.platforms.vm.vmspec import VmSpec
 
 #: Hypervisor host variables (inventory) and their defaults.
 IMAGES_DIR_VAR = "llamavm_hypervisor_images_dir"

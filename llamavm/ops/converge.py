@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, paths, playbook
+from llamavm import REPO_ROOT, paths
+from llamavm.ops import playbook
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "converge.yml"
 ANSIBLE_TREE = REPO_ROOT / "ansible"

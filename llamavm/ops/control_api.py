@@ -29,8 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamavm import paths, remote
-from llamavm.catalog import Settings
+from llamavm import paths
+from llamavm.inputs.catalog import Settings
+from llamavm.ops import remote
 
 #: How long the control port may take to accept a connection before SSH is used instead.
 CONNECT_S = 2.0

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamavm import cloudinit, remote, vmspec
-from llamavm import inventory as inventory_mod
-from llamavm.cloudinit import Seed
 from llamavm.errors import LlamavmError
-from llamavm.vmspec import VmSpec
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
+from llamavm.platforms.vm import cloudinit, vmspec
+from llamavm.platforms.vm.cloudinit import Seed
+from llamavm.platforms.vm.vmspec import VmSpec
 
 KIND_VAR = "llamavm_hypervisor_kind"
 #: A Proxmox hypervisor's inventory variables and their defaults (None: required).

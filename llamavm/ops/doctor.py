@@ -12,10 +12,10 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
 from llamavm import paths
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -186,8 +186,8 @@ def run(inventory: str | None, catalog: str | None) -> list[Check]:
 
 def check_engine(inv: inventory_mod.Inventory, catalog: str | None) -> Check:
     """A compose host: its settings, the engine's CLI and compose, and the engine answering."""
-    from llamavm import catalog as catalog_mod
     from llamavm import compose
+    from llamavm.inputs import catalog as catalog_mod
 
     try:
         cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, remote, validation, yamlsafe
-from llamavm import inventory as inventory_mod
+from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.inputs import validation, yamlsafe
+from llamavm.ops import remote
 
 SCHEMA_PATH = REPO_ROOT / "config" / "vm.schema.json"
 IMAGES_PATH = REPO_ROOT / "config" / "images.yaml"

@@ -16,21 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import (
-    REPO_ROOT,
-    contract,
-    converge,
-    hostpkg,
-    proxmox,
-    source,
-    tinymodel,
-    vmbuild,
-    vram,
-)
-from llamavm import catalog as catalog_mod
-from llamavm import inventory as inventory_mod
+from llamavm import REPO_ROOT
+from llamavm.artifacts import contract, hostpkg, source, tinymodel
 from llamavm.errors import LlamavmError
-from llamavm.playbook import Recap, run_playbook
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.inputs import vram
+from llamavm.ops import converge
+from llamavm.ops.playbook import Recap, run_playbook
+from llamavm.platforms import proxmox
+from llamavm.platforms.vm import vmbuild
 
 PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "provision.yml"
 VM_PLAYBOOK = REPO_ROOT / "ansible" / "playbooks" / "vm.yml"
@@ -47,7 +42,7 @@ def host_contract(catalog: catalog_mod.Catalog) -> dict[str, Any]:
 def default_models(inventory: Path, catalog: catalog_mod.Catalog) -> dict[str, str]:
     """Hosts whose inventory sets llamavm_default_model (host_vars or a group's): host -> the
     catalog name it resolves to. A name or alias the catalog lacks stops here, before any host."""
-    from llamavm import remote
+    from llamavm.ops import remote
 
     data = remote.inventory_data_cached(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
@@ -239,7 +234,7 @@ def _converge_plan(
     check: bool,
 ) -> converge.Plan:
     """Digest the hosts this provision converges and probe them for drift."""
-    from llamavm import remote
+    from llamavm.ops import remote
 
     data = remote.inventory_data_cached(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
@@ -269,7 +264,7 @@ _PLAYBOOK_GROUPS = ("llama_cpp_builders", "nfs_servers", "llamavm_hosts")
 
 def _limited(inventory: Path, limit: str) -> list[str]:
     """The hosts an Ansible --limit pattern selects (Ansible's own inventory manager)."""
-    from llamavm import fleet
+    from llamavm.ops import fleet
 
     return sorted(fleet.ansible_hosts(inventory, limit))
 
@@ -297,9 +292,9 @@ def role_vars(
 ) -> dict[str, Any]:
     """What `invoke provision` passes the roles (contract, host package, llama.cpp source, canary
     model), for a playbook run without it: the Molecule scenarios of the roles
-    (`python -m llamavm.provision vars`). Prepared and cached as provision does; touches no host.
-    With `vms`, also the rendered VMs of the inventory (`llamavm_vms`, what vm.yml gets), which
-    starts this machine's own hypervisor when a VM runs on it, as provision does."""
+    (`python -m llamavm.ops.provision vars`). Prepared and cached as provision does; touches no
+    host. With `vms`, also the rendered VMs of the inventory (`llamavm_vms`, what vm.yml gets),
+    which starts this machine's own hypervisor when a VM runs on it, as provision does."""
     inv = inventory_mod.resolve(inventory)
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     found: dict[str, Any] = {
@@ -319,7 +314,7 @@ def role_vars(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llamavm.provision")
+    parser = argparse.ArgumentParser(prog="python -m llamavm.ops.provision")
     parser.add_argument("command", choices=["vars"], help="print the roles' inputs as JSON")
     parser.add_argument("--inventory", "-i", default=None)
     parser.add_argument("--catalog", default=None)
@@ -339,7 +334,8 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     default = catalog.default
     lines = []
-    from llamavm import remote, testbed
+    from llamavm import testbed
+    from llamavm.ops import remote
 
     if inv.is_local:
         host = testbed.status()["addresses"]["host"]

@@ -30,9 +30,10 @@ import jinja2
 import jsonschema
 import yaml
 
-from llamavm import REPO_ROOT, paths, yamlsafe
+from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
-from llamavm.vmspec import VmSpec
+from llamavm.inputs import yamlsafe
+from llamavm.platforms.vm.vmspec import VmSpec
 
 TEMPLATES = REPO_ROOT / "cloud-init"
 SCHEMA_DIR_IN_DEB = "usr/lib/python3/dist-packages/cloudinit/config/schemas"

@@ -42,9 +42,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llamavm import gguf_meta, paths
-from llamavm.catalog import Catalog, Model
+from llamavm import paths
 from llamavm.errors import LlamavmError
+from llamavm.inputs import gguf_meta
+from llamavm.inputs.catalog import Catalog, Model
 
 MIB = 1024 * 1024
 
@@ -134,7 +135,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
 
     Kept per version of the file(s) (path, size, mtime, inode of every shard) in
     $LLAMAVM_CACHE/gguf/: every provision and `invoke models` estimates every model, and even
-    read from a memory map (llamavm.gguf_meta) a 200k-token vocabulary with its merges is a
+    read from a memory map (llamavm.inputs.gguf_meta) a 200k-token vocabulary with its merges is a
     good share of a second."""
     path = Path(path)
     key = _version_key(_shards(path))

@@ -28,13 +28,17 @@ from typing import Any
 
 import jinja2
 
-from llamavm import REPO_ROOT, catalog, cloudinit, contract, remote, validation, vmspec
-from llamavm import inventory as inventory_mod
+from llamavm import REPO_ROOT
 from llamavm import paths as controller_paths
+from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
+from llamavm.inputs import catalog, validation
+from llamavm.inputs import inventory as inventory_mod
+from llamavm.ops import remote
+from llamavm.platforms.vm import cloudinit, vmspec
 
 SCHEMA_PATH = REPO_ROOT / "config" / "wsl.schema.json"
-TEMPLATES = Path(__file__).parent / "templates" / "wsl"
+TEMPLATES = Path(__file__).parent / "wsl_templates"
 SPEC_VAR = "llamavm_wsl"
 #: Bump when what build() writes into the rootfs changes (part of the build key).
 BUILD_VERSION = "1"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from llamavm import remote
 from llamavm.errors import LlamavmError
+from llamavm.ops import remote
 
 #: How many hosts are worked on at once by default (Ansible's default forks is 5; ours
 #: are mostly waiting on SSH and on the hosts' own transactions).

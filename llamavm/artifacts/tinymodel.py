@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import gguf_meta, paths
+from llamavm import paths
 from llamavm.errors import LlamavmError
+from llamavm.inputs import gguf_meta
 
 VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
 #: The vocab of the MoE stand-ins (Qwen's byte-level BPE; GPT-OSS gets the harmony tokens added).
@@ -80,7 +81,7 @@ def find_in_source(relpath: str, cache: Path | None = None, fetch: bool = True) 
         for candidate in sorted(root.glob(pattern)):
             return candidate
     if fetch:
-        from llamavm import source
+        from llamavm.artifacts import source
 
         cfg = source.load_config()
         tree = source.extract_sdist(cfg, source.fetch_sdist(cfg, root), root)
@@ -88,7 +89,7 @@ def find_in_source(relpath: str, cache: Path | None = None, fetch: bool = True) 
         if candidate.is_file():
             return candidate
     raise LlamavmError(
-        f"no {relpath} under {root}/src — run 'python -m llamavm.source prepare' "
+        f"no {relpath} under {root}/src — run 'python -m llamavm.artifacts.source prepare' "
         "to fetch the llama.cpp source first"
     )
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamavm.errors import LlamavmError
-from llamavm.vmspec import VmSpec
+from llamavm.platforms.vm.vmspec import VmSpec
 
 #: Namespace of llamavm's own metadata inside the domain (what spec it came from).
 XMLNS = "https://llamavm.invalid/xmlns/vm/1"

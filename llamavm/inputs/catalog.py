@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, flags, paths, validation, yamlsafe
+from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
-from llamavm.validation import describe, short, with_defaults
+from llamavm.inputs import flags, validation, yamlsafe
+from llamavm.inputs.validation import describe, short, with_defaults
 
 #: Environment variable that overrides the catalog path (the --catalog flag wins over it).
 CATALOG_ENV = "LLAMAVM_CATALOG"

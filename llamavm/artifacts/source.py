@@ -19,7 +19,7 @@ The integrator passes the result to ``ansible-playbook`` as the extra var
     archive = prepare()
     ... ansible-playbook ... -e llama_cpp_source_archive=<archive>
 
-CLI: ``python -m llamavm.source prepare`` prints the tarball path.
+CLI: ``python -m llamavm.artifacts.source prepare`` prints the tarball path.
 """
 
 from __future__ import annotations
@@ -513,9 +513,9 @@ def prepare(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m llamavm.source prepare [--no-ui] [--tree DIR]``."""
+    """CLI: ``python -m llamavm.artifacts.source prepare [--no-ui] [--tree DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m llamavm.source", description=__doc__.split("\n")[0]
+        prog="python -m llamavm.artifacts.source", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="fetch+cache the sdist, build the UI, print the tarball")
