@@ -14,7 +14,7 @@ import yaml
 
 from llamavm import catalog, contract, vram
 from llamavm.host import checks
-from llamavm.host.control import companion_route, model_list
+from llamavm.host.routing import companion_route, model_list
 from llamavm.host.transaction import Host, Transaction
 from tests.unit.host_fakes import FakeSystemd, Unit, contracts
 from tests.unit.test_vram import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
