@@ -284,3 +284,36 @@ def load(path: Path = CONTRACT_PATH) -> Contract:
             "run 'invoke provision' to rewrite it",
             EXIT_REFUSED,
         ) from None
+
+
+class LiveContract:
+    """The host contract as `invoke provision` last wrote it, for the control service (which
+    runs on): re-read when the file changes, so a model added to the catalog is known at once.
+    What the service was started with (its address, port, routing and key) stays: the control
+    role restarts it when those change. A rewrite that does not parse keeps the last good
+    contract (and says so in the journal)."""
+
+    def __init__(self, contract: Contract, path: Path | None = None) -> None:
+        self._contract = contract
+        self._path = path
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    @property
+    def now(self) -> Contract:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp and self._path is not None:
+            self._stamp = stamp
+            try:
+                self._contract = load(self._path)
+            except HostError as exc:
+                print(f"llamavm-control: kept the last good contract: {exc}", flush=True)
+        return self._contract

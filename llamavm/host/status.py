@@ -10,8 +10,9 @@ from typing import Any
 
 from llamavm.host import gpu, http, metrics, share, store
 from llamavm.host.contract import Contract, HostError
+from llamavm.host.runtime import BUSY
 from llamavm.host.systemd import Systemd
-from llamavm.host.transaction import BUSY, Host
+from llamavm.host.transaction import Host
 
 _PROPS = ["ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic", "NRestarts"]
 

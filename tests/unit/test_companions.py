@@ -14,7 +14,7 @@ import yaml
 
 from llamavm.artifacts import contract
 from llamavm.host import checks
-from llamavm.host.control import companion_route, model_list
+from llamavm.host.routing import companion_route, model_list
 from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog, vram
 from tests.unit.host_fakes import FakeSystemd, Unit, contracts

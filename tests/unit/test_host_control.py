@@ -22,6 +22,7 @@ from llamavm.artifacts import contract
 from llamavm.host import control, helper, protocol
 from llamavm.host.contract import HostError
 from llamavm.host.contract import parse as parse_contract
+from llamavm.host.routing import SEND_ATTEMPTS
 from llamavm.inputs import catalog
 from tests.unit.test_catalog import VALID
 
@@ -317,7 +318,7 @@ def test_a_routed_request_nothing_answered_is_sent_again(tmp_path, drops, status
     with TestClient(app) as http:
         answer = http.post("/v1/completions", json={"model": "alpha"}, headers=AUTH)
         assert answer.status_code == status, answer.text
-        assert upstream.sent == min(drops + 1, control.SEND_ATTEMPTS)
+        assert upstream.sent == min(drops + 1, SEND_ATTEMPTS)
         if status == 502:
             assert "alpha did not answer: Server disconnected" in answer.json()["error"]["message"]
         assert [c[0] for c in fake.calls] == ["status"]  # asked once what serves; no switch

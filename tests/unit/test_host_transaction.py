@@ -8,7 +8,9 @@ import json
 import os
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,13 +23,9 @@ from llamavm.host import (
     store,
 )
 from llamavm.host.contract import HostError
-from llamavm.host.transaction import (
-    Deferred,
-    Host,
-    Interrupted,
-    Transaction,
-    service_section,
-)
+from llamavm.host.runtime import SystemdRuntime
+from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
+from llamavm.host.units import service_section
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
 from tests.unit.host_fakes import FakeSystemd, contracts
 
@@ -113,6 +111,56 @@ def test_a_crash_loop_is_rolled_back_in_seconds_not_at_the_timeout(world) -> Non
     assert fake.now - began < 5, "waited for the health timeout instead of failing fast"
     assert fake.running_units() == ["llamavm-model-one.service"]
     assert _state(contract)["desired"] == "one"
+
+
+@dataclass
+class OnRuntime(Host):
+    """A Host whose runtime is the test's (`seam`)."""
+
+    seam: Any = None
+
+    @property
+    def runtime(self) -> Any:
+        return self.seam
+
+
+class HostState:
+    """systemd, of which only what is the host's may be asked: whether it is shutting down
+    (anything else is noted in `around`: raised, it would only end in a rollback)."""
+
+    def __init__(self, fake: FakeSystemd) -> None:
+        self.system_state = fake.system_state
+        self.around: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.around.append(name)
+        raise AttributeError(name)
+
+
+def test_the_transaction_reaches_the_model_servers_only_through_the_runtime(world) -> None:
+    """start, stop, is-active and logs of one model's unit: a switch and its rollback ask the
+    runtime (runtime.py) and nothing else of what runs the models."""
+    contract, fake, _, lines = world
+    runtime, asked = SystemdRuntime(fake, fake.clock, fake.sleep), []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            asked.append(name)
+            return getattr(runtime, name)
+
+    systemd = HostState(fake)
+    host = OnRuntime(
+        contract, systemd=systemd, progress=lines.append, health=fake.health,
+        counters=fake.counters, clock=fake.clock, sleep=fake.sleep, seam=Recording(),
+    )  # fmt: skip
+    host.verify = lambda model: None  # type: ignore[method-assign]
+    assert _tx(host).switch("two")["model"] == "two"
+    fake.units["llamavm-model-one.service"].behaviour = "crash"
+    with pytest.raises(HostError, match=r"the server exited .* two is serving again"):
+        _tx(host).switch("one")
+    assert fake.running_units() == ["llamavm-model-two.service"]
+    assert {"states", "look", "start", "stop", "reset", "logs"} <= set(asked)
+    assert systemd.around == []
 
 
 def test_restarts_seen_between_samples_are_a_crash_loop() -> None:

@@ -15,7 +15,16 @@ from llamavm.artifacts import hostpkg
 
 #: The control service alone uses Debian packages (its role installs them); nothing else on the
 #: host may need them, so it is imported only by the `control` command.
-DEBIAN_ONLY = {"control.py": {"fastapi", "httpx", "uvicorn"}, "upstream.py": {"httpx"}}
+DEBIAN_ONLY = {
+    "control.py": {"fastapi", "httpx", "uvicorn"},
+    "routing.py": {"fastapi", "httpx"},
+    "idle.py": {"fastapi", "httpx"},
+    "relay.py": {"fastapi", "httpx"},
+    "auth.py": {"fastapi"},
+    "upstream.py": {"httpx"},
+}
+#: The control service's modules, as other host modules would name them in an import.
+CONTROL_SERVICE = {name.removesuffix(".py") for name in DEBIAN_ONLY}
 
 
 def test_the_host_package_imports_only_the_standard_library() -> None:
@@ -27,6 +36,12 @@ def test_the_host_package_imports_only_the_standard_library() -> None:
                 assert "control" not in [a.name for a in node.names], path.name
             if isinstance(node, ast.ImportFrom) and node.module == "llamavm.host.control":
                 raise AssertionError(f"{path.name} imports the control service at module level")
+            if path.name in DEBIAN_ONLY or not isinstance(node, ast.ImportFrom):
+                continue  # the control service's own modules import one another
+            modules = {a.name for a in node.names} if node.module == "llamavm.host" else set()
+            if (node.module or "").startswith("llamavm.host."):
+                modules.add((node.module or "").removeprefix("llamavm.host."))
+            assert not modules & CONTROL_SERVICE, f"{path.name} imports the control service"
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

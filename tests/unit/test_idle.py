@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 
 from llamavm.artifacts import contract
 from llamavm.host import EXIT_REFUSED, checks, control, firewall, metrics, status, store
-from llamavm.host.activity import in_flight_of
-from llamavm.host.contract import Firewall, HostError
+from llamavm.host.activity import activity, in_flight_of
+from llamavm.host.contract import Firewall, HostError, LiveContract
 from llamavm.host.contract import parse as parse_contract
+from llamavm.host.idle import IdleClock, idle_step
 from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog
 from tests.unit.host_fakes import FakeSystemd, contracts
@@ -244,25 +245,25 @@ llamacpp:requests_deferred 0
 
 
 def test_activity_reads_the_counters_and_the_requests_under_way() -> None:
-    assert control.activity(METRICS.format(prompt=3, busy=0)) == ((3.0, 7.0, 9.0), 0)
-    assert control.activity(METRICS.format(prompt=3, busy=2)) == ((3.0, 7.0, 9.0), 2)
-    assert control.activity("") is None
-    assert control.activity("llamacpp:requests_processing 0\n") is None
-    assert control.activity("llamacpp:prompt_tokens_total x\n") is None
+    assert activity(METRICS.format(prompt=3, busy=0)) == ((3.0, 7.0, 9.0), 0)
+    assert activity(METRICS.format(prompt=3, busy=2)) == ((3.0, 7.0, 9.0), 2)
+    assert activity("") is None
+    assert activity("llamacpp:requests_processing 0\n") is None
+    assert activity("llamacpp:prompt_tokens_total x\n") is None
 
 
 def test_the_requests_in_flight_count_those_waiting_for_a_slot() -> None:
     """A switch drains these before its stop: with more requests than slots, most wait."""
     busy = METRICS.format(prompt=3, busy=2).replace("deferred 0", "deferred 30")
     assert in_flight_of(busy) == 32
-    assert control.activity(busy) == ((3.0, 7.0, 9.0), 32)
+    assert activity(busy) == ((3.0, 7.0, 9.0), 32)
     assert in_flight_of(METRICS.format(prompt=3, busy=0)) == 0
     assert in_flight_of("") == 0
     assert in_flight_of("llamacpp:requests_deferred nan-ish\n") == 0
 
 
 def test_the_idle_clock_restarts_at_any_sign_of_a_request() -> None:
-    clock = control.IdleClock()
+    clock = IdleClock()
     clock.observe("one", (1.0,), False, 100.0)
     clock.observe("one", (1.0,), False, 104.0)
     assert clock.idle_s(104.0) == 4.0 and not clock.due(5, 104.0)
@@ -360,19 +361,17 @@ def _service(tmp_path, routing=True, wait_s=120):
     client = httpx.AsyncClient(transport=httpx.MockTransport(servers))
     app = control.create_app(host_contract, fake, KEY, upstream=client)
     return SimpleNamespace(app=app, fake=fake, servers=servers, client=client,
-                           live=control.LiveContract(host_contract))  # fmt: skip
+                           live=LiveContract(host_contract))  # fmt: skip
 
 
 def _steps(service, times: list[float]) -> list[Any]:
     router = service.app.state.router
-    clock = control.IdleClock()
+    clock = IdleClock()
 
     async def run() -> list[Any]:
         out = []
         for now in times:
-            out.append(
-                await control.idle_step(router, service.live, clock, service.client, KEY, now)
-            )
+            out.append(await idle_step(router, service.live, clock, service.client, KEY, now))
         return out
 
     return asyncio.run(run())
@@ -390,15 +389,15 @@ def test_the_watcher_puts_an_idle_model_to_sleep_once(tmp_path) -> None:
 def test_requests_keep_the_model_awake(tmp_path) -> None:
     service = _service(tmp_path)
     router = service.app.state.router
-    clock = control.IdleClock()
+    clock = IdleClock()
 
     async def run() -> None:
         for now in range(1000, 1020):
             service.servers.prompt += 1 if now % 3 == 0 else 0  # a request every 3 s
-            await control.idle_step(router, service.live, clock, service.client, KEY, float(now))
+            await idle_step(router, service.live, clock, service.client, KEY, float(now))
         router.in_flight = 1  # a routed request under way, its server quiet
         for now in range(1020, 1030):
-            await control.idle_step(router, service.live, clock, service.client, KEY, float(now))
+            await idle_step(router, service.live, clock, service.client, KEY, float(now))
 
     asyncio.run(run())
     assert "sleep" not in service.fake.calls

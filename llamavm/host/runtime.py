@@ -1,0 +1,259 @@
+"""What runs the model servers: the runtime seam, and the transaction's model operations on it.
+
+`Runtime` is all the transaction asks of whatever runs one model's server — start, stop,
+is-active, logs, and a look at its unit while it loads; `SystemdRuntime` is that on systemd
+(through systemd.py, the one place that speaks to systemctl). `Serving`, a part of the
+transaction's `Host`, builds on it: what runs, stop and wait for the GPU, start and watch the
+load (watch.py judges it), verify.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from llamavm.host import checks, gpu, http
+from llamavm.host import watch as watch_mod
+from llamavm.host.contract import Contract, HostError, Model
+from llamavm.host.systemd import Systemd
+
+#: systemd states in which a unit counts as running (it holds, or is about to hold, the GPU).
+BUSY = ("active", "activating", "reloading", "deactivating")
+#: While a server loads, how often systemd is asked anyway (its process is watched in /proc).
+SYSTEMD_EVERY_S = 5.0
+
+
+@dataclass
+class UnitState:
+    """One look at a model's unit: its state and sub-state, which start of it this is (an
+    invocation), its server's PID (0: none) and how often it was restarted."""
+
+    active: str = ""
+    sub: str = ""
+    invocation: str = ""
+    pid: int = 0
+    restarts: int = 0
+
+
+class Runtime(Protocol):
+    """Start, stop, is-active and logs of one model's unit (the transaction's only way to them)."""
+
+    def states(self, models: Sequence[Model]) -> dict[str, str]:
+        """The state of each model's unit (active, activating, failed, ...), by unit: one look."""
+        ...
+
+    def look(self, model: Model) -> UnitState:
+        """`model`'s unit now (the load watch asks this)."""
+        ...
+
+    def pid(self, model: Model) -> int:
+        """The PID of `model`'s server; 0 when none runs."""
+        ...
+
+    def start(self, model: Model) -> str:
+        """Queue `model`'s start (no waiting): '' or why it could not start."""
+        ...
+
+    def stop(self, models: Sequence[Model]) -> None:
+        """Stop `models`; return once their servers' processes are gone."""
+        ...
+
+    def reset(self, models: Sequence[Model]) -> None:
+        """Forget that `models` failed (their next start is a fresh one)."""
+        ...
+
+    def logs(self, model: Model, lines: int = 25) -> str:
+        """The last `lines` lines `model`'s server wrote."""
+        ...
+
+
+class SystemdRuntime:
+    """The model servers as systemd units (a model's `unit`); `clock` and `sleep` time the wait
+    for a stopped unit's processes to be gone."""
+
+    def __init__(
+        self, systemd: Systemd, clock: Callable[[], float], sleep: Callable[[float], None]
+    ) -> None:
+        self.systemd, self.clock, self.sleep = systemd, clock, sleep
+
+    def states(self, models: Sequence[Model]) -> dict[str, str]:
+        props = self.systemd.show([m.unit for m in models], ["ActiveState"])
+        return {unit: values.get("ActiveState", "") for unit, values in props.items()}
+
+    def look(self, model: Model) -> UnitState:
+        props = self.systemd.props(
+            model.unit, "ActiveState", "SubState", "InvocationID", "MainPID", "NRestarts"
+        )
+        return UnitState(
+            active=props.get("ActiveState", ""),
+            sub=props.get("SubState", ""),
+            invocation=props.get("InvocationID", ""),
+            pid=int(props.get("MainPID", "0") or 0),
+            restarts=int(props.get("NRestarts", "0") or 0),
+        )
+
+    def pid(self, model: Model) -> int:
+        return int(self.systemd.props(model.unit, "MainPID").get("MainPID", "0") or 0)
+
+    def start(self, model: Model) -> str:
+        return self.systemd.start(model.unit)
+
+    def stop(self, models: Sequence[Model]) -> None:
+        props = self.systemd.show([m.unit for m in models], ["MainPID"])
+        pids = [int(p.get("MainPID", "0") or 0) for p in props.values()]
+        self.systemd.stop([m.unit for m in models])
+        deadline = self.clock() + 30
+        while any(pid and Path(f"/proc/{pid}").exists() for pid in pids):
+            if self.clock() > deadline:
+                break
+            self.sleep(0.02)
+
+    def reset(self, models: Sequence[Model]) -> None:
+        self.systemd.reset_failed(sorted({m.unit for m in models}))
+
+    def logs(self, model: Model, lines: int = 25) -> str:
+        return self.systemd.journal_tail(model.unit, lines)
+
+
+class Serving:
+    """The model operations of the transaction's `Host` (a part of it: these are its fields)."""
+
+    contract: Contract
+    systemd: Systemd
+    progress: Callable[[str], None]
+    failpoint: Callable[[str], None]
+    health: Callable[[str], int | None]
+    counters: Callable[[int], tuple[int, ...] | None]
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+
+    @property
+    def runtime(self) -> Runtime:
+        """What runs the model servers: their systemd units, on every host so far."""
+        return SystemdRuntime(self.systemd, self.clock, self.sleep)
+
+    def running(self) -> list[Model]:
+        """Models whose unit is active, starting or stopping right now (one look)."""
+        states = self.runtime.states(self.contract.models)
+        return [m for m in self.contract.models if states.get(m.unit) in BUSY]
+
+    def running_companions(self) -> list[Model]:
+        """Companions whose unit is active, starting or stopping (one look)."""
+        companions = self.contract.companions
+        if not companions:
+            return []
+        states = self.runtime.states(companions)
+        return [m for m in companions if states.get(m.unit) in BUSY]
+
+    def healthy(self, model: Model) -> bool:
+        return self.health(model.health_url) == 200
+
+    def runs_current_build(self, model: Model) -> bool | None:
+        """Does the model's server run the llama-server that `current` points at now?"""
+        pid = self.runtime.pid(model)
+        if not pid:
+            return None
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        return exe == os.path.realpath(self.contract.paths.llama_server)
+
+    def stop_units(self, models: list[Model]) -> None:
+        """Stop `models` and wait until their processes are gone (and GPU memory released)."""
+        if not models:
+            return
+        baseline = gpu.memory()
+        for model in models:
+            self.progress(f"stopping {model.name}")
+        self.runtime.stop(models)
+        gpu.wait_released(baseline, self.progress)
+
+    def start_and_watch(self, model: Model, loads: list[float]) -> float:
+        """Start `model`, return the seconds until it was healthy; HostError when it can't be."""
+        runtime = self.runtime
+        before = runtime.look(model)
+        runtime.reset([model])
+        error = runtime.start(model)
+        if error:
+            raise HostError(f"{model.name}: systemctl start failed: {error}")
+        watch = watch_mod.LoadWatch(
+            expected_s=watch_mod.expected_seconds(loads, float(model.health_timeout_s)),
+            ceiling_s=float(model.health_timeout_s),
+            initial_invocation=before.invocation,
+            initial_restarts=before.restarts,
+        )
+        self.progress(
+            f"starting {model.name} (expected within {watch.expected_s:.0f}s, "
+            f"at most {watch.ceiling_s:.0f}s)"
+        )
+        began = self.clock()
+        self.failpoint("in_load")
+        last_systemd = last_counters = last_note = -1.0
+        pid = 0  # the server's PID, once systemd told it
+        while True:
+            elapsed = self.clock() - began
+            sample = watch_mod.Sample(elapsed, self.healthy(model))
+            # The server's process, looked at in /proc (no fork): gone means it exited or
+            # systemd restarts it, and systemd is asked at once.
+            counters = self.counters(pid) if pid else None
+            # systemctl is a fork and an exec (under TCG about 0.1 s of CPU, taken from the very
+            # load it watches): asked 4 times a second until the server's PID is known, when
+            # the server looks ready, when its process is gone, else every SYSTEMD_EVERY_S.
+            if (
+                sample.healthy
+                or (pid and counters is None)
+                or elapsed - last_systemd >= (SYSTEMD_EVERY_S if pid else 0.25)
+            ):
+                last_systemd = elapsed
+                unit = runtime.look(model)
+                sample.active_state, sample.sub_state = unit.active, unit.sub
+                sample.invocation, sample.main_pid = unit.invocation, unit.pid
+                sample.n_restarts = unit.restarts
+                if sample.main_pid != pid:
+                    pid = sample.main_pid
+                    counters = self.counters(pid) if pid else None
+            if counters is not None and elapsed - last_counters >= 1.0:
+                last_counters = elapsed
+                sample.counters = counters
+            verdict, why = watch.judge(sample)
+            if verdict == "ready":
+                return elapsed
+            if verdict == "fail":
+                raise HostError(f"{model.name}: {why}", detail=runtime.logs(model))
+            if elapsed - last_note >= 5:
+                last_note = elapsed
+                if elapsed >= 5:
+                    self.progress(f"loading {model.name}: {elapsed:.0f}s")
+            self.sleep(watch_mod.poll_interval(elapsed))
+
+    def verify(self, model: Model) -> None:
+        """/props shows the configured slots and context; a one-token completion answers;
+        with an API key policy, a request without the key is refused."""
+        key = checks.api_key(self.contract)
+        self.failpoint("in_verify")
+        status, props = http.request(model.base_url + "/props", key=key)
+        if status != 200 or not isinstance(props, dict):
+            raise HostError(f"{model.name}: /props answered {status}")
+        settings = props.get("default_generation_settings")
+        per_slot = settings.get("n_ctx") if isinstance(settings, dict) else None
+        slots = props.get("total_slots", 1)
+        want = model.ctx_size // model.parallel
+        if per_slot != want or slots != model.parallel:
+            raise HostError(
+                f"{model.name}: serves {slots} slots x {per_slot} context, the catalog asks "
+                f"{model.parallel} x {want}"
+            )
+        status, answer = http.request(
+            model.base_url + "/completion",
+            {"prompt": "Hello", "n_predict": 1},
+            key=key,
+            timeout=120,
+        )
+        if status != 200:
+            raise HostError(f"{model.name}: a one-token completion answered {status}: {answer}")
+        if key and http.request(model.base_url + "/v1/models")[0] != 401:
+            raise HostError(f"{model.name}: the API answers without the key the catalog requires")
