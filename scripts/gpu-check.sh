@@ -68,7 +68,7 @@ prepare() {
     (cd "${HERE}" && "${py}" -c "
 import json, shutil, yaml
 from pathlib import Path
-from llamavm import tinymodel
+from llamavm.artifacts import tinymodel
 data = Path('${DATA}')
 tinymodel.write(tinymodel.TinySpec(name='gpu-check'), data / 'tiny.gguf')
 cards = yaml.safe_load(Path('ansible/roles/gpu/vars/main.yml').read_text())['__gpu_cards']
@@ -214,7 +214,7 @@ write_models() {
     (cd "${HERE}" && LLAMAVM_CACHE="${DATA}" python3 -c "
 import yaml
 from pathlib import Path
-from llamavm import tinymodel
+from llamavm.artifacts import tinymodel
 out = Path('${MODELS}')
 for entry in yaml.safe_load(Path('config/tiny-models.yaml').read_text()):
     entry = dict(entry)

@@ -87,7 +87,7 @@ def test_without_a_contract_it_says_what_to_do(tmp_path) -> None:
 def test_the_same_sources_give_the_same_file_in_every_process(tmp_path) -> None:
     """marshal's bytes differ between processes; the package's name and file must not (a
     provision's digest and Ansible's copy would see a new package every run)."""
-    script = "import sys; from pathlib import Path; from llamavm import hostpkg; " \
+    script = "import sys; from pathlib import Path; from llamavm.artifacts import hostpkg; " \
              "print(hostpkg.build(Path(sys.argv[1])))"  # fmt: skip
     paths, stamps = set(), set()
     for seed in ("1", "2"):
