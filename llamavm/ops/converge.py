@@ -208,7 +208,7 @@ def normalize(value: Any, files: _Digests, depth: int = 0) -> Any:
     """`value` with each absolute path of an existing file replaced by its content digest, and
     a playbook variable that names a directory (llamavm_controller_share) by its
     listing (names, sizes, mtimes): what a role reads from there. Deeper directory paths are
-    the hosts' own (the contract's /var/lib/llamavm), not the controller's: left as they are."""
+    the hosts' own (the contract's state_dir), not the controller's: left as they are."""
     if isinstance(value, dict):
         return {str(k): normalize(v, files, depth + 1) for k, v in sorted(value.items())}
     if isinstance(value, list | tuple):
