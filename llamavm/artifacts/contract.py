@@ -166,8 +166,8 @@ def argv(
 ) -> list[str]:
     """The llama-server command line of `model` (the API key file as %d/api-key), without
     the loading flags (SHARE_LOAD_ARGS); `slot_dir`: where its slots are saved (None: not).
-    A container (llamavm/compose.py) gives its own `bind`, `share` (where the GGUF folder is
-    mounted) and `key_file`."""
+    A container (llamavm/platforms/compose/render.py) gives its own `bind`, `share` (where the
+    GGUF folder is mounted) and `key_file`."""
     s = catalog.settings
     share = s.share_path if share is None else share
     args = [

@@ -58,7 +58,8 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
 
     on_compose = compose_engine(inventory, catalog)
     if on_compose:
-        from llamavm import compose
+        from llamavm.platforms.compose import engine as engine_mod
+        from llamavm.platforms.compose import switch as switch_mod
 
         if check or limit or full:
             raise LlamavmError("--check, --limit and --full are for Ansible hosts, not compose")
@@ -72,9 +73,9 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
             testbed.up()
             if cat.settings.controller_share_path:
                 tinymodel.ensure_all(Path(cat.settings.controller_share_path))
-        done = compose.provision(cat, engine, say=say)
+        done = switch_mod.provision(cat, engine, say=say)
         say(f"llamavm: {target.name}: " + ("; ".join(done) if done else "up to date, no changes"))
-        for name in compose._running(engine.containers()):
+        for name in engine_mod.running(engine.containers()):
             model = cat.resolve(name)
             say(f"llamavm: web UI and API of {name}: http://{target.address}:{model.port}/")
         return

@@ -125,10 +125,14 @@ def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
     on_compose = compose_engine(inventory)
     if on_compose:
-        from llamavm import compose
+        from llamavm.platforms.compose import engine as engine_mod
+        from llamavm.platforms.compose import switch as switch_mod
 
         _, engine, target = on_compose
-        answer = {"running": compose._running(engine.containers())} if dry else compose.stop(engine)
+        if dry:
+            answer = {"running": engine_mod.running(engine.containers())}
+        else:
+            answer = switch_mod.stop(engine)
         if json:
             say(jsonlib.dumps({target.name: answer}, indent=2))
         elif dry:
@@ -179,10 +183,10 @@ def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
 
     on_compose = compose_engine(inventory, catalog)
     if on_compose:
-        from llamavm import compose
+        from llamavm.platforms.compose import switch as switch_mod
 
         cat, engine, target = on_compose
-        answer = {**compose.status(cat, engine), "address": target.address}
+        answer = {**switch_mod.status(cat, engine), "address": target.address}
         results = {target.name: answer}
         say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
         if len(answer["running"]) > 1:
@@ -216,14 +220,15 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
 
     on_compose = compose_engine(inventory)
     if on_compose:
-        from llamavm import compose
+        from llamavm.platforms.compose import engine as engine_mod
+        from llamavm.platforms.compose.render import PROJECT
 
         _, engine, _ = on_compose
-        running = compose._running(engine.containers())
+        running = engine_mod.running(engine.containers())
         if not running:
             raise LlamavmError("no model's container runs — invoke status shows what there is")
         cmd = [engine.cli, "logs", "--tail", str(lines), *(["-f"] if follow else [])]
-        raise Exit(code=subprocess.run([*cmd, f"{compose.PROJECT}-{running[0]}"],
+        raise Exit(code=subprocess.run([*cmd, f"{PROJECT}-{running[0]}"],
                                        env=engine.env).returncode)  # fmt: skip
 
     _, targets = pick_hosts(inventory, None, host)
@@ -270,20 +275,21 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
 
 
 def _compose_switch(cat, engine, target, model, *, inventory=None, json=False, dry=False):
-    from llamavm import compose
     from llamavm.artifacts import contract
+    from llamavm.platforms.compose import engine as engine_mod
+    from llamavm.platforms.compose import switch as switch_mod
 
     wanted = cat.resolve(model)
     if dry:
-        compose._checks(cat, engine, wanted)
-        running = compose._running(engine.containers())
+        switch_mod.checks(cat, engine, wanted)
+        running = engine_mod.running(engine.containers())
         answer = {"ok": True, "running": running}
     else:
         if not json:
             say(f"llamavm: {target.name}: switching to {wanted.name}")
         timeout = contract.load_host_config().lock_timeout_s
         inv = inventory_mod.resolve(inventory)
-        answer = compose.detached_switch(inv.path, cat.path, wanted.name, lock_timeout=timeout)
+        answer = switch_mod.detached_switch(inv.path, cat.path, wanted.name, lock_timeout=timeout)
     if json:
         say(jsonlib.dumps({target.name: answer}, indent=2))
     else:

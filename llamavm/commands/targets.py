@@ -20,7 +20,8 @@ def compose_engine(inventory, catalog=None):
     inv = inventory_mod.resolve(inventory)
     if inv.platform != "compose":
         return None
-    from llamavm import compose
+    from llamavm.platforms.compose import engine as engine_mod
+    from llamavm.platforms.compose import site as site_mod
 
     cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
     hosts = remote.hosts(inv.path)
@@ -29,7 +30,7 @@ def compose_engine(inventory, catalog=None):
             f"{inv.path}: a compose inventory has one host in {remote.GROUP} (the engine's "
             f"machine), not {len(hosts)} — one inventory per engine"
         )
-    return cat, compose.Engine(compose.site(inv, cat, hosts[0].address)), hosts[0]
+    return cat, engine_mod.Engine(site_mod.site(inv, cat, hosts[0].address)), hosts[0]
 
 
 def pick_hosts(inventory, catalog, host):

@@ -15,7 +15,8 @@ from llamavm.errors import LlamavmError
 DEFAULT_INVENTORY = "local"
 #: What a model host can be: a VM (libvirt, Proxmox), a WSL 2 distro, a container (the test bed),
 #: native: the GPU box itself, its NVIDIA driver already installed (no VM, no passthrough), or
-#: compose: a Docker Compose project on a box with a container engine (llamavm/compose.py).
+#: compose: a Docker Compose project on a box with a container engine
+#: (llamavm/platforms/compose/).
 PLATFORMS = ("vm", "wsl", "container", "native", "compose")
 #: Platforms operators ask for that can't give a Linux model host the GPU, and the way that can.
 NO_GPU_PATH = {

@@ -186,12 +186,13 @@ def run(inventory: str | None, catalog: str | None) -> list[Check]:
 
 def check_engine(inv: inventory_mod.Inventory, catalog: str | None) -> Check:
     """A compose host: its settings, the engine's CLI and compose, and the engine answering."""
-    from llamavm import compose
     from llamavm.inputs import catalog as catalog_mod
+    from llamavm.platforms.compose import engine as engine_mod
+    from llamavm.platforms.compose import site as site_mod
 
     try:
         cat = catalog_mod.load(catalog_mod.catalog_path(catalog, inv.catalog))
-        engine = compose.Engine(compose.site(inv, cat))
+        engine = engine_mod.Engine(site_mod.site(inv, cat))
         cli = " ".join(engine.compose_cli())
         engine.run([engine.cli, "version", "--format", "{{.Server.Version}}"], timeout=30)
     except LlamavmError as exc:

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, compose
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog, inventory
+from llamavm.platforms.compose import site as site_mod
+from llamavm.platforms.compose.engine import Engine
+from llamavm.platforms.compose.render import LABEL
 from tests.integration import engine as engine_mod
 from tests.integration.helpers import (
     INVOKE,
@@ -39,7 +42,7 @@ ADDRESS = "10.213.0.1"
 
 
 @pytest.fixture(scope="module")
-def engine(testbed_info) -> Iterator[compose.Engine]:
+def engine(testbed_info) -> Iterator[Engine]:
     why = engine_mod.available()
     if why:
         pytest.skip(why)
@@ -49,9 +52,9 @@ def engine(testbed_info) -> Iterator[compose.Engine]:
         engine_mod.base_image()
         inv = inventory.resolve(INVENTORY)
         cat = catalog.load(catalog.catalog_path(None, inv.catalog))
-        yield compose.Engine(compose.site(inv, cat, ADDRESS))
+        yield Engine(site_mod.site(inv, cat, ADDRESS))
     finally:
-        left = engine_mod.docker("ps", "-aq", "--filter", f"label={compose.LABEL}.model",
+        left = engine_mod.docker("ps", "-aq", "--filter", f"label={LABEL}.model",
                                  check=False).stdout.split()  # fmt: skip
         if left:
             engine_mod.docker("rm", "-f", *left, check=False)
@@ -59,7 +62,7 @@ def engine(testbed_info) -> Iterator[compose.Engine]:
 
 
 @pytest.fixture(scope="module")
-def provisioned_compose(engine: compose.Engine) -> tuple[compose.Engine, object]:
+def provisioned_compose(engine: Engine) -> tuple[Engine, object]:
     result = invoke("provision", "-i", INVENTORY, timeout=3600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return engine, result
@@ -70,7 +73,7 @@ def chat(model: catalog.Model) -> tuple[str, dict]:
     return code, json.loads(body) if code == "200" else {"body": body}
 
 
-def serving(engine: compose.Engine) -> list[str]:
+def serving(engine: Engine) -> list[str]:
     return [n for n, c in engine.containers().items() if c.status == "running" and c.kind == "big"]
 
 

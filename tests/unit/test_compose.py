@@ -1,8 +1,9 @@
-"""The catalog as a Compose project (llamavm/compose.py): what `invoke compose.render` writes for
-every inventory — one service per model in a profile of its own, the models read-only, the GPU
-requested the Compose way only where the host has one, the key as a secret file, a healthcheck —
-checked by `docker-compose config` where it is installed; the Dockerfile's cmake flags against
-the llama_cpp role's; the entrypoint's lock, run for real; bad settings refused in one line.
+"""The catalog as a Compose project (llamavm/platforms/compose/: site, render): what `invoke
+compose.render` writes for every inventory — one service per model in a profile of its own, the
+models read-only, the GPU requested the Compose way only where the host has one, the key as a
+secret file, a healthcheck — checked by `docker-compose config` where it is installed; the
+Dockerfile's cmake flags against the llama_cpp role's; the entrypoint's lock, run for real; bad
+settings refused in one line.
 (tests/integration/test_compose.py builds and runs it on a real engine.)"""
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, compose
+from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog, inventory
+from llamavm.platforms.compose import render as render_mod
+from llamavm.platforms.compose import site as site_mod
 
 INVENTORIES = sorted(p.name for p in (REPO_ROOT / "inventories").iterdir() if p.is_dir())
 
@@ -45,8 +48,8 @@ def rendered(name: str, out: Path, archive: Path, **settings: object):
             settings={**inv.settings, **settings}, sources=inv.sources,
         )  # fmt: skip
     cat = catalog.load(catalog.catalog_path(None, inv.catalog))
-    site = compose.site(inv, cat)
-    result = compose.render(cat, site, out, archive=archive)
+    site = site_mod.site(inv, cat)
+    result = render_mod.render(cat, site, out, archive=archive)
     return cat, site, result, yaml.safe_load((out / "compose.yaml").read_text())
 
 
@@ -167,7 +170,7 @@ def test_bad_settings_are_refused_in_one_line(key: str, value: object, said: str
                               settings=settings, sources=inv.sources)  # fmt: skip
     cat = catalog.load(catalog.catalog_path(None, inv.catalog))
     with pytest.raises(LlamavmError) as caught:
-        compose.site(inv, cat)
+        site_mod.site(inv, cat)
     message = str(caught.value)
     assert key in message and said in message and "\n" not in message
     assert caught.value.exit_code == 2
@@ -182,8 +185,8 @@ def test_the_entrypoint_lets_one_big_model_run(tmp_path: Path) -> None:
     server.write_text('#!/bin/sh\necho "serving $*"\nexec sleep 30\n')
     server.chmod(0o755)
     (tmp_path / "lock").mkdir()
-    script = compose._ENTRYPOINT.replace(compose.LOCK_DIR, str(tmp_path / "lock"))
-    script = script.replace(f"{compose.PREFIX}/bin", str(server.parent))
+    script = render_mod.ENTRYPOINT_SCRIPT.replace(render_mod.LOCK_DIR, str(tmp_path / "lock"))
+    script = script.replace(f"{render_mod.PREFIX}/bin", str(server.parent))
     entry = tmp_path / "entrypoint"
     entry.write_text(script)
     entry.chmod(0o755)

@@ -151,7 +151,10 @@ def test_tasks_start_without_what_only_some_tasks_need() -> None:
     heavy = {"jinja2", "jsonschema", "ansible", "proxmoxer", *TESTBED}
     heavy |= {
         "llamavm.platforms.vm.cloudinit",
-        "llamavm.compose",
+        "llamavm.platforms.compose.site",
+        "llamavm.platforms.compose.render",
+        "llamavm.platforms.compose.engine",
+        "llamavm.platforms.compose.switch",
         "llamavm.ops.doctor",
         "llamavm.platforms.proxmox",
         "llamavm.ops.provision",
