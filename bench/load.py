@@ -40,8 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.host.contract import CONTRACT_PATH
+from llamavm.testbed import config
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.integration.load import finish, run_client, sampling, ssh, summary
@@ -61,7 +62,7 @@ def host_json(path: str) -> dict[str, Any]:
 def ways_in(contract: dict[str, Any], serving: str) -> dict[str, str]:
     """The base URL of each way in the host has: the serving model's port, the front door, the
     routing endpoint."""
-    host = testbed.load_config().lan.host
+    host = config.load_config().lan.host
     model = next(m for m in contract["models"] if m["name"] == serving)
     ways = {"model": f"http://{host}:{model['port']}"}
     if (contract.get("front_door") or {}).get("enabled"):

@@ -43,10 +43,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llamavm import paths, testbed  # noqa: E402
+from llamavm import paths  # noqa: E402
 from llamavm.artifacts import tinymodel  # noqa: E402
 from llamavm.inputs import catalog  # noqa: E402
 from llamavm.platforms.vm import vmspec  # noqa: E402
+from llamavm.testbed import machine  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 INVENTORY = "local-vm"
@@ -59,7 +60,7 @@ GGUF = "bench/bench-big-f16.gguf"
 
 
 def ssh(spec: vmspec.VmSpec, command: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    result = testbed.client_run(
+    result = machine.client_run(
         ["ssh", "-i", KEY, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
          "-o", f"UserKnownHostsFile={paths.local_vms() / 'known_hosts'}",
          f"{spec.admin_user}@{spec.network.ip}", f"sudo -n bash -c {shlex.quote(command)}"],

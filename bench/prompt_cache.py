@@ -31,11 +31,12 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.artifacts import contract
 from llamavm.inputs import catalog
 from llamavm.inputs import inventory as inventory_mod
 from llamavm.ops import remote
+from llamavm.testbed import machine
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
 TEXT = (
@@ -48,7 +49,7 @@ def chat(address: str, prompt: str) -> tuple[dict, str]:
     """(llama-server's timings, the answer) of one chat from the LAN client."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
             "temperature": 0, "cache_prompt": True}  # fmt: skip
-    answer = testbed.client_run(
+    answer = machine.client_run(
         ["curl", "-sS", "--max-time", "120", "-H", "Content-Type: application/json",
          "-d", json.dumps(body), f"{address}/v1/chat/completions"],
         capture_output=True, text=True,
@@ -100,7 +101,7 @@ def measure(args: argparse.Namespace, cat: catalog.Catalog) -> int:
     words = args.words or int(cat.default.ctx_size // cat.default.parallel * 0.6)
     model = cat.default
     other = next(m for m in cat.models if m.name != model.name)
-    info = testbed.up()
+    info = machine.up()
     host = remote.hosts(inventory_mod.resolve(None).path)[0]
     address = f"http://{info.host_address}:{model.port}"
     slot_dir = f"{contract.load_host_config().slot_dir}/{model.name}"

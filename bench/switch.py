@@ -29,8 +29,9 @@ import subprocess
 import sys
 import time
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.host.contract import CONTRACT_PATH
+from llamavm.testbed import config, machine
 
 INVOKE = REPO_ROOT / ".venv" / "bin" / "invoke"
 
@@ -203,10 +204,10 @@ print(time.monotonic() - t0)
 
 
 def on_host(script: str, *args: str) -> str:
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     remote = shlex.join(["sudo", "-n", "python3", "-", *args])
     done = subprocess.run(
-        [*testbed.ssh_base_command(cfg, paths), remote],
+        [*machine.ssh_base_command(cfg, paths), remote],
         input=script, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llamavm import paths, testbed
+from llamavm import paths
 from llamavm.errors import LlamavmError
+from llamavm.testbed import machine
 
 
 def timed(label: str, fn: Callable[[], object]) -> float:
@@ -37,7 +38,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the throwaway dirs")
     args = parser.parse_args()
 
-    if testbed.status()["state"] == "running":
+    if machine.status()["state"] == "running":
         print("the test bed is running: `python -m llamavm.testbed down` first", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="llamavm-bench-", dir="/var/tmp"))
@@ -45,16 +46,16 @@ def main() -> int:
     os.environ[paths.STATE_ENV] = str(work / "state")
     print(f"cache {paths.cache()}, state {paths.state()}")
     try:
-        cold = timed("cold start (build rootfs + copy + boot + ssh)", testbed.up)
-        timed("stop (down)", testbed.down)
-        testbed.down(purge=True)
-        fresh = timed("warm start, fresh machine (copy + boot + ssh)", testbed.up)
-        testbed.down()
-        warm = timed("warm start, kept machine (boot + ssh)", testbed.up)
-        testbed.down()
+        cold = timed("cold start (build rootfs + copy + boot + ssh)", machine.up)
+        timed("stop (down)", machine.down)
+        machine.down(purge=True)
+        fresh = timed("warm start, fresh machine (copy + boot + ssh)", machine.up)
+        machine.down()
+        warm = timed("warm start, kept machine (boot + ssh)", machine.up)
+        machine.down()
     except LlamavmError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        testbed.down()
+        machine.down()
         return 1
     finally:
         if not args.keep:

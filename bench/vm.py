@@ -21,9 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llamavm import paths, testbed  # noqa: E402
+from llamavm import paths  # noqa: E402
 from llamavm.inputs import catalog  # noqa: E402
 from llamavm.platforms.vm import vmspec  # noqa: E402
+from llamavm.testbed import machine  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 INVENTORY = "local-vm"
@@ -31,7 +32,7 @@ KEY = str(paths.local_vms() / "id_ed25519")
 
 
 def client(*argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    return testbed.client_run(list(argv), capture_output=True, text=True, timeout=timeout)
+    return machine.client_run(list(argv), capture_output=True, text=True, timeout=timeout)
 
 
 def main() -> int:
@@ -39,9 +40,9 @@ def main() -> int:
     model = catalog.load(REPO / "config" / "models.testbed.yaml").default
     ip = spec.network.ip
     # Baseline: the test bed's own boot, same machine, same run.
-    testbed.down()
+    machine.down()
     t0 = time.monotonic()
-    testbed.up()
+    machine.up()
     baseline = time.monotonic() - t0
 
     subprocess.run([INVOKE, "vm.destroy", "-i", INVENTORY, "--vm", spec.name, "--purge"],

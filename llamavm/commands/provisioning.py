@@ -67,10 +67,10 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
         inv = inventory_mod.resolve(inventory)
         if inv.uses_testbed:
             # Its LAN is the test bed's, its models the tiny stand-ins llamavm writes.
-            from llamavm import testbed
             from llamavm.artifacts import tinymodel
+            from llamavm.testbed import machine
 
-            testbed.up()
+            machine.up()
             if cat.settings.controller_share_path:
                 tinymodel.ensure_all(Path(cat.settings.controller_share_path))
         done = switch_mod.provision(cat, engine, say=say)

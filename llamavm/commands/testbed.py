@@ -15,9 +15,9 @@ from llamavm.commands.cli import errors_to_exit, say
 @errors_to_exit
 def up(c):
     """Build (if needed) and boot the local test bed; wait for SSH."""
-    from llamavm import testbed
+    from llamavm.testbed import machine
 
-    info = testbed.up()
+    info = machine.up()
     say(f"llamavm: test bed up: {info.host_address} (ssh: {' '.join(info.ssh_command)})")
 
 
@@ -25,9 +25,9 @@ def up(c):
 @errors_to_exit
 def down(c, purge=False):
     """Stop the local test bed and remove its LAN namespaces."""
-    from llamavm import testbed
+    from llamavm.testbed import machine
 
-    testbed.down(purge=purge)
+    machine.down(purge=purge)
     say("llamavm: test bed down")
 
 
@@ -35,15 +35,15 @@ def down(c, purge=False):
 @errors_to_exit
 def status(c):
     """Show the local test bed's state as JSON."""
-    from llamavm import testbed
+    from llamavm.testbed import machine
 
-    say(jsonlib.dumps(testbed.status(), indent=2))
+    say(jsonlib.dumps(machine.status(), indent=2))
 
 
 @task(help={"command": "run this command instead of an interactive shell"})
 @errors_to_exit
 def ssh(c, command=""):
     """SSH into the local test bed as its admin user."""
-    from llamavm import testbed
+    from llamavm.testbed import machine
 
-    raise Exit(code=testbed.ssh(command.split() if command else []))
+    raise Exit(code=machine.ssh(command.split() if command else []))

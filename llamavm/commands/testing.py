@@ -181,13 +181,13 @@ def _test(c, phases, unit, pytest_args, molecule, vm, compose):
         # the llama.cpp source with the web UI (the two at once, as `invoke provision` does),
         # and the first provision (the llama.cpp build). The tests' own provision then finds
         # nothing to do.
-        from llamavm import testbed
         from llamavm.artifacts import source
         from llamavm.ops import provision as provision_mod
+        from llamavm.testbed import rootfs
 
         # First-run paths this run walks itself from empty caches: the tests that walk them
         # again into scratch caches (tests/integration/test_first_run.py) are skipped, saying so.
-        cold = {"rootfs": not testbed.rootfs_cached(), "source": source.is_cold()}
+        cold = {"rootfs": not rootfs.cached(), "source": source.is_cold()}
         env["LLAMAVM_TEST_WALKED_COLD"] = ",".join(name for name, c in cold.items() if c)
         # The linters and the unit tests need no test bed: they run beside the first provision.
         lint_env = {**env, "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible" / "ansible.cfg")}

@@ -35,7 +35,7 @@ class Inventory:
     platform: str
     #: llamavm_testbed: its hosts use the local test bed (its LAN, or as a llama.cpp builder).
     uses_testbed: bool = False
-    #: llamavm_testbed_fleet: how many local fleet hosts (llamavm.fleetbed) it runs on.
+    #: llamavm_testbed_fleet: how many local fleet hosts (llamavm.testbed.fleet) it runs on.
     fleet: int = 0
     #: Every llamavm_* setting of its group_vars/all (later files win), and where each was read.
     settings: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -111,11 +111,11 @@ def check_disk(path: Path, need_gib: float) -> Check:
 
 def check_testbed() -> Check:
     try:
-        from llamavm import testbed
+        from llamavm.testbed import machine
     except ImportError:
         return Check(WARN, "testbed", "test bed support is not installed yet (issue 3)")
     try:
-        state = testbed.status()
+        state = machine.status()
     except LlamavmError as exc:
         return Check(WARN, "testbed", str(exc), "invoke provision brings it up")
     if state.get("state") == "running":

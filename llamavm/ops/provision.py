@@ -100,17 +100,17 @@ def provision(
         prepared = pool.submit(_prepare_source, tree)
         made = pool.submit(_prepare_inputs, catalog, tree, share if tiny else None)
         if local:
-            from llamavm import testbed
+            from llamavm.testbed import machine
 
             say("llamavm: bringing up the embedded default target (local test bed)")
-            info = testbed.up()
+            info = machine.up()
             step("test bed (rootfs, boot)", time.monotonic() - began)
             say(f"llamavm: test bed up at {info.host_address} (cold build: {info.cold_build})")
         if inv.fleet:
-            from llamavm import fleetbed
+            from llamavm.testbed import fleet as local_fleet
 
             say(f"llamavm: bringing up {inv.fleet} local fleet hosts on the test bed's LAN")
-            for host in fleetbed.up(inv.fleet):
+            for host in local_fleet.up(inv.fleet):
                 say(f"llamavm: {host.name} up at {host.address}")
         archive = prepared.result()
         step("llama.cpp source and web UI", time.monotonic() - began)
@@ -334,11 +334,11 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
     catalog = catalog_mod.load(catalog_mod.catalog_path(catalog_path, inv.catalog))
     default = catalog.default
     lines = []
-    from llamavm import testbed
     from llamavm.ops import remote
+    from llamavm.testbed import machine
 
     if inv.is_local:
-        host = testbed.status()["addresses"]["host"]
+        host = machine.status()["addresses"]["host"]
         lines += [
             f"web UI and API of {default.name}: http://{host}:{default.port}/ "
             "(on the test bed's LAN; from this machine too)",
@@ -354,7 +354,7 @@ def reach_lines(inventory: str | None, catalog_path: str | None) -> list[str]:
                 f"http://{host.address}:{model.port}/"
             )
     addresses = (
-        [testbed.status()["addresses"]["host"]]
+        [machine.status()["addresses"]["host"]]
         if inv.is_local
         else [h.address for h in remote.hosts(inv.path)]
     )

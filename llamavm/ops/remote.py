@@ -148,12 +148,14 @@ def _cache_dir() -> Path:
 
 #: The script the local inventories share (a function of llamavm's folders only).
 _LOCAL_PATHS = REPO_ROOT / "inventories" / "local" / "paths.py"
+#: The module it runs (read here by path: remote imports nothing of the test bed).
+_LOCAL_INV = REPO_ROOT / "llamavm" / "testbed" / "localinv.py"
 
 
 def _static_digest(inventory: Path) -> str | None:
     """A digest of everything `ansible-inventory` reads for a static inventory; None when
     the inventory could say something else next time (a plugin, a script, a vault). The
-    local inventories' paths.py (llamavm/localinv.py) is static given llamavm's folders."""
+    local inventories' paths.py (llamavm/testbed/localinv.py) is static given llamavm's folders."""
     files = sorted(p for p in inventory.rglob("*") if p.is_file()) if inventory.is_dir() else []
     if inventory.is_file():
         files = [inventory]
@@ -164,9 +166,7 @@ def _static_digest(inventory: Path) -> str | None:
         except OSError:
             return None
         if path in files and path.resolve() == _LOCAL_PATHS:
-            digest.update(
-                _LOCAL_PATHS.read_bytes() + (REPO_ROOT / "llamavm" / "localinv.py").read_bytes()
-            )
+            digest.update(_LOCAL_PATHS.read_bytes() + _LOCAL_INV.read_bytes())
             digest.update(f"{paths.cache()}\0{paths.state()}\0".encode())
         elif path in files and (os.access(path, os.X_OK) or any(w in data for w in _DYNAMIC)):
             return None

@@ -249,12 +249,14 @@ def _base(spec: WslSpec, work: Path) -> tuple[Path, str]:
     """The base tree in `work`/root, and a key naming it."""
     root = work / "root"
     if spec.image.source == "offline":
-        from llamavm import testbed  # the test bed's Debian 12 rootfs: every role's packages
+        # The test bed's Debian 12 rootfs: every role's packages.
+        from llamavm.testbed import config as testbed_config
+        from llamavm.testbed import rootfs
 
-        cfg, paths = testbed.load_config(), testbed.Paths.from_env()
-        base, _ = testbed.ensure_rootfs(cfg, paths)
+        cfg, paths = testbed_config.load_config(), testbed_config.Paths.from_env()
+        base, _ = rootfs.ensure(cfg, paths)
         _run(["cp", "-a", "--reflink=auto", str(base), str(root)], "copy the Debian 12 rootfs")
-        (root / testbed.COMPLETE_STAMP).unlink(missing_ok=True)
+        (root / rootfs.COMPLETE_STAMP).unlink(missing_ok=True)
         # The test bed's password user exists to prove SSH refuses passwords: not here.
         if cfg.password_user != spec.admin_user:
             _chroot(root, "userdel", "--remove", cfg.password_user)
@@ -293,9 +295,9 @@ def customize(root: Path, spec: WslSpec) -> None:
     keys = ssh_dir / "authorized_keys"
     keys.write_text("".join(f"{key}\n" for key in spec.ssh_keys))
     keys.chmod(0o600)
-    from llamavm import testbed
+    from llamavm.testbed import rootfs
 
-    uid, gid = testbed.user_ids(root, spec.admin_user)
+    uid, gid = rootfs.user_ids(root, spec.admin_user)
     for path in (home, ssh_dir, keys):
         os.chown(path, uid, gid)
     units = ["llamavm-ssh-hostkeys.service"]
@@ -338,9 +340,9 @@ def build(spec: WslSpec, out: Path) -> Built:
         work = Path(tmp)
         key_material = {"spec": spec.digest, "build": BUILD_VERSION}
         if spec.image.source == "offline":
-            from llamavm import testbed
+            from llamavm.testbed import config as testbed_config
 
-            key_material["base"] = testbed.load_config().rootfs_key
+            key_material["base"] = testbed_config.load_config().rootfs_key
         else:
             key_material["base"] = str(spec.image.sha256)
         key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog
+from llamavm.testbed import machine
 from tests.integration.helpers import (
     TESTBED_CATALOG,
     VM_INVENTORY,
@@ -79,21 +80,21 @@ def apply_roles(roles: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session")
-def testbed_info() -> Iterator[testbed.TestbedInfo]:
+def testbed_info() -> Iterator[machine.TestbedInfo]:
     """The test bed, up (built and booted on first use; left running for the next session).
 
     Set LLAMAVM_TESTBED_DOWN=1 to tear it down at the end of the session.
     """
     _skip_unless_possible()
-    info = testbed.up()
+    info = machine.up()
     remove_stale_stubs()
     yield info
     if os.environ.get("LLAMAVM_TESTBED_DOWN") == "1":
-        testbed.down()
+        machine.down()
 
 
 @pytest.fixture(scope="session")
-def provisioned_testbed(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
+def provisioned_testbed(testbed_info: machine.TestbedInfo) -> machine.TestbedInfo:
     """The test bed with the base role applied."""
     apply_roles(["base"])
     return testbed_info
@@ -106,12 +107,12 @@ def models() -> catalog.Catalog:
 
 
 @pytest.fixture(scope="session")
-def host(testbed_info: testbed.TestbedInfo) -> str:
+def host(testbed_info: machine.TestbedInfo) -> str:
     return testbed_info.host_address
 
 
 @pytest.fixture(scope="session")
-def provisioned(testbed_info: testbed.TestbedInfo) -> testbed.TestbedInfo:
+def provisioned(testbed_info: machine.TestbedInfo) -> machine.TestbedInfo:
     """The test bed provisioned by `invoke provision`: base, llama.cpp, model services."""
     result = invoke("provision")
     if result.returncode != 0:
@@ -129,7 +130,7 @@ def serving_default(provisioned, models) -> Iterator[catalog.Model]:
 
 
 @pytest.fixture(scope="session")
-def vm(testbed_info: testbed.TestbedInfo) -> Any:
+def vm(testbed_info: machine.TestbedInfo) -> Any:
     """The embedded VMs provisioned (`invoke provision -i local-vm`); the model VM's spec."""
     from llamavm.platforms.vm import vmspec
 

@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from llamavm import paths, testbed
+from llamavm import paths
+from llamavm.testbed import config
 
 RUN = Path("/run/llamavm-docker")
 SOCKET = RUN / "docker.sock"
@@ -81,7 +82,7 @@ def base_image() -> str:
     """BASE, imported once from the test bed's cached rootfs (docs and locales left out)."""
     if docker("image", "inspect", BASE, check=False).returncode == 0:
         return BASE
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     root = paths.rootfs(cfg.rootfs_key)
     tar = subprocess.Popen(
         ["tar", "-C", str(root), "--exclude=./usr/share/doc", "--exclude=./usr/share/locale",

@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from llamavm import REPO_ROOT, paths, testbed
+from llamavm import REPO_ROOT, paths
 from llamavm.inputs import catalog
+from llamavm.testbed import config, machine
 
 INVOKE = Path(sys.executable).parent / "invoke"
 TESTBED_CATALOG = REPO_ROOT / "config" / "models.testbed.yaml"
@@ -54,9 +55,9 @@ def remove_stale_stubs() -> None:
 
 def host_run(command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a shell command as root on the test-bed host (over SSH, as an operator would)."""
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     return subprocess.run(
-        [*testbed.ssh_base_command(cfg, paths), shlex.join(["sudo", "-n", "bash", "-c", command])],
+        [*machine.ssh_base_command(cfg, paths), shlex.join(["sudo", "-n", "bash", "-c", command])],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -65,7 +66,7 @@ def host_run(command: str, timeout: float = 120) -> subprocess.CompletedProcess[
 
 
 def client_curl(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return testbed.client_run(
+    return machine.client_run(
         ["curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}", *args, url],
         capture_output=True,
         text=True,
@@ -202,7 +203,7 @@ def keyed_testbed(tmp_path: Path, **front_door: Any) -> Iterator[tuple[Any, str]
 
 def ssh_from_lan(vm: Any, command: str, *extra: str, timeout: float = 120) -> Any:
     """SSH to a VM's bridged address from the LAN client's namespace (`vm`: a VmSpec)."""
-    return testbed.client_run(
+    return machine.client_run(
         ["ssh", "-i", VM_KEY, "-o", "IdentitiesOnly=yes",
          "-o", f"UserKnownHostsFile={VM_KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
          "-o", "ConnectTimeout=10", *extra,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamavm import testbed
+from llamavm.testbed import config, machine
 
 CLIENT = Path(__file__).resolve().parent / "clients" / "streams.py"
 
@@ -48,9 +48,9 @@ print(json.dumps({"samples": samples, "max": top, "over": len(over)}))
 
 
 def ssh(command: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     return subprocess.run(
-        [*testbed.ssh_base_command(cfg, paths), command],
+        [*machine.ssh_base_command(cfg, paths), command],
         capture_output=True, text=True, check=False, **kwargs,
     )  # fmt: skip
 
@@ -58,7 +58,7 @@ def ssh(command: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 def run_client(spec: dict[str, Any], key: str | None) -> subprocess.Popen[str]:
     """The client, started in the LAN client's namespace with `spec` on its standard input."""
     env = {**os.environ, "LLAMAVM_KEY": key or ""}
-    cfg = testbed.load_config()
+    cfg = config.load_config()
     with tempfile.TemporaryFile("w+") as spec_file:
         json.dump(spec, spec_file)
         spec_file.seek(0)
@@ -105,10 +105,10 @@ def summary(bursts: list[dict[str, Any]]) -> dict[str, Any]:
 def sampling() -> Iterator[dict[str, Any]]:
     """The host's big-model servers counted every 50 ms while the block runs."""
     stop = f"/run/llamavm-load-sampler-{os.getpid()}"
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     remote = shlex.join(["sudo", "-n", "python3", "-c", SAMPLER, stop])
     proc = subprocess.Popen(
-        [*testbed.ssh_base_command(cfg, paths), remote],
+        [*machine.ssh_base_command(cfg, paths), remote],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     seen: dict[str, Any] = {}

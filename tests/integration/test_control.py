@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog, inventory
 from llamavm.ops import control_api, fleet
+from llamavm.testbed import config, machine
 from tests.integration.helpers import (
     client_curl,
     host_run,
@@ -153,7 +154,7 @@ def test_a_bad_switch_request_harms_nothing(keyed, host) -> None:
 
 def _api_switch(base: str, key: str, name: str) -> subprocess.Popen:
     """POST /switch from the LAN client, in the background; its stdout is the HTTP status."""
-    ns = testbed.load_config().lan.ns_client
+    ns = config.load_config().lan.ns_client
     argv = [
         "ip", "netns", "exec", ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
         "--max-time", "600", "-X", "POST", "-H", f"Authorization: Bearer {key}",
@@ -205,7 +206,7 @@ def test_one_root_helper_answers_every_request_and_a_stopped_one_comes_back(keye
 
 
 def _client(script: str, *args: str, key: str = "") -> dict:
-    ns = testbed.load_config().lan.ns_client
+    ns = config.load_config().lan.ns_client
     run = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, str(HERE / "clients" / script), *args],
         capture_output=True, text=True, timeout=900, check=False,
@@ -261,8 +262,8 @@ def test_the_picker_page_switches_by_click_in_a_real_browser(keyed, host) -> Non
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / "picker-page-switch.png"
     shot.unlink(missing_ok=True)
-    testbed.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
-    ns = testbed.load_config().lan.ns_client
+    machine.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
+    ns = config.load_config().lan.ns_client
     run = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, str(HERE / "browser" / "picker.py"),
          f"{_base(host, cat)}/", str(shot), target],

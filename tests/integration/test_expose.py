@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog
+from llamavm.testbed import config, machine
 from tests.integration.helpers import (
     INVOKE,
     STUB_MARK,
@@ -330,7 +331,7 @@ def test_a_stream_through_the_front_door_finishes_before_the_switch_stops_its_mo
 ) -> None:
     other = _other(models)
     tokens = 900
-    ns = testbed.load_config().lan.ns_client
+    ns = config.load_config().lan.ns_client
     stream = subprocess.Popen(
         ["ip", "netns", "exec", ns, "python3", "-c", STREAM, host, str(FRONT_DOOR), str(tokens)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -445,8 +446,8 @@ def test_the_web_ui_chats_through_the_front_door_in_a_real_browser(serving_defau
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / "web-ui-through-the-front-door.png"
     shot.unlink(missing_ok=True)
-    ns = testbed.load_config().lan.ns_client
-    testbed.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
+    ns = config.load_config().lan.ns_client
+    machine.client_run(["ip", "link", "set", "lo", "up"])  # chromedriver listens on localhost
     # With the key policy on, the page asks for the key: the browser types it in, as a user.
     key = host_run("cat /etc/llamavm/api-key 2>/dev/null || true").stdout.strip()
     run = subprocess.run(

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from llamavm import testbed
 from llamavm.artifacts import tinymodel
 from llamavm.inputs import catalog
 from llamavm.ops import control_api
+from llamavm.testbed import machine
 from tests.integration.helpers import (
     INVOKE,
     REPO_ROOT,
@@ -281,8 +281,8 @@ def test_adding_a_model_and_provisioning_does_not_interrupt_the_serving_model(
 def test_a_reboot_brings_back_the_model_that_was_serving(one_serving, host) -> None:
     old, new = one_serving
     assert invoke("switch", "--model", new.name).returncode == 0
-    testbed.down()
-    testbed.up()
+    machine.down()
+    machine.up()
     wait_for(lambda: http_code(url(host, new, "/health")) == 200, 90, f"{new.name} after boot")
     _exactly_one_serves(new, host)
     assert http_code(url(host, old, "/health")) is None
@@ -296,8 +296,8 @@ def test_a_reboot_mid_switch_is_recovered_at_boot(one_serving, host) -> None:
     host_run(f"llamavm-switch switch {new.name} --tx {tx} >/dev/null 2>&1 &")
     wait_for(lambda: status()["transaction"] is not None, 20, "the transaction to begin")
     wait_for(lambda: active_units() == [], 20, "the old model to stop")
-    testbed.down()  # the power goes: /run (and the failpoint) is gone at boot
-    testbed.up()
+    machine.down()  # the power goes: /run (and the failpoint) is gone at boot
+    machine.up()
     wait_for(lambda: http_code(url(host, old, "/health")) == 200, 90, f"{old.name} after boot")
     _exactly_one_serves(old, host)
     outcome = json.loads(host_run(f"llamavm-switch result {tx} --json").stdout)

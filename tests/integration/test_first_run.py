@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import testbed
 from llamavm.artifacts import source, tinymodel
+from llamavm.testbed import config, rootfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root")
 
@@ -62,11 +62,11 @@ def test_test_bed_rootfs_from_an_empty_cache(tmp_path, monkeypatch) -> None:
     _walked_by_this_run("rootfs")
     monkeypatch.setenv("LLAMAVM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLAMAVM_STATE", str(tmp_path / "state"))
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     try:
-        root, built = testbed.ensure_rootfs(cfg, paths)
+        root, built = rootfs.ensure(cfg, paths)
         assert built
-        assert (root / testbed.COMPLETE_STAMP).is_file()
+        assert (root / rootfs.COMPLETE_STAMP).is_file()
         assert (root / "etc" / "sudoers.d" / cfg.admin_user).is_file()
         assert not list((root / "etc" / "ssh").glob("ssh_host_*")), "host keys are per machine"
     finally:

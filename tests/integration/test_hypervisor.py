@@ -34,11 +34,11 @@ def _replay_on_host(case: str) -> str:
         with tarfile.open(archive, "w") as tar:
             for child in ("sys", "proc"):
                 tar.add(Path(tmp) / child, arcname=child)
-        from llamavm import testbed
+        from llamavm.testbed import config, machine
 
-        cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+        cfg, paths = config.load_config(), config.Paths.from_env()
         subprocess.run(
-            [*testbed.ssh_base_command(cfg, paths), f"mkdir -p {root} && tar -x -C {root}"],
+            [*machine.ssh_base_command(cfg, paths), f"mkdir -p {root} && tar -x -C {root}"],
             stdin=archive.open("rb"),
             check=True,
         )

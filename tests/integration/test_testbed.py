@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
+from llamavm.testbed import config, machine, nspawn
 from tests.integration.helpers import port_opened
 
 pytestmark = pytest.mark.testbed
@@ -25,7 +26,7 @@ WILDCARD_PORT = 47080
 CONTROL_SSHD_PORT = 2222
 
 
-def host_sh(info: testbed.TestbedInfo, script: str, check: bool = True) -> str:
+def host_sh(info: machine.TestbedInfo, script: str, check: bool = True) -> str:
     """Run SCRIPT on the host as the admin user, from the controller; its stdout."""
     proc = subprocess.run(
         [*info.ssh_command, "-o", "BatchMode=yes", script],
@@ -41,7 +42,7 @@ def host_sh(info: testbed.TestbedInfo, script: str, check: bool = True) -> str:
 
 def client_curl(url: str) -> subprocess.CompletedProcess[str]:
     """curl URL from the LAN client's namespace (no proxies, short timeouts)."""
-    return testbed.client_run(
+    return machine.client_run(
         ["curl", "--noproxy", "*", "-sS", "--max-time", "5", "-o", "/dev/null", "-w",
          "%{http_code}", url],
         capture_output=True,
@@ -52,7 +53,7 @@ def client_curl(url: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def askpass() -> Iterator[Path]:
     """An SSH_ASKPASS program that answers with the throwaway user's real password."""
-    cfg = testbed.load_config()
+    cfg = config.load_config()
     with tempfile.TemporaryDirectory() as tmp:
         prog = Path(tmp) / "askpass"
         prog.write_text(f"#!/bin/sh\necho '{cfg.password}'\n")
@@ -61,13 +62,13 @@ def askpass() -> Iterator[Path]:
 
 
 def password_ssh(
-    info: testbed.TestbedInfo, askpass: Path, port: int
+    info: machine.TestbedInfo, askpass: Path, port: int
 ) -> subprocess.CompletedProcess:
     """Try a password login as the throwaway user from the LAN client."""
-    cfg = testbed.load_config()
+    cfg = config.load_config()
     env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
            "DISPLAY": ":0"}  # fmt: skip
-    return testbed.client_run(
+    return machine.client_run(
         [
             "setsid", "-w", "ssh",
             "-p", str(port),
@@ -88,31 +89,31 @@ def password_ssh(
     )  # fmt: skip
 
 
-def test_status_reports_running(testbed_info: testbed.TestbedInfo) -> None:
-    current = testbed.up()  # other tests reboot the host: the session's PID may be gone
-    st = testbed.status()
+def test_status_reports_running(testbed_info: machine.TestbedInfo) -> None:
+    current = machine.up()  # other tests reboot the host: the session's PID may be gone
+    st = machine.status()
     assert st["state"] == "running"
     assert st["pid"] == current.pid
     assert st["addresses"]["host"] == testbed_info.host_address
     assert st["uptime_s"] is not None and st["uptime_s"] >= 0
 
 
-def test_up_is_idempotent(testbed_info: testbed.TestbedInfo) -> None:
-    first = testbed.up()
-    again = testbed.up()
+def test_up_is_idempotent(testbed_info: machine.TestbedInfo) -> None:
+    first = machine.up()
+    again = machine.up()
     assert again.pid == first.pid
     assert not again.cold_build
 
 
-def test_host_runs_systemd_without_failed_units(testbed_info: testbed.TestbedInfo) -> None:
+def test_host_runs_systemd_without_failed_units(testbed_info: machine.TestbedInfo) -> None:
     state = host_sh(testbed_info, "systemctl is-system-running || true").strip()
     failed = host_sh(testbed_info, "systemctl --failed --no-legend --plain")
     assert state == "running", failed
     assert host_sh(testbed_info, "hostname").strip() == "llamavm-testbed"
 
 
-def test_key_login_from_lan_client(provisioned_testbed: testbed.TestbedInfo) -> None:
-    proc = testbed.client_run(
+def test_key_login_from_lan_client(provisioned_testbed: machine.TestbedInfo) -> None:
+    proc = machine.client_run(
         [*provisioned_testbed.ssh_command, "-o", "BatchMode=yes", "id -un; hostname"],
         capture_output=True,
         text=True,
@@ -122,7 +123,7 @@ def test_key_login_from_lan_client(provisioned_testbed: testbed.TestbedInfo) -> 
     assert proc.stdout.split() == [provisioned_testbed.ssh_user, "llamavm-testbed"]
 
 
-def test_password_login_refused(provisioned_testbed: testbed.TestbedInfo, askpass: Path) -> None:
+def test_password_login_refused(provisioned_testbed: machine.TestbedInfo, askpass: Path) -> None:
     # Control: the same password works against an sshd that allows passwords, so the refusal
     # below is the hardening at work, not a wrong password or a broken askpass.
     host_sh(
@@ -145,7 +146,7 @@ def test_password_login_refused(provisioned_testbed: testbed.TestbedInfo, askpas
     assert "Permission denied (publickey)" in refused.stderr
 
 
-def test_sshd_effective_config_is_hardened(provisioned_testbed: testbed.TestbedInfo) -> None:
+def test_sshd_effective_config_is_hardened(provisioned_testbed: machine.TestbedInfo) -> None:
     effective = dict(
         line.split(" ", 1) for line in host_sh(provisioned_testbed, "sudo sshd -T").splitlines()
     )
@@ -155,7 +156,7 @@ def test_sshd_effective_config_is_hardened(provisioned_testbed: testbed.TestbedI
 
 
 def test_journal_is_persistent_and_timesync_handled(
-    provisioned_testbed: testbed.TestbedInfo,
+    provisioned_testbed: machine.TestbedInfo,
 ) -> None:
     assert host_sh(provisioned_testbed, "test -d /var/log/journal && echo yes").strip() == "yes"
     assert host_sh(provisioned_testbed, "systemctl is-enabled systemd-timesyncd").strip() == (
@@ -169,7 +170,7 @@ def test_journal_is_persistent_and_timesync_handled(
 
 
 @pytest.fixture
-def listeners(testbed_info: testbed.TestbedInfo) -> Iterator[None]:
+def listeners(testbed_info: machine.TestbedInfo) -> Iterator[None]:
     """Two HTTP servers on the host: one on 127.0.0.1 only, one on 0.0.0.0."""
     host_sh(
         testbed_info,
@@ -191,7 +192,7 @@ def listeners(testbed_info: testbed.TestbedInfo) -> Iterator[None]:
 
 @pytest.mark.usefixtures("listeners")
 def test_isolation_loopback_port_unreachable_wildcard_reachable(
-    testbed_info: testbed.TestbedInfo,
+    testbed_info: machine.TestbedInfo,
 ) -> None:
     host = testbed_info.host_address
     with port_opened(WILDCARD_PORT), port_opened(LOOPBACK_PORT):  # past the host's firewall
@@ -208,7 +209,7 @@ def test_isolation_loopback_port_unreachable_wildcard_reachable(
 
 
 @pytest.mark.usefixtures("listeners")
-def test_isolation_nothing_listens_on_the_outer_machine(testbed_info: testbed.TestbedInfo) -> None:
+def test_isolation_nothing_listens_on_the_outer_machine(testbed_info: machine.TestbedInfo) -> None:
     # The host's 0.0.0.0 listener lives in its own namespace, not on this machine's interfaces.
     outer = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
     assert f":{WILDCARD_PORT} " not in outer
@@ -217,15 +218,15 @@ def test_isolation_nothing_listens_on_the_outer_machine(testbed_info: testbed.Te
     assert routes.strip() == ""
 
 
-def test_models_share_is_read_only(testbed_info: testbed.TestbedInfo) -> None:
-    cfg = testbed.load_config()
+def test_models_share_is_read_only(testbed_info: machine.TestbedInfo) -> None:
+    cfg = config.load_config()
     opts = host_sh(testbed_info, f"findmnt -no OPTIONS {cfg.models_mount}").strip()
     assert opts.split(",")[0] == "ro"
     touch = host_sh(testbed_info, f"sudo touch {cfg.models_mount}/x 2>&1 || true")
     assert "Read-only file system" in touch
 
 
-def test_hardened_unit_starts_in_container(testbed_info: testbed.TestbedInfo) -> None:
+def test_hardened_unit_starts_in_container(testbed_info: machine.TestbedInfo) -> None:
     """What later llama-server units need: sandboxing directives work under nspawn."""
     host_sh(
         testbed_info,
@@ -240,16 +241,16 @@ def test_hardened_unit_starts_in_container(testbed_info: testbed.TestbedInfo) ->
 
 
 def test_teardown_leaves_nothing_and_warm_start_keeps_state(
-    provisioned_testbed: testbed.TestbedInfo,
+    provisioned_testbed: machine.TestbedInfo,
 ) -> None:
     """Runs last in this file: down() leaves nothing behind; up() again reuses the machine."""
-    testbed.down()
-    left = testbed.leftovers()
+    machine.down()
+    left = machine.leftovers()
     assert left == {"namespaces": [], "links": [], "processes": [], "mounts": []}
-    assert testbed.status()["state"] == "stopped"
-    testbed.down()  # idempotent
+    assert machine.status()["state"] == "stopped"
+    machine.down()  # idempotent
 
-    info = testbed.up()
+    info = machine.up()
     assert not info.cold_build
     # Provisioned state survived (warm start reuses the machine rootfs).
     assert "PasswordAuthentication no" in host_sh(
@@ -257,12 +258,12 @@ def test_teardown_leaves_nothing_and_warm_start_keeps_state(
     )
 
 
-def test_up_recovers_when_nspawn_was_killed(testbed_info: testbed.TestbedInfo) -> None:
+def test_up_recovers_when_nspawn_was_killed(testbed_info: machine.TestbedInfo) -> None:
     """SIGKILL of systemd-nspawn orphans the container; `up` must not boot a twin beside it."""
-    cfg = testbed.load_config()
+    cfg = config.load_config()
 
     def container_inits() -> list[int]:
-        inside = set(testbed._netns_processes(cfg.lan.ns_host))
+        inside = set(nspawn.netns_processes(cfg.lan.ns_host))
         roots = []
         for pid in inside:
             try:
@@ -273,20 +274,20 @@ def test_up_recovers_when_nspawn_was_killed(testbed_info: testbed.TestbedInfo) -
                 roots.append(pid)
         return roots
 
-    pid = testbed.status()["pid"]
+    pid = machine.status()["pid"]
     assert pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while testbed.status()["pid"] and time.monotonic() < deadline:
+    while machine.status()["pid"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert container_inits(), "the orphaned container should still be running"
-    testbed.up()
+    machine.up()
     assert len(container_inits()) == 1, "exactly one container in the host's namespace"
-    assert testbed.ssh(["true"]) == 0
+    assert machine.ssh(["true"]) == 0
 
 
 def test_the_client_command_of_the_readme_runs_on_the_lan(
-    testbed_info: testbed.TestbedInfo,
+    testbed_info: machine.TestbedInfo,
 ) -> None:
     """`python -m llamavm.testbed client -- CMD`, as the README writes it."""
     for argv in (

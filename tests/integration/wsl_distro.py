@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llamavm import lan as lan_mod
-from llamavm import testbed
 from llamavm.platforms import wsl
+from llamavm.testbed import config, nspawn
+from llamavm.testbed import lan as lan_mod
 
 ADDRESS = "10.213.0.40"
 NS, PORT = "llamavm-wsl", "lv-wsl"
@@ -50,7 +50,7 @@ class Distro:
             "--console=read-only",
         ]  # fmt: skip
         with self.log.open("a") as log:
-            testbed.spawn(cmd, self.spec.name, self.pid_file, log)
+            nspawn.spawn(cmd, self.spec.name, self.pid_file, log)
 
     def wait_for_ssh(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -82,7 +82,7 @@ class Distro:
 @contextlib.contextmanager
 def booted(out: Path) -> Iterator[Distro]:
     """Build the tarball into `out`, unpack it, boot it on the LAN; stop and remove it after."""
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     key = Path(f"{paths.key}.pub").read_text().strip()
     spec = wsl.parse(
         "test: host wsl-test",

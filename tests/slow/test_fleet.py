@@ -1,7 +1,7 @@
 """A fleet of four model hosts from one inventory (marker `slow`): inventories/local-fleet, run
 as an operator runs it. `invoke provision` boots the four hosts on the test bed's LAN
-(llamavm.fleetbed) and converges them in parallel; llama.cpp comes from one artifact (no host
-compiles); a second provision changes nothing on any host. Then `invoke switch` on all four at
+(llamavm.testbed.fleet) and converges them in parallel; llama.cpp comes from one artifact (no
+host compiles); a second provision changes nothing on any host. Then `invoke switch` on all four at
 once, and again with one host's GGUF made unreadable: that host fails alone, keeps serving its
 model, and the exit code says so.
 
@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from llamavm import REPO_ROOT, fleetbed, testbed
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog
+from llamavm.testbed import config
+from llamavm.testbed import fleet as local_fleet
 from tests.integration.helpers import client_curl, invoke
 
 pytestmark = [
@@ -37,12 +39,12 @@ QWEN, OSS = CATALOG.resolve("qwen"), CATALOG.resolve("oss")
 
 def fleet_run(host: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """A shell command as root on a fleet host, over SSH as an operator would."""
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
-    address = next(h.address for h in fleetbed.hosts(len(HOSTS)) if h.name == host)
+    cfg, paths = config.load_config(), config.Paths.from_env()
+    address = next(h.address for h in local_fleet.hosts(len(HOSTS)) if h.name == host)
     return subprocess.run(
         [
             "ssh", "-i", str(paths.key), "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={fleetbed.known_hosts()}",
+            "-o", f"UserKnownHostsFile={local_fleet.known_hosts()}",
             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
             f"{cfg.admin_user}@{address}", shlex.join(["sudo", "-n", "bash", "-c", command]),
         ],
@@ -58,7 +60,7 @@ def serving() -> dict[str, Any]:
 
 
 def chat(host: str, model: catalog.Model) -> str:
-    address = next(h.address for h in fleetbed.hosts(len(HOSTS)) if h.name == host)
+    address = next(h.address for h in local_fleet.hosts(len(HOSTS)) if h.name == host)
     answer = client_curl(
         f"http://{address}:{model.port}/v1/chat/completions",
         "-H", "Content-Type: application/json",
@@ -72,11 +74,11 @@ def chat(host: str, model: catalog.Model) -> str:
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[str]:
     # From nothing: a fleet whose hosts were never provisioned.
-    fleetbed.down(purge=True)
+    local_fleet.down(purge=True)
     first = invoke("provision", "-i", INVENTORY, timeout=3600)
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
     yield first.stdout
-    fleetbed.down(purge=True)
+    local_fleet.down(purge=True)
 
 
 def test_four_hosts_provision_from_one_build_and_converge(fleet: str) -> None:

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamavm import REPO_ROOT, testbed
+from llamavm import REPO_ROOT
 from llamavm.inputs import catalog
+from llamavm.testbed import config, machine
 from tests.integration.helpers import client_curl, invoke
 from tests.integration.wsl_distro import ADDRESS, SSH_PORT, Distro, booted
 
@@ -33,13 +34,13 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def distro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Distro]:
-    testbed.up()
+    machine.up()
     with booted(tmp_path_factory.mktemp("wsl-build")) as booted_distro:
         yield booted_distro
 
 
 def _inventory(folder: Path, distro: Distro) -> Path:
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
+    cfg, paths = config.load_config(), config.Paths.from_env()
     (folder / "host_vars").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "inventories" / "local-vm" / "host_vars" / "testbed.yml",
                 folder / "host_vars" / "testbed.yml")  # fmt: skip

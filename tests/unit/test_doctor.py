@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from llamavm import testbed
 from llamavm.ops import doctor
+from llamavm.testbed import machine
 
 
 def test_testbed_running_is_ok(monkeypatch) -> None:
     monkeypatch.setattr(
-        testbed,
+        machine,
         "status",
         lambda: {"state": "running", "pid": 42, "addresses": {"host": "10.213.0.10"}},
     )
@@ -20,7 +20,7 @@ def test_testbed_running_is_ok(monkeypatch) -> None:
 
 
 def test_testbed_stopped_warns_with_the_fix(monkeypatch) -> None:
-    monkeypatch.setattr(testbed, "status", lambda: {"state": "stopped", "pid": None})
+    monkeypatch.setattr(machine, "status", lambda: {"state": "stopped", "pid": None})
     check = doctor.check_testbed()
     assert check.status == doctor.WARN
     assert "invoke provision" in check.fix

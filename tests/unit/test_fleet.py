@@ -226,15 +226,15 @@ def test_the_local_fleet_inventory_is_a_lab_layout_with_racks_and_a_builder() ->
     assert (inv.fleet, inv.uses_testbed, inv.platform) == (4, True, "container")
     assert [h.name for h in fleet.pick(FLEET, None)] == [f"fleet-{i}" for i in range(1, 5)]
     assert [h.name for h in fleet.pick(FLEET, "rack_b")] == ["fleet-3", "fleet-4"]
-    # Addresses as llamavm.fleetbed boots them; the builder is no model host.
-    from llamavm import fleetbed
+    # Addresses as llamavm.testbed.fleet boots them; the builder is no model host.
+    from llamavm.testbed import fleet as local_fleet
 
     hosts = {h.name: h.address for h in fleet.pick(FLEET, None)}
-    assert hosts == {h.name: h.address for h in fleetbed.hosts(4)}
+    assert hosts == {h.name: h.address for h in local_fleet.hosts(4)}
     assert "testbed" not in hosts
     # The fleet hosts' own known_hosts, not the test bed's.
     assert any(
-        str(fleetbed.known_hosts()) in arg for arg in fleet.pick(FLEET, "fleet-1")[0].ssh_args
+        str(local_fleet.known_hosts()) in arg for arg in fleet.pick(FLEET, "fleet-1")[0].ssh_args
     )
 
 
@@ -286,15 +286,15 @@ def test_a_fleet_size_out_of_range_is_refused_with_the_file(tmp_path, value) -> 
 
 
 def test_fleet_hosts_get_their_own_addresses_and_names() -> None:
-    from llamavm import fleetbed
+    from llamavm.testbed import fleet as local_fleet
 
-    hosts = fleetbed.hosts(8)
+    hosts = local_fleet.hosts(8)
     assert [h.address for h in hosts] == [f"10.213.0.{41 + i}" for i in range(8)]
     assert len({h.ns for h in hosts} | {h.port for h in hosts}) == 16
     assert all(len(h.port) <= 15 and len(h.ns) <= 15 for h in hosts)
     for bad in (0, 9):
         with pytest.raises(LlamavmError):
-            fleetbed.hosts(bad)
+            local_fleet.hosts(bad)
 
 
 # --------------------------------------------------------------------------- unreachable hosts

@@ -7,7 +7,7 @@ import os
 import stat
 import subprocess
 
-from llamavm import localhv
+from llamavm.testbed import localhv
 
 
 def _hostvars(pub, hypervisor="localhost"):

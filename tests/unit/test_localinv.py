@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from llamavm import REPO_ROOT, localinv
+from llamavm import REPO_ROOT
+from llamavm.testbed import localinv
 
 LOCAL = ["local", "local-native", "local-fleet", "local-vm"]
 
@@ -53,3 +54,19 @@ def test_the_test_bed_connection_is_its_state_folder(monkeypatch, tmp_path):
 def test_a_host_query_adds_nothing(capsys):
     localinv.main("local", ["--host", "testbed"])
     assert json.loads(capsys.readouterr().out) == {}
+
+
+def test_the_script_needs_only_the_standard_library() -> None:
+    """Ansible runs paths.py with the system's python3: importing localinv must not pull in the
+    rest of the test bed (PyYAML) through the package's __init__. -S: no site packages."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import llamavm.testbed.localinv; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('llamavm'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == [
+        "llamavm", "llamavm.paths", "llamavm.testbed", "llamavm.testbed.localinv"
+    ]  # fmt: skip

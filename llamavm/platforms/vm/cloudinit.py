@@ -95,9 +95,9 @@ def _images_config() -> dict[str, Any]:
 
 
 def _mirror() -> str:
-    from llamavm import testbed
+    from llamavm.testbed import config as testbed_config
 
-    return testbed.resolve_mirror(testbed.load_config()).rstrip("/")
+    return testbed_config.resolve_mirror(testbed_config.load_config()).rstrip("/")
 
 
 def _cache() -> Path:

@@ -101,7 +101,7 @@ def prepare(inventory: str | None, say: Callable[[str], None] = print) -> list[d
     data = remote.inventory_data_cached(inv.path)
     hypervisors = remote.group_hosts(data, "llamavm_hypervisors")
     if "localhost" in hypervisors:
-        from llamavm import localhv
+        from llamavm.testbed import localhv
 
         localhv.up()
         localhv.ensure_keys(data.get("_meta", {}).get("hostvars", {}), say)

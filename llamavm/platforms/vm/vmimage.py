@@ -19,6 +19,7 @@ from pathlib import Path
 from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
 from llamavm.inputs import yamlsafe
+from llamavm.platforms import debian
 
 #: Bump when the build steps change: part of the cache key.
 BUILD_VERSION = 1
@@ -75,18 +76,13 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
 def _post_install(root: Path) -> None:
     (root / "etc" / "fstab").write_text("/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
     (root / "etc" / "hostname").write_text("")
-    (root / "etc" / "machine-id").write_text("")
     (root / "var" / "lib" / "dbus" / "machine-id").unlink(missing_ok=True)
-    for key in (root / "etc" / "ssh").glob("ssh_host_*"):
-        key.unlink()
-    (root / "etc" / "default" / "locale").write_text("LANG=C.UTF-8\n")
     cfg = root / "etc" / "cloud" / "cloud.cfg.d" / "90-llamavm.cfg"
     cfg.write_text(
         "# llamavm: the seed is a NoCloud volume; don't probe cloud metadata services.\n"
         "datasource_list: [NoCloud, None]\n"
     )
-    for deb in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
-        deb.unlink()
+    debian.generalize(root)
 
 
 def ensure_offline(name: str, cache: Path | None = None, mirror: str | None = None) -> OfflineImage:
@@ -101,9 +97,9 @@ def ensure_offline(name: str, cache: Path | None = None, mirror: str | None = No
         if shutil.which(tool) is None:
             raise LlamavmError(f"{tool} not found — install mmdebstrap, e2fsprogs and qemu-utils")
     if mirror is None:
-        from llamavm import testbed
+        from llamavm.testbed import config as testbed_config
 
-        mirror = testbed.resolve_mirror(testbed.load_config())
+        mirror = testbed_config.resolve_mirror(testbed_config.load_config())
     image.folder.parent.mkdir(parents=True, exist_ok=True)
     staging = image.folder.with_name(image.folder.name + ".build")
     shutil.rmtree(staging, ignore_errors=True)

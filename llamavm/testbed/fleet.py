@@ -7,7 +7,7 @@ SSH host keys and address (10.213.0.41, .42, ...), the models bound read-only. H
 fleet-1 .. fleet-N; `up(n)` is idempotent and `down()` powers them off (the upper layers, with
 what was provisioned, stay unless purged).
 
-`python -m llamavm.fleetbed {up N,down [--purge],status}`; `invoke provision -i local-fleet`
+`python -m llamavm.testbed.fleet {up N,down [--purge],status}`; `invoke provision -i local-fleet`
 brings the hosts its inventory names up by itself (llamavm_testbed_fleet).
 """
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import lan, localinv, netns, testbed
 from llamavm import paths as controller_paths
 from llamavm.errors import LlamavmError
+from llamavm.testbed import config, lan, localinv, machine, nspawn, rootfs, tools
 
 #: The first fleet host's address is the LAN's .41 (the test bed is .10, VMs .30/.31, WSL .40).
 FIRST_HOST = 41
@@ -82,11 +82,11 @@ def known_hosts() -> Path:
     return state_dir() / localinv.KNOWN_HOSTS
 
 
-def hosts(count: int, cfg: testbed.TestbedConfig | None = None) -> list[FleetHost]:
+def hosts(count: int, cfg: config.TestbedConfig | None = None) -> list[FleetHost]:
     """The first `count` fleet hosts."""
     if not 1 <= count <= MAX_HOSTS:
         raise LlamavmError(f"a local fleet has 1 to {MAX_HOSTS} hosts, not {count}", code=2)
-    cfg = cfg or testbed.load_config()
+    cfg = cfg or config.load_config()
     net = cfg.lan.subnet
     return [
         FleetHost(i, str(net.network_address + FIRST_HOST + i - 1), state_dir())
@@ -100,7 +100,7 @@ def _mounted(path: Path) -> bool:
     )
 
 
-def _ensure_root(cfg: testbed.TestbedConfig, paths: testbed.Paths, lower: Path,
+def _ensure_root(cfg: config.TestbedConfig, paths: config.Paths, lower: Path,
                  host: FleetHost) -> None:  # fmt: skip
     """The host's root: an overlay of the cached rootfs; first time, its own identity."""
     upper, work = host.dir / "upper", host.dir / "work"
@@ -108,14 +108,14 @@ def _ensure_root(cfg: testbed.TestbedConfig, paths: testbed.Paths, lower: Path,
     if stamp.exists() and stamp.read_text().strip() != cfg.rootfs_key:
         # The rootfs changed under this host: its provisioned layer belongs to the old one.
         if _mounted(host.root):
-            testbed._run(["umount", str(host.root)], what="umount")
+            tools.run(["umount", str(host.root)], what="umount")
         shutil.rmtree(upper)
         shutil.rmtree(work, ignore_errors=True)
     for path in (upper, work, host.root):
         path.mkdir(parents=True, exist_ok=True)
     if not _mounted(host.root):
         options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-        testbed._run(
+        tools.run(
             ["mount", "-t", "overlay", "overlay", "-o", options, str(host.root)],
             what=f"overlay mount of {host.name}",
         )
@@ -124,19 +124,19 @@ def _ensure_root(cfg: testbed.TestbedConfig, paths: testbed.Paths, lower: Path,
         # Its own host keys and machine-id: the rootfs's are shared by every copy of it.
         for key in (root / "etc" / "ssh").glob("ssh_host_*"):
             key.unlink()
-        testbed._run(["ssh-keygen", "-A", "-f", str(root)], what="ssh-keygen -A")
+        tools.run(["ssh-keygen", "-A", "-f", str(root)], what="ssh-keygen -A")
         (root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
-        (root / testbed.COMPLETE_STAMP).unlink(missing_ok=True)
+        (root / rootfs.COMPLETE_STAMP).unlink(missing_ok=True)
         stamp.write_text(cfg.rootfs_key + "\n")
     (root / "etc" / "hostname").write_text(host.name + "\n")
-    testbed.configure_host(cfg, paths, root, host.address, f"fleet host {host.name}")
+    machine.configure_host(cfg, paths, root, host.address, f"fleet host {host.name}")
 
 
 def _running(host: FleetHost) -> int | None:
-    return testbed._read_pid(host)  # type: ignore[arg-type]  # it reads .pid_file only
+    return nspawn.read_pid(host.pid_file)
 
 
-def _boot(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetHost) -> None:
+def _boot(cfg: config.TestbedConfig, paths: config.Paths, host: FleetHost) -> None:
     cmd = [
         "systemd-nspawn", f"--directory={host.root}", "--boot", "--register=no",
         "--keep-unit", f"--machine={host.name}",
@@ -147,19 +147,19 @@ def _boot(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetHost) -> 
     with host.log.open("a") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        testbed.spawn(cmd, host.name, host.pid_file, log)
+        nspawn.spawn(cmd, host.name, host.pid_file, log)
     # The wrapper writes the PID file before it execs nspawn: wait for nspawn itself.
     deadline = time.monotonic() + 10
     while _running(host) is None:
         if time.monotonic() > deadline:
             raise LlamavmError(
                 f"systemd-nspawn did not start for {host.name}; tail of {host.log}:\n"
-                f"{testbed._tail(host.log)}"
+                f"{tools.tail(host.log)}"
             )
         time.sleep(0.05)
 
 
-def _wait_for_ssh(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetHost) -> None:
+def _wait_for_ssh(cfg: config.TestbedConfig, paths: config.Paths, host: FleetHost) -> None:
     deadline = time.monotonic() + cfg.boot_timeout_s
     cmd = [
         "ssh", "-i", str(paths.key), "-p", str(cfg.ssh_port), "-o", "IdentitiesOnly=yes",
@@ -171,7 +171,7 @@ def _wait_for_ssh(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetH
         if _running(host) is None:
             raise LlamavmError(
                 f"fleet host {host.name} exited during boot; tail of {host.log}:\n"
-                f"{testbed._tail(host.log)}"
+                f"{tools.tail(host.log)}"
             )
         with contextlib.suppress(subprocess.TimeoutExpired):
             if subprocess.run(cmd, capture_output=True, timeout=60, check=False).returncode == 0:
@@ -179,18 +179,18 @@ def _wait_for_ssh(cfg: testbed.TestbedConfig, paths: testbed.Paths, host: FleetH
         time.sleep(0.5)
     raise LlamavmError(
         f"fleet host {host.name} never answered SSH at {host.address}; tail of {host.log}:\n"
-        f"{testbed._tail(host.log)}"
+        f"{tools.tail(host.log)}"
     )
 
 
 def up(count: int) -> list[FleetHost]:
     """The test bed's LAN with `count` fleet hosts booted on it (the test bed host itself is
-    not started: a fleet's builder may be it, `testbed.up()` brings it)."""
-    testbed.require_root()
-    testbed.ensure_host_tools()
-    cfg, paths = testbed.load_config(), testbed.Paths.from_env()
-    lower, _ = testbed.ensure_rootfs(cfg, paths)
-    testbed.ensure_keypair(paths)
+    not started: a fleet's builder may be it, `machine.up()` brings it)."""
+    tools.require_root()
+    tools.ensure_host_tools()
+    cfg, paths = config.load_config(), config.Paths.from_env()
+    lower, _ = rootfs.ensure(cfg, paths)
+    machine.ensure_keypair(paths)
     lan.up(cfg.lan)
     fleet = hosts(count, cfg)
     state_dir().mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def up(count: int) -> list[FleetHost]:
         line
         for host in hosts(MAX_HOSTS, cfg)
         if (host.root / "etc" / "ssh").is_dir()
-        for line in testbed.known_hosts_lines(cfg, host.root, host.address)
+        for line in machine.known_hosts_lines(cfg, host.root, host.address)
     ]
     known_hosts().write_text("".join(lines))
     with ThreadPoolExecutor(max_workers=len(fleet)) as pool:
@@ -215,16 +215,16 @@ def up(count: int) -> list[FleetHost]:
 
 def down(purge: bool = False) -> None:
     """Power every fleet host off, take it off the LAN; `purge` also drops its layer."""
-    testbed.require_root()
-    cfg = testbed.load_config()
+    tools.require_root()
+    cfg = config.load_config()
     for host in hosts(MAX_HOSTS, cfg):
-        if not host.dir.exists() and not netns.ns_exists(host.ns):
+        if not host.dir.exists() and not lan.ns_exists(host.ns):
             continue
-        testbed._stop_nspawn(cfg, host)  # type: ignore[arg-type]  # pid_file only
-        if netns.ns_exists(host.ns):
+        nspawn.stop(host.pid_file, cfg.stop_timeout_s)
+        if lan.ns_exists(host.ns):
             lan.detach(cfg.lan, host.ns, host.port)
         if _mounted(host.root):
-            testbed._run(["umount", str(host.root)], what=f"umount {host.name}")
+            tools.run(["umount", str(host.root)], what=f"umount {host.name}")
         if purge and host.dir.exists():
             shutil.rmtree(host.dir)
     if purge:
@@ -241,7 +241,7 @@ def status() -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llamavm.fleetbed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llamavm.testbed.fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up_p = sub.add_parser("up", help="boot N fleet hosts on the test-bed LAN")
     up_p.add_argument("count", type=int)

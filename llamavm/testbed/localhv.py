@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamavm import lan, testbed
 from llamavm.errors import LlamavmError
+from llamavm.testbed import config, lan, machine
 
 #: Debian packages the embedded hypervisor needs: Binary -> package.
 TOOLS = {
@@ -100,7 +100,7 @@ def up() -> None:
     if os.geteuid() != 0:
         raise LlamavmError("the embedded hypervisor needs root (libvirtd, namespaces)")
     ensure_tools()
-    cfg = testbed.load_config()
+    cfg = config.load_config()
     lan.up(cfg.lan)
     changed = configure_qemu()
     if _pid(VIRTLOGD_PID) is None:
@@ -137,7 +137,7 @@ def ensure_keys(hostvars: dict[str, Any], say: Callable[[str], None] = print) ->
         if not pub.endswith(".pub") or Path(pub).exists():
             continue
         key = Path(pub[: -len(".pub")])
-        if testbed.keypair(key, "llamavm-lab"):
+        if machine.keypair(key, "llamavm-lab"):
             say(f"llamavm: made the embedded lab's SSH key pair {key} (for {host})")
 
 

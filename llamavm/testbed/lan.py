@@ -6,18 +6,84 @@ Topology (names and addresses come from config/testbed.yaml):
     ns host (container)  --veth--+-- bridge in ns lan
     ns client            --veth--+
 
-Nothing is routed anywhere else: no default routes, no forwarding, no NAT.
+Nothing is routed anywhere else: no default routes, no forwarding, no NAT. Below the LAN, thin
+helpers around iproute2 for network namespaces and links (one job: run `ip`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamavm import netns
 from llamavm.errors import LlamavmError
+
+NETNS_DIR = Path("/run/netns")
+
+
+# --------------------------------------------------------------------------- iproute2
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `ip [-n NS] ARGS...`; raise LlamavmError with ip's message when check fails."""
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        raise LlamavmError(f"`{' '.join(cmd)}` failed: {detail}")
+    return proc
+
+
+def ns_path(name: str) -> Path:
+    """The bind-mount path of a named network namespace."""
+    return NETNS_DIR / name
+
+
+def ns_exists(name: str) -> bool:
+    """True when `ip netns add NAME` has been done and not undone."""
+    return ns_path(name).exists()
+
+
+def ns_list() -> list[str]:
+    """Names of all named network namespaces."""
+    proc = ip("netns", "list", check=False)
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def ns_ensure(name: str) -> None:
+    """Create the namespace NAME (if missing) and bring its loopback up."""
+    if not ns_exists(name):
+        ip("netns", "add", name)
+    ip("link", "set", "lo", "up", ns=name)
+
+
+def ns_delete(name: str) -> None:
+    """Delete the namespace NAME if present (its links go with it)."""
+    if ns_exists(name):
+        ip("netns", "delete", name)
+
+
+def link_exists(name: str, ns: str | None = None) -> bool:
+    """True when a link NAME exists in NS (or the current namespace)."""
+    if ns is not None and not ns_exists(ns):
+        return False
+    return ip("link", "show", "dev", name, ns=ns, check=False).returncode == 0
+
+
+def link_names(ns: str | None = None) -> list[str]:
+    """Names of the links in NS (or the current namespace), without the @peer suffix."""
+    proc = ip("-o", "link", "show", ns=ns, check=False)
+    names = []
+    for line in proc.stdout.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.append(parts[1].strip().split("@", 1)[0])
+    return names
+
+
+# --------------------------------------------------------------------------- the LAN
 
 
 @dataclass(frozen=True)
@@ -93,7 +159,7 @@ class LanConfig:
 
 def _check_subnet_free(cfg: LanConfig) -> None:
     """Refuse when the root namespace already routes our subnet through another interface."""
-    proc = netns.ip("-4", "route", "show", str(cfg.subnet), check=False)
+    proc = ip("-4", "route", "show", str(cfg.subnet), check=False)
     for line in proc.stdout.splitlines():
         if " dev " in line and f" dev {cfg.controller_if}" not in f" {line}":
             raise LlamavmError(
@@ -111,14 +177,12 @@ def _disable_ipv6(ifname: str) -> None:
 
 def _ensure_port(cfg: LanConfig, inner: str, port: str, ns: str | None) -> None:
     """Make the veth pair INNER (in NS, None = root) <-> PORT (on the bridge), both up."""
-    if not netns.link_exists(inner, ns=ns):
-        if netns.link_exists(port, ns=cfg.ns_lan):
-            netns.ip("link", "delete", port, ns=cfg.ns_lan)
-        netns.ip(
-            "link", "add", inner, "type", "veth", "peer", "name", port, "netns", cfg.ns_lan, ns=ns
-        )
-    netns.ip("link", "set", port, "master", cfg.bridge, "up", ns=cfg.ns_lan)
-    netns.ip("link", "set", inner, "up", ns=ns)
+    if not link_exists(inner, ns=ns):
+        if link_exists(port, ns=cfg.ns_lan):
+            ip("link", "delete", port, ns=cfg.ns_lan)
+        ip("link", "add", inner, "type", "veth", "peer", "name", port, "netns", cfg.ns_lan, ns=ns)
+    ip("link", "set", port, "master", cfg.bridge, "up", ns=cfg.ns_lan)
+    ip("link", "set", inner, "up", ns=ns)
 
 
 def up(cfg: LanConfig) -> None:
@@ -126,61 +190,59 @@ def up(cfg: LanConfig) -> None:
     _check_subnet_free(cfg)
     for ns in cfg.namespaces():
         try:
-            netns.ns_ensure(ns)
+            ns_ensure(ns)
         except LlamavmError as exc:
             raise LlamavmError(
                 f"cannot create network namespace {ns!r} (needs root with CAP_SYS_ADMIN and "
                 f"CAP_NET_ADMIN, and a kernel with network namespaces): {exc}"
             ) from exc
-    if not netns.link_exists(cfg.bridge, ns=cfg.ns_lan):
-        netns.ip("link", "add", cfg.bridge, "type", "bridge", ns=cfg.ns_lan)
-    netns.ip("link", "set", cfg.bridge, "up", ns=cfg.ns_lan)
+    if not link_exists(cfg.bridge, ns=cfg.ns_lan):
+        ip("link", "add", cfg.bridge, "type", "bridge", ns=cfg.ns_lan)
+    ip("link", "set", cfg.bridge, "up", ns=cfg.ns_lan)
 
     _ensure_port(cfg, cfg.controller_if, cfg.controller_port, None)
     _disable_ipv6(cfg.controller_if)
-    netns.ip("addr", "replace", cfg.cidr(cfg.controller), "dev", cfg.controller_if)
+    ip("addr", "replace", cfg.cidr(cfg.controller), "dev", cfg.controller_if)
 
     _ensure_port(cfg, cfg.host_if, cfg.host_port, cfg.ns_host)
-    netns.ip("addr", "replace", cfg.cidr(cfg.host), "dev", cfg.host_if, ns=cfg.ns_host)
+    ip("addr", "replace", cfg.cidr(cfg.host), "dev", cfg.host_if, ns=cfg.ns_host)
 
     _ensure_port(cfg, cfg.client_if, cfg.client_port, cfg.ns_client)
-    netns.ip("addr", "replace", cfg.cidr(cfg.client), "dev", cfg.client_if, ns=cfg.ns_client)
+    ip("addr", "replace", cfg.cidr(cfg.client), "dev", cfg.client_if, ns=cfg.ns_client)
 
 
 def attach(cfg: LanConfig, ns: str, inner: str, port: str, address: str) -> None:
     """One more host on the LAN: namespace `ns` with veth `inner` (address `address`) whose
     peer `port` is on the bridge. Idempotent. (The test bed's LAN must be up.)"""
-    netns.ns_ensure(ns)
+    ns_ensure(ns)
     _ensure_port(cfg, inner, port, ns)
-    netns.ip("addr", "replace", cfg.cidr(address), "dev", inner, ns=ns)
+    ip("addr", "replace", cfg.cidr(address), "dev", inner, ns=ns)
 
 
 def detach(cfg: LanConfig, ns: str, port: str) -> None:
     """Undo attach(): the namespace (and its veth) and the bridge port go."""
-    netns.ns_delete(ns)
-    if netns.link_exists(port, ns=cfg.ns_lan):
-        netns.ip("link", "delete", port, ns=cfg.ns_lan)
+    ns_delete(ns)
+    if link_exists(port, ns=cfg.ns_lan):
+        ip("link", "delete", port, ns=cfg.ns_lan)
 
 
 def down(cfg: LanConfig) -> None:
     """Delete the controller's veth and the namespaces (with everything in them). Idempotent."""
-    if netns.link_exists(cfg.controller_if):
-        netns.ip("link", "delete", cfg.controller_if)
+    if link_exists(cfg.controller_if):
+        ip("link", "delete", cfg.controller_if)
     for ns in reversed(cfg.namespaces()):
-        netns.ns_delete(ns)
+        ns_delete(ns)
 
 
 def is_up(cfg: LanConfig) -> bool:
     """True when every namespace and the controller's veth exist."""
-    return all(netns.ns_exists(ns) for ns in cfg.namespaces()) and netns.link_exists(
-        cfg.controller_if
-    )
+    return all(ns_exists(ns) for ns in cfg.namespaces()) and link_exists(cfg.controller_if)
 
 
 def leftovers(cfg: LanConfig) -> dict[str, list[str]]:
     """What of this LAN exists right now (empty lists when fully torn down)."""
     names = set(cfg.interface_names())
     return {
-        "namespaces": [ns for ns in netns.ns_list() if ns in cfg.namespaces()],
-        "links": [name for name in netns.link_names() if name in names],
+        "namespaces": [ns for ns in ns_list() if ns in cfg.namespaces()],
+        "links": [name for name in link_names() if name in names],
     }

@@ -5,7 +5,9 @@ Ansible runs as a second source of that inventory beside its hosts.yml: how the 
 reaches the test bed, the fleet and the embedded VMs (SSH key, pinned host keys, multiplexer
 sockets) and the other controller folders an inventory names. So `$LLAMAVM_STATE` and
 `$LLAMAVM_CACHE` move them all, for ansible-playbook, ansible-inventory, Molecule and testinfra
-alike. Standard library only: Ansible runs it with the system's python3.
+alike. Standard library only: Ansible runs it with the system's python3 (and so the package's
+__init__.py imports nothing; tests/unit/test_localinv.py imports this module without site
+packages).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 from llamavm import paths
 
-#: The names under a machine's state folder (llamavm.testbed, llamavm.fleetbed, llamavm.localhv).
+#: The names under a machine's state folder (the test bed's machine, its fleet, its hypervisor's
+#: VMs).
 SSH_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 CONTROL_PATH_DIR = "cp"
