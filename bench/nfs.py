@@ -119,7 +119,7 @@ def main() -> int:
             print("provisioning the VMs with the bench models (seeds the NFS export)", flush=True)
             provision(cat)
         path = f"{base.settings.share_path}/{GGUF}"
-        unit = "llamavm-model-bench-share.service"
+        unit = f"{catalog.UNIT_PREFIX}bench-share.service"
         ssh(vm, "llamavm-switch stop")
         raws, colds, warms, stageds, switches = [], [], [], [], []
         for _ in range(0 if downtime_only else runs):
@@ -142,8 +142,8 @@ def main() -> int:
             ssh(vm, "llamavm-switch switch bench-stage && llamavm-switch stop")
         for _ in range(0 if downtime_only else runs):
             drop_caches(vm)
-            stageds.append(timed(vm, "systemctl start llamavm-model-bench-stage.service"))
-            ssh(vm, "systemctl stop llamavm-model-bench-stage.service")
+            stageds.append(timed(vm, f"systemctl start {catalog.UNIT_PREFIX}bench-stage.service"))
+            ssh(vm, f"systemctl stop {catalog.UNIT_PREFIX}bench-stage.service")
         # 5. a switch with pre-warm, from a serving model, everything cold
         for _ in range(runs):
             ssh(vm, "llamavm-switch switch qwen3-coder-30b")

@@ -3,8 +3,8 @@
 From the validated catalog and config/host.yaml it computes the paths on the host, the service
 identity, and per model the unit name, the llama-server argv (and its systemd-quoted
 ExecStart), the GGUF path, the health and API URLs and the unit's dependency lists. Roles and
-templates place these values; the on-host code (llamavm/host/) reads them from
-/etc/llamavm/contract.json. Nothing downstream re-derives them.
+templates place these values; the on-host code (llamavm/host/) reads them from the file
+llamavm.host.contract.CONTRACT_PATH names. Nothing downstream re-derives them.
 """
 
 from __future__ import annotations

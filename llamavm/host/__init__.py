@@ -4,7 +4,7 @@ It runs on every model host as ``llamavm-switch``, a zipapp of this package that
 model_services role installs; the controller's tests import it like any other module. Python's
 standard library only: model hosts have no virtual environment. Everything it needs to know
 about the host (paths, units, argv, health URLs) comes from the host contract that the
-controller computed (``/etc/llamavm/contract.json``); it derives nothing itself.
+controller computed (at contract.CONTRACT_PATH); it derives nothing itself.
 """
 
 #: Exit codes of every mutating command, and of `invoke switch`.

@@ -3,8 +3,8 @@ copy of the cached rootfs with its own host keys, reached over SSH with the cont
 
 `python -m llamavm.testbed {up,down,status,ssh,client}`, or import `up()`, `down()`, `status()`,
 `ssh()` and `client_run()` from here. Data lives in config/testbed.yaml; the rootfs cache in
-${LLAMAVM_CACHE:-/var/cache/llamavm}/rootfs/<key>/; runtime state (machine rootfs, SSH key,
-known_hosts, pid file, logs) in ${LLAMAVM_STATE:-/var/lib/llamavm}/testbed/.
+llamavm.paths.rootfs()/<key>/; runtime state (machine rootfs, SSH key, known_hosts, pid file,
+logs) in llamavm.paths.testbed().
 """
 
 from __future__ import annotations
