@@ -3,8 +3,9 @@ keeps current.
 
 The expose role loads the rule set (table inet llamavm, from firewall.nft in the contract's
 config folder): SSH and the enabled services are open, a model port only while it is in the
-set `model_ports`. With a front door, the map `front_door` redirects its internal port (127.0.0.1 only) to the
-same model's port, so the front door always reaches the serving model and nothing else.
+set `model_ports`. With a front door, the map `front_door` redirects its internal port
+(127.0.0.1 only) to the same model's port, so the front door always reaches the serving model
+and nothing else.
 Reloading that file keeps the set's elements, so only a transaction changes them: it opens the
 new model's port once that model is healthy and verified, and a rollback puts back the port
 of the model that serves again.
