@@ -47,9 +47,6 @@ UBUNTU_URL = (
     "https://cloud-images.ubuntu.com/wsl/releases/24.04/current/"
     "ubuntu-noble-wsl-amd64-24.04lts.rootfs.tar.gz"
 )
-#: cloud-init of the image (its schema validates the user-data): Ubuntu 24.04 has a WSL
-#: datasource (24.1+); Debian 12's 22.4 has none, so the offline image bakes everything in.
-CLOUD_INIT = {"ubuntu-24.04": "25.1", "debian-12-offline": "22.4"}
 KEEPALIVE_UNIT = "llamavm-wsl-keepalive.service"
 
 
@@ -183,11 +180,19 @@ def _env() -> jinja2.Environment:
     )
 
 
+def cloud_init(image: Image) -> str:
+    """The cloud-init version of the image (its schema validates the user-data), from
+    config/images.yaml as for a VM: a WSL image is named like the VM image of its release.
+    Ubuntu 24.04 has a WSL datasource (24.1+); Debian 12's 22.4 has none, so the offline image
+    bakes everything in."""
+    return vmspec.images()[image.name].cloud_init
+
+
 def render(spec: WslSpec) -> dict[str, str]:
     """The files of a WSL build but the tarball: {name: text}."""
     env = _env()
     user_data = env.get_template("user-data.yaml.j2").render(spec=spec)
-    cloudinit.validate_user_data(user_data, CLOUD_INIT[spec.image.name], f"WSL host {spec.host}")
+    cloudinit.validate_user_data(user_data, cloud_init(spec.image), f"WSL host {spec.host}")
     return {
         f"{spec.name}.user-data": user_data,
         f"install-{spec.name}.ps1": env.get_template("install.ps1.j2").render(
