@@ -147,13 +147,10 @@ def lan_ports(catalog_path: str | None) -> list[int]:
 def from_inventory(inventory: str | None = None, only: str | None = None) -> list[WslSpec]:
     """The WSL specs of an inventory's model hosts (those with llamavm_platform: wsl)."""
     inv = inventory_mod.resolve(inventory)
-    data = remote.inventory_data(inv.path)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
-    names = remote.host_names(data, inv.path, only)
+    found = remote.model_hosts(remote.inventory_data(inv.path), inv.path, only)
     ports = lan_ports(inv.catalog)
     specs = []
-    for host in names:
-        hv = hostvars.get(host, {})
+    for host, hv in found.items():
         if hv.get("llamavm_platform", inv.platform) != "wsl":
             continue
         specs.append(parse(f"{inv.path}: host {host}", host, hv.get(SPEC_VAR), hv, ports))
