@@ -28,7 +28,7 @@ from typing import Any
 
 import jinja2
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, proc
 from llamavm import paths as controller_paths
 from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
@@ -237,9 +237,12 @@ def tarball_name(spec: WslSpec) -> str:
 
 
 def _run(argv: list[str], what: str, **kwargs: Any) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
-    if proc.returncode != 0:
-        raise WslError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    """proc.run, failing as a WslError that ends with the tool's stderr (its last 400 chars)."""
+    proc.run(argv, what, error=WslError, stderr=subprocess.PIPE, tail=_stderr_tail, **kwargs)
+
+
+def _stderr_tail(done: subprocess.CompletedProcess[str]) -> str:
+    return done.stderr.strip()[-400:]
 
 
 def _chroot(root: Path, *argv: str) -> None:
