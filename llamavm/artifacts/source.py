@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from llamavm import REPO_ROOT, paths
+from llamavm import REPO_ROOT, paths, proc
 from llamavm.errors import LlamavmError
 
 #: The extra var the role reads the tarball path from.
@@ -175,25 +175,14 @@ def _run(
     timeout: int = 900,
     what: str,
 ) -> None:
-    """Run one external tool; on failure raise with the tail of its output."""
+    """Run one external tool (proc.run: on failure raise with the tail of its output); a tool
+    missing on the controller, or one that runs past `timeout`, is a one-line error too."""
     try:
-        proc = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            env=env,
-            timeout=timeout,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            check=False,
-        )
+        proc.run(cmd, what, cwd=cwd, env=env, timeout=timeout)
     except FileNotFoundError as exc:
         raise LlamavmError(f"{what}: {cmd[0]} not found on the controller") from exc
     except subprocess.TimeoutExpired as exc:
         raise LlamavmError(f"{what}: timed out after {timeout} s") from exc
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stdout.strip().splitlines()[-8:])
-        raise LlamavmError(f"{what} failed (exit {proc.returncode}): {tail}")
 
 
 def is_cold(config: Path = DEFAULT_CONFIG, cache: Path | None = None) -> bool:

@@ -2,7 +2,7 @@
 of the share in a watched child, see share.py), readable by the service user, sound, the size
 (and, once hashed, the digest) the catalog pinned, within the VRAM budget, and the API key
 usable. A failure here refuses the switch (exit 2), nothing stopped. The digest of a new file
-version is checked while its bytes are fetched (share.fetch), still before the stop."""
+version is checked while its bytes are fetched (fetch.fetch), still before the stop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import EXIT_REFUSED, share
+from llamavm.host import EXIT_REFUSED, fetch, share
 from llamavm.host.contract import Contract, HostError, Model
 
 
@@ -52,7 +52,7 @@ def preflight(
             path,
             contract.service_user,
             contract.share_stall_s,
-            header_checked=share.header_checked(contract, path),
+            header_checked=fetch.header_checked(contract, path),
         )
     except share.ShareError as exc:
         if exc.errno_name == "ENOENT":
@@ -63,7 +63,7 @@ def preflight(
             ) from None
         if exc.errno_name in ("EACCES", "EPERM"):
             raise _unreadable(name, path, contract) from None
-        if model.load == "stage" and share.staged_record(contract, model) is not None:
+        if model.load == "stage" and fetch.staged_record(contract, model) is not None:
             progress(f"{exc}")
             return None
         raise HostError(
@@ -82,8 +82,8 @@ def preflight(
             f"{name}: GGUF {path} is corrupt ({info['header']}) — re-download or re-convert it",
             EXIT_REFUSED,
         )
-    share.remember_header(contract, path, info)
-    known = share.cached_sha(contract, path, info)
+    fetch.remember_header(contract, path, info)
+    known = fetch.cached_sha(contract, path, info)
     if model.sha256 and known and known != model.sha256:
         raise HostError(
             f"{name}: GGUF {path} does not match the catalog's sha256 — re-download the file "

@@ -187,14 +187,14 @@ def gate(contract: Contract, name: str) -> int:
     Meanwhile, when the model's file isn't in the page cache (a cold start), a child reads it
     ahead of the server, so the disk or the share reads while the server does its CPU work
     instead of before it."""
-    from llamavm.host import http, share
+    from llamavm.host import http, pagecache
     from llamavm.host.watch import poll_interval
 
     model = contract.resolve_any(name)
     pid = os.environ.get("MAINPID", "")
     began = time.monotonic()
     deadline = began + model.health_timeout_s
-    reader = share.read_ahead(model.gguf, server_pid=int(pid) if pid.isdigit() else None)
+    reader = pagecache.read_ahead(model.gguf, server_pid=int(pid) if pid.isdigit() else None)
     try:
         while time.monotonic() < deadline:
             if pid and not os.path.exists(f"/proc/{pid}"):
@@ -209,7 +209,7 @@ def gate(contract: Contract, name: str) -> int:
         )
         return 1
     finally:
-        share.stop_reader(reader)
+        pagecache.stop_reader(reader)
 
 
 # --- the command line --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llamavm.host import checks, http, share
+from llamavm.host import checks, fetch, http
 from llamavm.host import watch as watch_mod
 from llamavm.host.activity import in_flight_of
 from llamavm.host.contract import Contract, Firewall, HostError, Model
@@ -49,7 +49,7 @@ class Effects:
 
     def fetch(self, model: Model, source: dict[str, Any] | None, keep: set[str]) -> dict[str, Any]:
         """Make `model`'s bytes local (stage or pre-warm) before anything is stopped."""
-        return share.fetch(self.contract, model, source, keep, self.progress)
+        return fetch.fetch(self.contract, model, source, keep, self.progress)
 
     # --- the firewall and the front door -------------------------------------------------------
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import gpu, http, metrics, share, store
+from llamavm.host import fetch, gpu, http, metrics, store
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.runtime import BUSY
 from llamavm.host.systemd import Systemd
@@ -53,7 +53,7 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             else None,
             "loads": state["loads"].get(model.name, []),
             "load": model.load,
-            "file": share.location(contract, model),
+            "file": fetch.location(contract, model),
             "last_cold": state["history"].get(model.name, {}).get("cold"),
             "last_warm": state["history"].get(model.name, {}).get("warm"),
         }

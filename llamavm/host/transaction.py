@@ -27,9 +27,9 @@ from llamavm.host import (
     EXIT_ROLLBACK_FAILED,
     EXIT_UNKNOWN,
     checks,
+    fetch,
     firewall,
     http,
-    share,
     store,
 )
 from llamavm.host import watch as watch_mod
@@ -128,7 +128,7 @@ class Transaction(UnitFiles):
             "running": running,
             "changed": False,
             "load": target.load,
-            "file": share.location(self.contract, target) if source else "share away",
+            "file": fetch.location(self.contract, target) if source else "share away",
         }
 
     def stop(self) -> dict[str, Any]:

@@ -45,10 +45,9 @@ def default_models(inventory: Path, catalog: catalog_mod.Catalog) -> dict[str, s
     from llamavm.ops import remote
 
     data = remote.inventory_data_cached(inventory)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
     chosen = {}
-    for host in remote.host_names(data, inventory):
-        wanted = hostvars.get(host, {}).get("llamavm_default_model")
+    for host, hv in remote.model_hosts(data, inventory).items():
+        wanted = hv.get("llamavm_default_model")
         if wanted is None:
             continue
         try:

@@ -95,18 +95,22 @@ def inventory_data_cached(inventory: Path) -> dict[str, Any]:
     return data
 
 
-def host_names(data: dict[str, Any], inventory: Path, only: str | None = None) -> list[str]:
-    """The hosts of GROUP (or just `only`), with one-line errors when there are none."""
+def model_hosts(
+    data: dict[str, Any], inventory: Path, only: str | None = None, *, also: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """The model hosts of an inventory — the one walk of them: {name: its variables} for the
+    hosts of GROUP and of its children, in inventory order, each once (or just `only`), then
+    those of the groups `also` names that are not among them. `data` is `inventory_data`'s
+    answer. One-line errors when GROUP has no host, or `only` is not one of GROUP's."""
     names = group_hosts(data, GROUP)
     if not names:
         raise LlamavmError(f"{inventory}: no hosts in group {GROUP} — add your model hosts there")
     if only:
-        if only not in names:
-            raise LlamavmError(
-                f"{inventory}: no host {only!r} in {GROUP} — hosts: {', '.join(names)}"
-            )
-        names = [only]
-    return names
+        names = _only(names, inventory, only)
+    for group in also:
+        names += [h for h in group_hosts(data, group) if h not in names]
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    return {name: hostvars.get(name, {}) for name in names}
 
 
 def hosts(inventory: Path, only: str | None = None) -> list[Host]:
@@ -119,23 +123,26 @@ def hosts(inventory: Path, only: str | None = None) -> list[Host]:
         except (OSError, ValueError, TypeError, KeyError):
             found = None
         if found is not None:
-            return _only(found, inventory, only)
+            return _only_hosts(found, inventory, only)
     data = inventory_data(inventory)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
-    found = [host_from_vars(name, hostvars.get(name, {})) for name in host_names(data, inventory)]
+    found = [host_from_vars(name, hv) for name, hv in model_hosts(data, inventory).items()]
     if cache is not None:
         _write(cache, [{**h.__dict__, "ssh_args": list(h.ssh_args)} for h in found])
-    return _only(found, inventory, only)
+    return _only_hosts(found, inventory, only)
 
 
-def _only(found: list[Host], inventory: Path, only: str | None) -> list[Host]:
+def _only_hosts(found: list[Host], inventory: Path, only: str | None) -> list[Host]:
     if only is None:
         return found
-    picked = [h for h in found if h.name == only]
-    if not picked:
-        names = ", ".join(h.name for h in found)
-        raise LlamavmError(f"{inventory}: no host {only!r} in {GROUP} — hosts: {names}")
-    return picked
+    picked = _only([h.name for h in found], inventory, only)
+    return [h for h in found if h.name in picked]
+
+
+def _only(names: list[str], inventory: Path, only: str) -> list[str]:
+    """[only], or a one-line error naming GROUP's hosts when it is not one of `names`."""
+    if only not in names:
+        raise LlamavmError(f"{inventory}: no host {only!r} in {GROUP} — hosts: {', '.join(names)}")
+    return [only]
 
 
 #: What makes an inventory answer differently with the same files.
@@ -198,6 +205,7 @@ def _write(path: Path, entries: list[dict[str, Any]] | dict[str, Any]) -> None:
 
 
 def group_hosts(data: dict[str, Any], group: str) -> list[str]:
+    """The hosts of `group` and of its children (depth first), in inventory order, each once."""
     entry = data.get(group, {})
     names = list(entry.get("hosts", []))
     for child in entry.get("children", []):

@@ -28,7 +28,7 @@ from typing import Any
 
 import jinja2
 
-from llamavm import REPO_ROOT
+from llamavm import REPO_ROOT, proc
 from llamavm import paths as controller_paths
 from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
@@ -47,9 +47,6 @@ UBUNTU_URL = (
     "https://cloud-images.ubuntu.com/wsl/releases/24.04/current/"
     "ubuntu-noble-wsl-amd64-24.04lts.rootfs.tar.gz"
 )
-#: cloud-init of the image (its schema validates the user-data): Ubuntu 24.04 has a WSL
-#: datasource (24.1+); Debian 12's 22.4 has none, so the offline image bakes everything in.
-CLOUD_INIT = {"ubuntu-24.04": "25.1", "debian-12-offline": "22.4"}
 KEEPALIVE_UNIT = "llamavm-wsl-keepalive.service"
 
 
@@ -150,13 +147,10 @@ def lan_ports(catalog_path: str | None) -> list[int]:
 def from_inventory(inventory: str | None = None, only: str | None = None) -> list[WslSpec]:
     """The WSL specs of an inventory's model hosts (those with llamavm_platform: wsl)."""
     inv = inventory_mod.resolve(inventory)
-    data = remote.inventory_data(inv.path)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
-    names = remote.host_names(data, inv.path, only)
+    found = remote.model_hosts(remote.inventory_data(inv.path), inv.path, only)
     ports = lan_ports(inv.catalog)
     specs = []
-    for host in names:
-        hv = hostvars.get(host, {})
+    for host, hv in found.items():
         if hv.get("llamavm_platform", inv.platform) != "wsl":
             continue
         specs.append(parse(f"{inv.path}: host {host}", host, hv.get(SPEC_VAR), hv, ports))
@@ -183,11 +177,19 @@ def _env() -> jinja2.Environment:
     )
 
 
+def cloud_init(image: Image) -> str:
+    """The cloud-init version of the image (its schema validates the user-data), from
+    config/images.yaml as for a VM: a WSL image is named like the VM image of its release.
+    Ubuntu 24.04 has a WSL datasource (24.1+); Debian 12's 22.4 has none, so the offline image
+    bakes everything in."""
+    return vmspec.images()[image.name].cloud_init
+
+
 def render(spec: WslSpec) -> dict[str, str]:
     """The files of a WSL build but the tarball: {name: text}."""
     env = _env()
     user_data = env.get_template("user-data.yaml.j2").render(spec=spec)
-    cloudinit.validate_user_data(user_data, CLOUD_INIT[spec.image.name], f"WSL host {spec.host}")
+    cloudinit.validate_user_data(user_data, cloud_init(spec.image), f"WSL host {spec.host}")
     return {
         f"{spec.name}.user-data": user_data,
         f"install-{spec.name}.ps1": env.get_template("install.ps1.j2").render(
@@ -235,9 +237,12 @@ def tarball_name(spec: WslSpec) -> str:
 
 
 def _run(argv: list[str], what: str, **kwargs: Any) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
-    if proc.returncode != 0:
-        raise WslError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    """proc.run, failing as a WslError that ends with the tool's stderr (its last 400 chars)."""
+    proc.run(argv, what, error=WslError, stderr=subprocess.PIPE, tail=_stderr_tail, **kwargs)
+
+
+def _stderr_tail(done: subprocess.CompletedProcess[str]) -> str:
+    return done.stderr.strip()[-400:]
 
 
 def _chroot(root: Path, *argv: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamavm.artifacts import tinymodel
-from llamavm.host import EXIT_REFUSED, checks, share
+from llamavm.host import EXIT_REFUSED, checks, fetch, gguf
 from llamavm.host.contract import HostError
 from tests.unit.host_fakes import contract_for
 
@@ -29,7 +29,7 @@ def _preflight(contract, name: str = "t") -> dict:
     """Everything a switch does before it stops anything: the checks, then the fetch."""
     model = contract.resolve(name)
     source = checks.preflight(contract, model, lambda _: None)
-    return share.fetch(contract, model, source, set(), lambda _: None)
+    return fetch.fetch(contract, model, source, set(), lambda _: None)
 
 
 def test_valid_tiny_model_passes(tiny, tmp_path) -> None:
@@ -154,13 +154,13 @@ def test_a_header_that_passed_is_not_read_again_until_the_file_changes(
     path.write_bytes(tiny.read_bytes())
     contract = contract_for(tmp_path, path)
     marker = tmp_path / "header-read"  # the check runs in a forked child: it leaves a file
-    real = share.gguf.check_header
+    real = gguf.check_header
 
     def marked(file: Path, size: int) -> None:
         marker.write_text("read")
         real(file, size)
 
-    monkeypatch.setattr(share.gguf, "check_header", marked)
+    monkeypatch.setattr(gguf, "check_header", marked)
     _preflight(contract)
     assert marker.exists()  # the first check reads the header
     marker.unlink()

@@ -1,22 +1,21 @@
-"""Fetching a model's bytes before the stop (llamavm.host.share): staging with LRU eviction,
-pre-warm, a share that stops answering. Files stand in for the share; a FIFO stands in for an
-NFS server that went away (opening it blocks, as an open on a dead hard mount does)."""
+"""Fetching a model's bytes before the stop (llamavm.host.fetch, llamavm.host.share): staging
+with LRU eviction, pre-warm, a share that stops answering. Files stand in for the share; a FIFO
+stands in for an NFS server that went away (opening it blocks, as an open on a dead hard mount
+does)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from llamavm.artifacts import tinymodel
-from llamavm.host import EXIT_REFUSED, checks, share
-from llamavm.host.contract import HostError
+from llamavm.host import EXIT_REFUSED, checks, fetch, pagecache, share
+from llamavm.host.contract import Contract, HostError
 from tests.unit.host_fakes import contracts, with_fields
 
 
@@ -33,7 +32,7 @@ def ggufs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _staging(tmp_path: Path, ggufs: dict[str, Path], **top) -> share.Contract:
+def _staging(tmp_path: Path, ggufs: dict[str, Path], **top) -> Contract:
     """A contract whose models read staged copies of the share's files."""
     contract = contracts(tmp_path, dict(ggufs), **top)
     models = tuple(
@@ -47,7 +46,7 @@ def _fetch(contract, name: str, keep: set[str] = frozenset(), lines=None) -> dic
     model = contract.resolve(name)
     say = (lines if lines is not None else []).append
     source = checks.preflight(contract, model, say)
-    return share.fetch(contract, model, source, set(keep), say)
+    return fetch.fetch(contract, model, source, set(keep), say)
 
 
 def test_staging_copies_verifies_and_is_warm_the_second_time(ggufs, tmp_path) -> None:
@@ -60,7 +59,7 @@ def test_staging_copies_verifies_and_is_warm_the_second_time(ggufs, tmp_path) ->
     assert not list(staged.parent.glob(".*partial"))
     second = _fetch(contract, "a")
     assert second == {"cold": False, "read_bytes": 0, "seconds": 0.0, "from": "staged"}
-    assert share.location(contract, contract.resolve("a")) == "staged"
+    assert fetch.location(contract, contract.resolve("a")) == "staged"
 
 
 def test_a_file_replaced_on_the_share_is_staged_again(ggufs, tmp_path) -> None:
@@ -106,7 +105,7 @@ def test_staging_evicts_the_least_recently_used_copy_under_the_cap(ggufs, tmp_pa
     _fetch(contract, "a")  # a used again: b is now the oldest
     lines: list[str] = []
     _fetch(contract, "c", lines=lines)
-    assert [share.location(contract, m) for m in contract.models] == [
+    assert [fetch.location(contract, m) for m in contract.models] == [
         "staged",
         "not staged",
         "staged",
@@ -121,7 +120,7 @@ def test_a_copy_in_use_is_never_evicted(ggufs, tmp_path) -> None:
     with pytest.raises(HostError, match="stage_cap_gib") as caught:
         _fetch(contract, "b", keep={"a"})
     assert caught.value.code == EXIT_REFUSED
-    assert share.location(contract, contract.resolve("a")) == "staged"
+    assert fetch.location(contract, contract.resolve("a")) == "staged"
     assert not contract.resolve("b").gguf.exists()
 
 
@@ -169,17 +168,17 @@ def test_a_stalled_reader_is_killed(tmp_path) -> None:
 
 def test_pre_warm_reports_bytes_rate_and_eta(tmp_path) -> None:
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(3 * share.CHUNK))
+    big.write_bytes(os.urandom(3 * pagecache.CHUNK))
     lines: list[str] = []
 
     def slow(report) -> dict:
         for i in range(1, 4):
             time.sleep(0.6)
-            report(i * share.CHUNK)
-        return {"bytes": 3 * share.CHUNK}
+            report(i * pagecache.CHUNK)
+        return {"bytes": 3 * pagecache.CHUNK}
 
     share.bounded(
-        slow, what="pre-warming x", stall_s=5, total=3 * share.CHUNK, progress=lines.append
+        slow, what="pre-warming x", stall_s=5, total=3 * pagecache.CHUNK, progress=lines.append
     )
     assert lines, "no progress line in 1.8 s"
     assert "pre-warming x: 0.0" in lines[0] and "GiB" in lines[0] and "MB/s" in lines[0]
@@ -200,102 +199,3 @@ def test_pre_warm_reads_a_cold_file_and_checks_its_digest(ggufs, tmp_path) -> No
     first = _fetch(contract, "a")
     assert first["from"] == "share" and first["read_bytes"] == copy.stat().st_size
     assert _fetch(contract, "a")["from"] == "page cache"
-
-
-def test_resident_fraction_sees_the_page_cache(tmp_path) -> None:
-    path = tmp_path / "f.bin"
-    path.write_bytes(os.urandom(1 << 20))
-    assert share.resident_fraction(path, path.stat().st_size) == 1.0
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    assert share.resident_fraction(path, path.stat().st_size) < 0.5
-
-
-def test_read_ahead_reads_a_cold_file_in_a_child_and_skips_a_cached_one(tmp_path) -> None:
-    path = tmp_path / "m.gguf"
-    path.write_bytes(os.urandom(3 * 1024 * 1024))
-    # just written: in the page cache, so nothing to read ahead
-    assert share.read_ahead(path) is None
-    pid = share.read_ahead(path, resident_enough=1.01)  # as if it were cold
-    assert pid
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    share.stop_reader(pid)  # already reaped: no error
-    assert share.read_ahead(tmp_path / "missing.gguf", resident_enough=1.01) is None
-
-
-def test_stop_reader_kills_a_reader_that_hangs(tmp_path) -> None:
-    fifo = tmp_path / "hung.gguf"
-    os.mkfifo(fifo)  # a read that never returns, like a dead hard mount
-    pid = share.read_ahead(fifo, resident_enough=1.01)
-    assert pid
-    share.stop_reader(pid)
-    with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def test_read_window_is_unbounded_for_a_file_that_fits_and_a_quarter_of_memory_otherwise() -> None:
-    gib = 1 << 30
-    assert share.read_window(gib, 8 * gib) is None
-    assert share.read_window(gib, None) is None  # memory unknown: as before, read it all
-    assert share.read_window(60 * gib, 64 * gib) == 16 * gib
-    assert share.read_window(gib, gib) == gib // 4
-    assert share.read_window(gib, 128 << 20) == 64 << 20  # never less than 64 MiB
-
-
-def _settled_offset(pid: int, path) -> int | None:
-    """The reader's own offset once it stops moving (it paces itself or is done)."""
-    last, still = None, 0
-    for _ in range(200):
-        now = share.server_offset(pid, path)
-        still = still + 1 if now == last else 0
-        if still >= 5:
-            return now
-        last = now
-        time.sleep(0.02)
-    return last
-
-
-def test_read_ahead_of_a_file_bigger_than_memory_stays_a_window_ahead_of_the_server(
-    tmp_path,
-) -> None:
-    path = tmp_path / "big.gguf"
-    with path.open("wb") as handle:
-        handle.truncate(160 << 20)
-    mib = 1 << 20
-    # the "server" opens the file and reads nothing until told to jump to 32 MiB
-    server = subprocess.Popen([
-        sys.executable, "-c",
-        "import os, sys, time; f = open(sys.argv[1], 'rb'); open(sys.argv[2], 'w').close()\n"
-        "while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n"
-        "f.seek(32 << 20); time.sleep(60)",
-        str(path), str(tmp_path / "opened"), str(tmp_path / "go"),
-    ])  # fmt: skip
-    try:
-        while not (tmp_path / "opened").exists():
-            time.sleep(0.01)
-        # available 200 MiB: the 160 MiB file doesn't fit twice, window = 64 MiB
-        pid = share.read_ahead(path, resident_enough=1.01, server_pid=server.pid,
-                               available=200 * mib)  # fmt: skip
-        assert pid
-        try:
-            assert _settled_offset(pid, path) == 64 * mib
-            (tmp_path / "go").touch()  # the server moves to 32 MiB: the reader follows
-            assert _settled_offset(pid, path) == 96 * mib
-        finally:
-            share.stop_reader(pid)
-    finally:
-        server.kill()
-        server.wait()
-
-
-def test_read_ahead_without_a_server_stops_at_the_window(tmp_path) -> None:
-    path = tmp_path / "big.gguf"
-    with path.open("wb") as handle:
-        handle.truncate(100 << 20)
-    pid = share.read_ahead(path, resident_enough=1.01, available=100 << 20)
-    assert pid
-    _, status = os.waitpid(pid, 0)  # it ends by itself after 64 MiB
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

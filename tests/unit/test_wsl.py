@@ -17,6 +17,7 @@ import yaml
 
 from llamavm import REPO_ROOT
 from llamavm.platforms import wsl
+from llamavm.platforms.vm import vmspec
 
 GOLDEN = REPO_ROOT / "tests" / "fixtures" / "wsl"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBqt8Sx/EMbJTWWe337WU/+y9Dt0UbAvKLxSVNi+dM0M op@lab"
@@ -194,3 +195,11 @@ def test_a_key_file_is_read_and_checked_like_the_vm_specs(tmp_path) -> None:
         _spec(ssh_authorized_keys=[], ssh_public_key_file=str(bad))
     with pytest.raises(wsl.WslError, match="cannot read"):
         _spec(ssh_public_key_file=str(tmp_path / "missing.pub"))
+
+
+def test_every_wsl_image_takes_its_cloud_init_from_the_images_file() -> None:
+    known = vmspec.images()  # config/images.yaml, as for a VM
+    for name in wsl.schema()["properties"]["image"]["enum"]:
+        assert name in known, f"{name}: a WSL image that config/images.yaml does not name"
+        image = wsl.Image(name, known[name].source, None, None)
+        assert wsl.cloud_init(image) == known[name].cloud_init

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamavm import REPO_ROOT, paths
+from llamavm import REPO_ROOT, paths, proc
 from llamavm.errors import LlamavmError
 from llamavm.inputs import yamlsafe
 from llamavm.platforms import debian
@@ -63,16 +63,6 @@ def key_of(name: str) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _run(cmd: list[str], log: Path, what: str) -> None:
-    with log.open("a") as handle:
-        handle.write(f"\n$ {' '.join(cmd)}\n")
-        handle.flush()
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise LlamavmError(f"{what} failed (exit {proc.returncode}); log {log}", detail=tail)
-
-
 def _post_install(root: Path) -> None:
     (root / "etc" / "fstab").write_text("/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
     (root / "etc" / "hostname").write_text("")
@@ -110,11 +100,11 @@ def ensure_offline(name: str, cache: Path | None = None, mirror: str | None = No
         with tempfile.TemporaryDirectory(dir=staging) as tmp:
             tree = Path(tmp) / "root"
             packages = ",".join(entry.get("packages") or [])  # type: ignore[arg-type]
-            _run(
+            proc.run(
                 ["mmdebstrap", "--variant=apt", f"--include={packages}", str(entry["suite"]),
                  str(tree), mirror],
-                log,
                 "mmdebstrap",
+                log=log,
             )  # fmt: skip
             _post_install(tree)
             kernels = sorted((tree / "boot").glob("vmlinuz-*"))
@@ -128,15 +118,15 @@ def ensure_offline(name: str, cache: Path | None = None, mirror: str | None = No
             ).stdout.split()[0])  # fmt: skip
             raw = Path(tmp) / "disk.raw"
             size = max(2048, used * 2)
-            _run(
+            proc.run(
                 ["mkfs.ext4", "-q", "-L", "llamavm-root", "-d", str(tree), str(raw), f"{size}M"],
-                log,
                 "mkfs.ext4",
+                log=log,
             )
-            _run(
+            proc.run(
                 ["qemu-img", "convert", "-O", "qcow2", str(raw), str(staging / "disk.qcow2")],
-                log,
                 "qemu-img convert",
+                log=log,
             )
         (staging / STAMP).write_text(json.dumps({"key": key, "name": name}) + "\n")
         shutil.rmtree(image.folder, ignore_errors=True)

@@ -341,16 +341,13 @@ def from_inventory(inventory: str | None = None, only: str | None = None) -> lis
     are not VMs)."""
     inv = inventory_mod.resolve(inventory)
     data = remote.inventory_data_cached(inv.path)
-    hostvars = data.get("_meta", {}).get("hostvars", {})
-    specs = []
-    names = remote.host_names(data, inv.path)
-    names += [h for h in remote.group_hosts(data, NFS_GROUP) if h not in names]
+    found = remote.model_hosts(data, inv.path, also=(NFS_GROUP,))
     if only:
-        if only not in names:
-            raise VmSpecError(f"{inv.path}: no host {only!r} — hosts: {', '.join(names)}")
-        names = [only]
-    for host in names:
-        hv = hostvars.get(host, {})
+        if only not in found:
+            raise VmSpecError(f"{inv.path}: no host {only!r} — hosts: {', '.join(found)}")
+        found = {only: found[only]}
+    specs = []
+    for host, hv in found.items():
         if SPEC_VAR not in hv:
             continue
         platform = hv.get("llamavm_platform", inv.platform)
