@@ -55,3 +55,6 @@ def test_every_lan_facing_service_is_confined_like_llamavms_own(host) -> None:
     assert exposure(host, "prometheus-node-exporter.service") <= 2.0
     caddy = host.check_output("systemctl show -p CapabilityBoundingSet --value caddy.service")
     assert caddy == "" or caddy == "cap_net_bind_service", caddy
+    # A thin proxy on one CPU (expose_front_door_cpus): the others are the model's.
+    environment = host.check_output("systemctl show -p Environment --value caddy.service")
+    assert "GOMAXPROCS=1" in environment.split(), environment
