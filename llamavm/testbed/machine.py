@@ -393,3 +393,4 @@ def client_run(argv: list[str], **subprocess_kwargs: Any) -> subprocess.Complete
     if not lan.is_up(cfg.lan):
         raise LlamavmError("the test-bed LAN is down: run `python -m llamavm.testbed up` first")
     subprocess_kwargs.setdefault("check", False)
+    return subprocess.run(["ip", "netns", "exec", cfg.lan.ns_client, *argv], **subprocess_kwargs)
