@@ -100,3 +100,21 @@ def test_rootfs_cached_only_once_the_build_stamped_it(tmp_path: Path) -> None:
     assert not rootfs.cached(cfg, paths)
     (built / rootfs.COMPLETE_STAMP).write_text(cfg.rootfs_key)
     assert rootfs.cached(cfg, paths)
+
+
+def test_client_run_runs_in_the_client_namespace_and_returns_the_process(monkeypatch) -> None:
+    """What every LAN-client check reads: the finished process, run in the client's namespace."""
+    seen = []
+
+    def run(argv, **kwargs):
+        seen.append((argv, kwargs))
+        return "done"
+
+    monkeypatch.setattr(machine.lan, "is_up", lambda lan_cfg: True)
+    monkeypatch.setattr(machine.subprocess, "run", run)
+    assert machine.client_run(["curl", "x"], text=True) == "done"
+    ns = config.load_config().lan.ns_client
+    assert seen == [(["ip", "netns", "exec", ns, "curl", "x"], {"text": True, "check": False})]
+    monkeypatch.setattr(machine.lan, "is_up", lambda lan_cfg: False)
+    with pytest.raises(LlamavmError, match="LAN is down"):
+        machine.client_run(["curl", "x"])
