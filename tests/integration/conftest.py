@@ -87,7 +87,9 @@ def testbed_info() -> Iterator[machine.TestbedInfo]:
     """
     _skip_unless_possible()
     info = machine.up()
+    # What a run killed half-way may have left on the host: stubs and injected faults.
     remove_stale_stubs()
+    clear_failpoints()
     yield info
     if os.environ.get("LLAMAVM_TESTBED_DOWN") == "1":
         machine.down()
