@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llamavm import paths as controller_paths
+from llamavm import proc
 from llamavm.errors import LlamavmError
 from llamavm.testbed import config, lan, localinv, machine, nspawn, rootfs, tools
 
@@ -108,14 +109,14 @@ def _ensure_root(cfg: config.TestbedConfig, paths: config.Paths, lower: Path,
     if stamp.exists() and stamp.read_text().strip() != cfg.rootfs_key:
         # The rootfs changed under this host: its provisioned layer belongs to the old one.
         if _mounted(host.root):
-            tools.run(["umount", str(host.root)], what="umount")
+            proc.run(["umount", str(host.root)], what="umount")
         shutil.rmtree(upper)
         shutil.rmtree(work, ignore_errors=True)
     for path in (upper, work, host.root):
         path.mkdir(parents=True, exist_ok=True)
     if not _mounted(host.root):
         options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-        tools.run(
+        proc.run(
             ["mount", "-t", "overlay", "overlay", "-o", options, str(host.root)],
             what=f"overlay mount of {host.name}",
         )
@@ -124,7 +125,7 @@ def _ensure_root(cfg: config.TestbedConfig, paths: config.Paths, lower: Path,
         # Its own host keys and machine-id: the rootfs's are shared by every copy of it.
         for key in (root / "etc" / "ssh").glob("ssh_host_*"):
             key.unlink()
-        tools.run(["ssh-keygen", "-A", "-f", str(root)], what="ssh-keygen -A")
+        proc.run(["ssh-keygen", "-A", "-f", str(root)], what="ssh-keygen -A")
         (root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
         (root / rootfs.COMPLETE_STAMP).unlink(missing_ok=True)
         stamp.write_text(cfg.rootfs_key + "\n")
@@ -224,7 +225,7 @@ def down(purge: bool = False) -> None:
         if lan.ns_exists(host.ns):
             lan.detach(cfg.lan, host.ns, host.port)
         if _mounted(host.root):
-            tools.run(["umount", str(host.root)], what=f"umount {host.name}")
+            proc.run(["umount", str(host.root)], what=f"umount {host.name}")
         if purge and host.dir.exists():
             shutil.rmtree(host.dir)
     if purge:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamavm import proc
 from llamavm.errors import LlamavmError
 from llamavm.testbed import config, lan, localinv, nspawn, rootfs, tools
 
@@ -80,7 +81,7 @@ def keypair(key: Path, comment: str) -> bool:
     key.parent.chmod(0o700)
     made = False
     if not key.exists():
-        tools.run(
+        proc.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
             what="ssh-keygen",
         )
@@ -88,7 +89,7 @@ def keypair(key: Path, comment: str) -> bool:
     key.chmod(0o600)
     pub = key.with_name(key.name + ".pub")
     if not pub.exists():
-        run = tools.run(["ssh-keygen", "-y", "-f", str(key)], what="ssh-keygen -y")
+        run = proc.run(["ssh-keygen", "-y", "-f", str(key)], what="ssh-keygen -y")
         pub.write_text(run.stdout)
         made = True
     return made
@@ -110,9 +111,9 @@ def ensure_machine(cfg: config.TestbedConfig, paths: config.Paths, base: Path) -
             shutil.rmtree(tmp)
         if paths.machine.exists():
             shutil.rmtree(paths.machine)
-        tools.run(["cp", "-a", "--reflink=auto", str(base), str(tmp)], what="copy rootfs")
+        proc.run(["cp", "-a", "--reflink=auto", str(base), str(tmp)], what="copy rootfs")
         (tmp / rootfs.COMPLETE_STAMP).unlink(missing_ok=True)
-        tools.run(["ssh-keygen", "-A", "-f", str(tmp)], what="ssh-keygen -A")
+        proc.run(["ssh-keygen", "-A", "-f", str(tmp)], what="ssh-keygen -A")
         (tmp / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
         (tmp / MACHINE_STAMP).write_text(cfg.rootfs_key + "\n")
         os.rename(tmp, paths.machine)
@@ -223,15 +224,15 @@ def _state_processes(cfg: config.TestbedConfig, paths: config.Paths) -> list[int
     multiplexers whose control sockets live in our state dir (Ansible's ControlPersist)."""
     needles = (str(paths.machine).encode(), str(paths.state / localinv.CONTROL_PATH_DIR).encode())
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if any(n in cmdline for n in needles) and nspawn.pid_alive(int(proc.name)):
-            found.append(int(proc.name))
+        if any(n in cmdline for n in needles) and nspawn.pid_alive(int(entry.name)):
+            found.append(int(entry.name))
     return found
 
 

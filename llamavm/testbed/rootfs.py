@@ -11,9 +11,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from llamavm import proc
 from llamavm.errors import LlamavmError
 from llamavm.platforms import debian
-from llamavm.testbed import config, tools
+from llamavm.testbed import config
 
 #: The file that marks a finished build (a copy of the rootfs drops it).
 COMPLETE_STAMP = ".llamavm-rootfs"
@@ -30,7 +31,7 @@ def user_ids(root: Path, user: str) -> tuple[int, int]:
 
 def _chroot(root: Path, *cmd: str, log: Path) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
-    tools.run(["chroot", str(root), *cmd], log=log, what=f"chroot {cmd[0]}", env=env)
+    proc.run(["chroot", str(root), *cmd], log=log, what=f"chroot {cmd[0]}", env=env)
 
 
 def _post_install(cfg: config.TestbedConfig, root: Path, log: Path) -> None:
@@ -95,7 +96,7 @@ def ensure(cfg: config.TestbedConfig, paths: config.Paths) -> tuple[Path, bool]:
         flush=True,
     )
     try:
-        tools.run(
+        proc.run(
             [
                 "debootstrap",
                 f"--variant={cfg.variant}",

@@ -1,14 +1,13 @@
 """The outer machine's side: root, the tools the test bed needs (installed when missing), and
-running one of them with its output on failure (one helper for the package)."""
+reading the tail of their logs (running them is llamavm.proc's)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
+from llamavm import proc
 from llamavm.errors import LlamavmError
 
 #: Binary -> Debian package, for the tools `machine.up()` needs on the outer machine.
@@ -20,28 +19,6 @@ HOST_TOOLS = {
     "ssh-keygen": "openssh-client",
     "setsid": "util-linux",
 }
-
-
-def run(
-    cmd: list[str], *, log: Path | None = None, what: str = "", **kwargs: Any
-) -> subprocess.CompletedProcess[str]:
-    """Run CMD; on failure raise LlamavmError with the tail of its output (or log)."""
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as fh:
-            fh.write(f"\n$ {' '.join(cmd)}\n")
-            fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, **kwargs)
-        output = tail(log)
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-        output = (proc.stderr or "") + (proc.stdout or "")
-    if proc.returncode != 0:
-        raise LlamavmError(
-            f"{what or cmd[0]} failed (exit {proc.returncode}): `{' '.join(cmd)}`\n"
-            f"{output.strip()[-2000:]}"
-        )
-    return proc
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -68,7 +45,7 @@ def ensure_host_tools() -> None:
         return
     print(f"llamavm testbed: installing missing host tools: {' '.join(missing)}", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run(
+    proc.run(
         ["apt-get", "install", "-y", "--no-install-recommends", *missing],
         env=env,
         what="apt-get install",

@@ -32,7 +32,7 @@ import yaml
 
 from llamavm import REPO_ROOT, paths
 from llamavm.errors import LlamavmError
-from llamavm.inputs import yamlsafe
+from llamavm.platforms.vm import vmspec
 from llamavm.platforms.vm.vmspec import VmSpec
 
 TEMPLATES = REPO_ROOT / "cloud-init"
@@ -90,10 +90,6 @@ def render(spec: VmSpec) -> Seed:
 # --- the guest's schemas --------------------------------------------------------------------
 
 
-def _images_config() -> dict[str, Any]:
-    return yamlsafe.load((REPO_ROOT / "config" / "images.yaml").read_text(encoding="utf-8"))
-
-
 def _mirror() -> str:
     from llamavm.testbed import config as testbed_config
 
@@ -128,7 +124,7 @@ def schemas(version: str) -> dict[str, dict[str, Any]]:
     folder = _cache() / version
     stamp = folder / "SOURCE"
     if not stamp.is_file():
-        source = (_images_config().get("cloud_init_schemas") or {}).get(version)
+        source = ((vmspec.images_file() or {}).get("cloud_init_schemas") or {}).get(version)
         if not isinstance(source, dict):
             raise SeedError(f"config/images.yaml: no cloud_init_schemas entry for {version!r}")
         mirror = _mirror()

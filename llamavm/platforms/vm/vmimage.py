@@ -16,10 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamavm import REPO_ROOT, paths, proc
+from llamavm import paths, proc
 from llamavm.errors import LlamavmError
-from llamavm.inputs import yamlsafe
 from llamavm.platforms import debian
+from llamavm.platforms.vm import vmspec
 
 #: Bump when the build steps change: part of the cache key.
 BUILD_VERSION = 1
@@ -46,8 +46,7 @@ class OfflineImage:
 
 
 def _config(name: str) -> dict[str, object]:
-    data = yamlsafe.load((REPO_ROOT / "config" / "images.yaml").read_text(encoding="utf-8"))
-    entry = (data.get("images") or {}).get(name)
+    entry = (vmspec.images_file().get("images") or {}).get(name)
     if not isinstance(entry, dict) or entry.get("source") != "offline":
         raise LlamavmError(f"config/images.yaml: {name} is not an offline image")
     return entry

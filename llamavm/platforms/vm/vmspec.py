@@ -116,16 +116,23 @@ def schema() -> dict[str, Any]:
 
 
 @functools.cache
+def images_file(path: Path = IMAGES_PATH) -> Any:
+    """config/images.yaml as written: the one reader of the file (images, the offline images'
+    package sets, the cloud-init schemas' sources); `images()` checks its image entries."""
+    try:
+        return yamlsafe.load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VmSpecError(f"{path}: cannot read it ({exc}) — restore it from git") from None
+
+
+@functools.cache
 def images(path: Path = IMAGES_PATH) -> dict[str, Image]:
     """config/images.yaml."""
 
     def fail(where: str, problem: str) -> VmSpecError:
         return VmSpecError(f"{path}: {where}: {problem} — fix the file (see its header)")
 
-    try:
-        data = yamlsafe.load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VmSpecError(f"{path}: cannot read it ({exc}) — restore it from git") from None
+    data = images_file(path)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise fail("images", "missing or empty")
