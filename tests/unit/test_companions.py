@@ -17,8 +17,8 @@ from llamavm.host import checks
 from llamavm.host.routing import companion_route, model_list
 from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog, vram
-from tests.unit.host_fakes import FakeSystemd, Unit, contracts
-from tests.unit.test_vram import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
+from tests.unit.fakes.gguf_files import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
+from tests.unit.fakes.host import FakeSystemd, Unit, contracts
 
 BUDGET, RESERVE = 32607, 1024
 

@@ -12,7 +12,7 @@ import pytest
 from llamavm.artifacts import tinymodel
 from llamavm.host import EXIT_REFUSED, checks, fetch, gguf
 from llamavm.host.contract import HostError
-from tests.unit.host_fakes import contract_for
+from tests.unit.fakes.host import contract_for
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamavm.host import EXIT_FAILED, EXIT_REFUSED, checks, firewall, gpu, metrics, store
 from llamavm.host.contract import Firewall, HostError, Metrics
 from llamavm.host.transaction import Host, Transaction
-from tests.unit.host_fakes import FakeSystemd, contracts
+from tests.unit.fakes.host import FakeSystemd, contracts
+from tests.unit.fakes.nft import FakeNft
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
 FW = Firewall(
@@ -29,39 +30,6 @@ FW = Firewall(
     front_door_map="front_door",
     front_door_port=8400,
 )
-
-
-class FakeNft:
-    """The nftables set of open model ports; `loaded` False: the table was deleted."""
-
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = list(ports)
-        self.front: int | None = ports[0] if ports else None  # where the front door leads
-        self.loaded = True
-        self.fail_updates = False
-        self.log: list[str] = []
-
-    def state(self, fw: Firewall) -> list[int]:
-        if not self.loaded:
-            raise HostError("firewall: the nftables set is not loaded", EXIT_REFUSED)
-        return sorted(self.ports)
-
-    def set_open(self, fw: Firewall, ports: list[int], front: int | None = None) -> bool:
-        wanted = front if front is not None else (min(ports) if ports else None)
-        if self.state(fw) == sorted(ports) and self.front == wanted:
-            return False
-        if self.fail_updates:
-            raise HostError("firewall: nft refused the update: boom")
-        self.log.append(f"open {sorted(ports)}")
-        self.ports = list(ports)
-        self.front = wanted
-        return True
-
-    def hold(self, fw: Firewall) -> bool:
-        self.state(fw)
-        self.log.append("hold")
-        changed, self.front = self.front is not None, None
-        return changed
 
 
 @pytest.fixture

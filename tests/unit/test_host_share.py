@@ -16,7 +16,7 @@ import pytest
 from llamavm.artifacts import tinymodel
 from llamavm.host import EXIT_REFUSED, checks, fetch, pagecache, share
 from llamavm.host.contract import Contract, HostError
-from tests.unit.host_fakes import contracts, with_fields
+from tests.unit.fakes.host import contracts, with_fields
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from llamavm.host.runtime import SystemdRuntime
 from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.units import service_section
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
-from tests.unit.host_fakes import FakeSystemd, contracts
+from tests.unit.fakes.host import FakeSystemd, contracts
 
 
 @pytest.fixture

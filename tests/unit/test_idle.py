@@ -25,9 +25,9 @@ from llamavm.host.contract import parse as parse_contract
 from llamavm.host.idle import IdleClock, idle_step
 from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog
-from tests.unit.host_fakes import FakeSystemd, contracts
-from tests.unit.test_catalog import VALID
-from tests.unit.test_host_expose import FakeNft
+from tests.unit.fakes.catalog import VALID
+from tests.unit.fakes.host import FakeSystemd, contracts
+from tests.unit.fakes.nft import FakeNft
 
 KEY = "k" * 40
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -20,8 +20,8 @@ from llamavm.host import checks, status, store
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog
-from tests.unit.host_fakes import FakeSystemd, contracts
-from tests.unit.test_catalog import VALID
+from tests.unit.fakes.catalog import VALID
+from tests.unit.fakes.host import FakeSystemd, contracts
 
 
 class Server:
