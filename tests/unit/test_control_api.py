@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-import yaml
 from fastapi.testclient import TestClient
 
 from llamavm.host import control
 from llamavm.inputs import catalog
 from llamavm.ops import control_api, remote
-from tests.unit.fakes.catalog import VALID
+from tests.unit.fakes.catalog import VALID, catalog_file
 from tests.unit.fakes.control import KEY, FakeHelper, control_app
 
 
@@ -91,8 +90,7 @@ def _host(port_unused: int = 0, ssh_args=()) -> remote.Host:
 def _settings(tmp_path, port: int, policy: str = "required"):
     data = copy.deepcopy(VALID)
     data["settings"]["api_key"]["policy"] = policy
-    path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data, "catalog.yaml")
     settings = catalog.load(path).settings
     return replace(settings, control=replace(settings.control, port=port))
 

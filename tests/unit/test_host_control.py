@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from llamavm.artifacts import contract
@@ -23,7 +22,7 @@ from llamavm.host.contract import HostError
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.routing import SEND_ATTEMPTS
 from llamavm.inputs import catalog
-from tests.unit.fakes.catalog import VALID
+from tests.unit.fakes.catalog import VALID, catalog_file
 from tests.unit.fakes.control import AUTH, KEY, FakeHelper, Upstream, control_app, control_contract
 
 PROTECTED = [
@@ -357,8 +356,7 @@ def _contract_file(tmp_path, extra: list[dict[str, Any]] | None = None, name="mo
     data["settings"]["api_key"]["policy"] = "required"
     data["settings"]["control"] = {"routing": True}
     data["models"] += extra or []
-    source = tmp_path / name
-    source.write_text(yaml.safe_dump(data))
+    source = catalog_file(tmp_path, data, name)
     built = contract.build(catalog.load(source), {})
     path = tmp_path / "contract.json"
     path.write_text(json.dumps(built))

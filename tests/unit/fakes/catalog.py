@@ -1,9 +1,12 @@
 """The catalog the unit tests start from (VALID): two models, alpha (the default) and beta.
-A test changes a deep copy of it, never VALID itself."""
+A test changes a deep copy of it, never VALID itself, and writes it with catalog_file."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 VALID: dict[str, Any] = {
     "settings": {
@@ -20,3 +23,10 @@ VALID: dict[str, Any] = {
         {"name": "beta", "aliases": ["b"], "gguf": "beta.gguf", "port": 8002, "n_cpu_moe": 4},
     ],
 }
+
+
+def catalog_file(tmp_path: Path, data: Any, name: str = "models.yaml") -> Path:
+    """`data` written as a catalog file, tmp_path / name."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import yaml
 
 from llamavm.artifacts import contract
 from llamavm.host import control
 from llamavm.host.contract import parse as parse_contract
 from llamavm.inputs import catalog
-from tests.unit.fakes.catalog import VALID
+from tests.unit.fakes.catalog import VALID, catalog_file
 
 KEY = "k" * 40
 
@@ -65,8 +64,7 @@ def control_contract(tmp_path, routing: bool = True, policy: str = "required", p
     data["settings"]["control"] = {"routing": routing}
     if presets:
         data["models"][1]["reasoning"] = {"effort": "low", "presets": ["low", "high"]}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data)
     return parse_contract(contract.build(catalog.load(path), {}))
 
 

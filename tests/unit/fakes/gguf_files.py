@@ -1,12 +1,17 @@
-"""GGUF files with known tensor shapes, written with gguf's own writer: a dense llama (and its
-MoE and tied-embedding variants) whose byte counts the tests compute by plain arithmetic."""
+"""GGUF files for the tests: ones with known tensor shapes, written with gguf's own writer (a
+dense llama, and its MoE and tied-embedding variants, whose byte counts the tests compute by
+plain arithmetic), and the vocabulary the tiny stand-ins (llamavm.artifacts.tinymodel) are
+written with."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from gguf import GGUFWriter
+
+from llamavm.artifacts import tinymodel
 
 MIB = 1024 * 1024
 F16 = 2
@@ -76,3 +81,12 @@ def write_model(path: Path, *, moe: bool = False, tied: bool = False, layers=Non
             add_tensor(w, f"blk.{i}.ffn_down_exps.weight", N_EXPERT, N_EMBD, N_FF)
     finish(w)
     return path
+
+
+def tiny_vocab() -> Path:
+    """The vocabulary tinymodel.write needs; the test is skipped where the llama.cpp source it
+    comes from is not cached on this machine."""
+    try:
+        return tinymodel.find_vocab()
+    except Exception as exc:  # the llama.cpp source is not cached on this machine
+        pytest.skip(f"no vocab: {exc}")
