@@ -22,7 +22,7 @@ from llamavm.host.transaction import Transaction
 from tests.unit.fakes.host import contracts, fake_systemd, host_on, switch_tx, warm_checks
 from tests.unit.fakes.nft import FakeNft
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "nvidia-smi"
 FW = Firewall(
     unit="llamavm-firewall.service",
     table="llamavm",
