@@ -58,7 +58,7 @@ class Role:
     """A role of provision.yml: the roles it builds on (it runs again whenever one of them runs)
     and the playbook inputs it reads: extra variables by name, `llamavm_contract.KEY` for one
     key of the host contract. Extra variables named after a role (`llama_cpp_*`) are that
-    role's; any other input counts for every role. tests/unit/test_converge.py holds this
+    role's; any other input counts for every role. tests/unit/ops/test_converge.py holds this
     against the playbook's own role variables."""
 
     after: tuple[str, ...] = ()

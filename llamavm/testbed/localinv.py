@@ -6,7 +6,7 @@ reaches the test bed, the fleet and the embedded VMs (SSH key, pinned host keys,
 sockets) and the other controller folders an inventory names. So `$LLAMAVM_STATE` and
 `$LLAMAVM_CACHE` move them all, for ansible-playbook, ansible-inventory, Molecule and testinfra
 alike. Standard library only: Ansible runs it with the system's python3 (and so the package's
-__init__.py imports nothing; tests/unit/test_localinv.py imports this module without site
+__init__.py imports nothing; tests/unit/testbed/test_localinv.py imports this module without site
 packages).
 """
 

@@ -35,7 +35,7 @@ from tests.integration.helpers import (
     set_failpoints,
     wait_for,
 )
-from tests.unit.test_metrics_docs import dashboard_series
+from tests.unit.fakes.dashboard import dashboard_series
 
 pytestmark = pytest.mark.testbed
 

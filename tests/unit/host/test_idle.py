@@ -14,24 +14,20 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from llamavm.artifacts import contract
-from llamavm.host import EXIT_REFUSED, checks, control, firewall, metrics, status, store
+from llamavm.host import EXIT_REFUSED, control, firewall, metrics, status, store
 from llamavm.host.activity import activity, in_flight_of
 from llamavm.host.contract import Firewall, HostError, LiveContract
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.idle import IdleClock, idle_step
-from llamavm.host.transaction import Host, Transaction
+from llamavm.host.transaction import Transaction
 from llamavm.inputs import catalog
-from tests.unit.host_fakes import FakeSystemd, contracts
-from tests.unit.test_catalog import VALID
-from tests.unit.test_host_expose import FakeNft
-
-KEY = "k" * 40
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
+from tests.unit.fakes.catalog import VALID, catalog_file
+from tests.unit.fakes.control import AUTH, KEY
+from tests.unit.fakes.host import contracts, fake_systemd, host_on, warm_checks
+from tests.unit.fakes.nft import FakeNft
 
 # --- the catalog ---------------------------------------------------------------------------
 
@@ -41,8 +37,7 @@ def _catalog(tmp_path, idle: Any, *, front_door=True, routing=False, control_on=
     data["models"][0]["idle_unload_s"] = idle
     data["settings"]["expose"] = {"front_door": {"enabled": front_door}}
     data["settings"]["control"] = {"enabled": control_on, "routing": routing}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data)
     return path
 
 
@@ -114,8 +109,7 @@ class SleepyNft(FakeNft):
 @pytest.fixture
 def host_world(tmp_path, monkeypatch):
     """'one' (idle 5 s) serving, 'two'; the firewall with its front door and wake port."""
-    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
+    warm_checks(monkeypatch)
     base = contracts(
         tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"}, firewall=FW
     )
@@ -123,28 +117,19 @@ def host_world(tmp_path, monkeypatch):
 
     models = (replace(base.models[0], idle_unload_s=5), base.models[1])
     host_contract = replace(base, models=models)
-    fake = FakeSystemd()
-    fake.add(host_contract, "one")
-    fake.add(host_contract, "two")
-    fake.serve(host_contract, "one")
-    fake.units[FW.unit] = type(fake.units[models[0].unit])(active="active")
+    fake = fake_systemd(host_contract, serving=["one"], active=[FW.unit])
     nft = SleepyNft([8001])
     events: list[str] = []
     flight = {"n": 0}
-    host = Host(
+    host = host_on(
         host_contract,
-        systemd=fake,
-        progress=events.append,
-        health=fake.health,
-        counters=fake.counters,
-        clock=fake.clock,
-        sleep=fake.sleep,
+        fake,
+        events.append,
         open_ports=nft.set_open,
         firewall_state=nft.state,
         front_door_hold=nft.hold,
         front_door_wake=nft.wake,
     )
-    host.verify = lambda model: None  # type: ignore[method-assign]
     host.in_flight = lambda model, key: flight["n"]  # type: ignore[method-assign]
     return SimpleNamespace(
         contract=host_contract, fake=fake, nft=nft, host=host, events=events, flight=flight
@@ -353,8 +338,7 @@ def _service(tmp_path, routing=True, wait_s=120):
     data["models"][0]["idle_unload_s"] = 5
     data["settings"]["expose"] = {"front_door": {"enabled": True, "wait_s": wait_s}}
     data["settings"]["control"] = {"routing": routing}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data)
     host_contract = parse_contract(contract.build(catalog.load(path), {}))
     fake = Helper()
     servers = Servers(fake, host_contract)

@@ -12,15 +12,13 @@ import pytest
 from llamavm.artifacts import tinymodel
 from llamavm.host import EXIT_REFUSED, checks, fetch, gguf
 from llamavm.host.contract import HostError
-from tests.unit.host_fakes import contract_for
+from tests.unit.fakes.gguf_files import tiny_vocab
+from tests.unit.fakes.host import contract_for
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    try:
-        vocab = tinymodel.find_vocab()
-    except Exception as exc:  # the llama.cpp source is not cached on this machine
-        pytest.skip(f"no vocab: {exc}")
+    vocab = tiny_vocab()
     path = tmp_path_factory.mktemp("share") / "tiny" / "t.gguf"
     return tinymodel.write(tinymodel.TinySpec("t", seed=3), path, vocab)
 

@@ -1,7 +1,8 @@
 """The commands as an operator sees them, held still: `invoke --list` and every task's
-`--help` (flags, defaults, help text) against tests/unit/golden/invoke.txt. Issue 35 moves the
-code behind them; this must pass unchanged from its first step to its last. A deliberate change
-of a command: rewrite the file with LLAMAVM_UPDATE_GOLDEN=1 and say why in the commit."""
+`--help` (flags, defaults, help text) against tests/unit/commands/golden/invoke.txt. Issue 35
+moves the code behind them; this must pass unchanged from its first step to its last. A
+deliberate change of a command: rewrite the file with LLAMAVM_UPDATE_GOLDEN=1 and say why in the
+commit."""
 
 from __future__ import annotations
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-import yaml
 from fastapi.testclient import TestClient
 
 from llamavm.host import control
 from llamavm.inputs import catalog
 from llamavm.ops import control_api, remote
-from tests.unit.test_catalog import VALID
-from tests.unit.test_host_control import KEY, FakeHelper, _app
+from tests.unit.fakes.catalog import VALID, catalog_file
+from tests.unit.fakes.control import KEY, FakeHelper, control_app
 
 
 class Server:
@@ -91,14 +90,13 @@ def _host(port_unused: int = 0, ssh_args=()) -> remote.Host:
 def _settings(tmp_path, port: int, policy: str = "required"):
     data = copy.deepcopy(VALID)
     data["settings"]["api_key"]["policy"] = policy
-    path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data, "catalog.yaml")
     settings = catalog.load(path).settings
     return replace(settings, control=replace(settings.control, port=port))
 
 
 def test_a_switch_goes_through_the_api_with_its_progress_and_outcome(tmp_path, ssh, capsys) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port)
         code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
@@ -116,7 +114,7 @@ def test_a_switch_goes_through_the_api_with_its_progress_and_outcome(tmp_path, s
 
 
 def test_the_cached_key_is_used_and_a_rotated_one_fetched_again(tmp_path, ssh) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port)
         control_api.transaction(_host(), settings, "switch", ["beta"], stream=False)
@@ -133,7 +131,7 @@ def test_the_cached_key_is_used_and_a_rotated_one_fetched_again(tmp_path, ssh) -
 
 def test_a_key_refused_twice_falls_back_to_ssh_before_anything_ran(tmp_path, ssh, capsys) -> None:
     ssh.key = "not-the-hosts-key-0123456789"
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port)
         code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
@@ -180,7 +178,7 @@ def test_where_the_api_is_not_for_this_host_ssh_is_used_untried(
 
 
 def test_an_unknown_model_is_the_hosts_refusal_exit_2(tmp_path, ssh) -> None:
-    app, fake, _ = _app(tmp_path, key=None)
+    app, fake, _ = control_app(tmp_path, key=None)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port, policy="none")
         code, answer = control_api.transaction(_host(), settings, "switch", ["nope"], stream=False)
@@ -190,7 +188,7 @@ def test_an_unknown_model_is_the_hosts_refusal_exit_2(tmp_path, ssh) -> None:
 
 def test_a_failed_transaction_keeps_its_exit_code(tmp_path, ssh) -> None:
     failed = {"ok": False, "code": 1, "error": "beta did not become healthy; rolled back"}
-    app, fake, _ = _app(tmp_path, fake=FakeHelper(fail=failed), key=None)
+    app, fake, _ = control_app(tmp_path, fake=FakeHelper(fail=failed), key=None)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port, policy="none")
         code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=False)
@@ -224,7 +222,7 @@ class HelperLost(FakeHelper):
 def test_a_switch_cut_mid_way_asks_over_ssh_how_that_transaction_ended(
     tmp_path, ssh, capsys, fake
 ) -> None:
-    app, fake, _ = _app(tmp_path, fake=fake(), key=None)
+    app, fake, _ = control_app(tmp_path, fake=fake(), key=None)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port, policy="none")
         code, answer = control_api.transaction(_host(), settings, "switch", ["beta"], stream=True)
@@ -239,7 +237,7 @@ def test_a_switch_cut_mid_way_asks_over_ssh_how_that_transaction_ended(
 
 def test_a_helper_that_cannot_be_reached_is_ssh_as_nothing_started(tmp_path, ssh) -> None:
     unreachable = control._unreachable(tmp_path / "no.sock", FileNotFoundError("no socket"))
-    app, _, _ = _app(tmp_path, fake=FakeHelper(fail=unreachable), key=None)
+    app, _, _ = control_app(tmp_path, fake=FakeHelper(fail=unreachable), key=None)
     with Server(app) as server:
         settings = _settings(tmp_path, server.port, policy="none")
         code, answer = control_api.transaction(_host(), settings, "stop", [], stream=False)
@@ -247,7 +245,7 @@ def test_a_helper_that_cannot_be_reached_is_ssh_as_nothing_started(tmp_path, ssh
 
 
 def test_the_api_refuses_a_malformed_transaction_id(tmp_path) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     client = TestClient(app)
     auth = {"Authorization": f"Bearer {KEY}"}
     for tx in ("UPPER", "a b", "x" * 33, "abc"):
@@ -267,7 +265,7 @@ class Running(FakeHelper):
 
 
 def test_transactions_endpoint_reads_the_helpers_result(tmp_path) -> None:
-    app, fake, _ = _app(tmp_path, fake=Running())
+    app, fake, _ = control_app(tmp_path, fake=Running())
     client = TestClient(app)
     got = client.get("/transactions/abcdef123456", headers={"Authorization": f"Bearer {KEY}"})
     assert fake.calls == [("result", {"tx": "abcdef123456"})]

@@ -12,16 +12,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 
 from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
-from llamavm.host import checks, status, store
+from llamavm.host import status, store
 from llamavm.host.contract import parse as parse_contract
-from llamavm.host.transaction import Host, Transaction
+from llamavm.host.transaction import Transaction
 from llamavm.inputs import catalog
-from tests.unit.host_fakes import FakeSystemd, contracts
-from tests.unit.test_catalog import VALID
+from tests.unit.fakes.catalog import VALID, catalog_file
+from tests.unit.fakes.host import contracts, fake_systemd, host_on, warm_checks
 
 
 class Server:
@@ -53,30 +52,16 @@ class Server:
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """'one' (2 slots, prompt cache on, serving) and 'two' (prompt cache off)."""
-    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
+    warm_checks(monkeypatch)
     base = contracts(tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"})
     one = replace(base.models[0], parallel=2, slot_dir=tmp_path / "slots" / "one")
     host_contract = replace(base, models=(one, base.models[1]))
     (tmp_path / "one.gguf").write_bytes(b"GGUF one")
     (host_contract.paths.units_live / one.unit).write_text("[Service]\nExecStart=/bin/one\n")
-    fake = FakeSystemd()
-    fake.add(host_contract, "one")
-    fake.add(host_contract, "two")
-    fake.serve(host_contract, "one")
+    fake = fake_systemd(host_contract, serving=["one"])
     server = Server()
     lines: list[str] = []
-    host = Host(
-        host_contract,
-        systemd=fake,
-        progress=lines.append,
-        health=fake.health,
-        counters=fake.counters,
-        clock=fake.clock,
-        sleep=fake.sleep,
-        server_request=server,
-    )
-    host.verify = lambda model: None  # type: ignore[method-assign]
+    host = host_on(host_contract, fake, lines.append, server_request=server)
     return SimpleNamespace(contract=host_contract, fake=fake, server=server, host=host, lines=lines)
 
 
@@ -159,8 +144,7 @@ def test_sleep_saves_the_slots_and_the_wake_restores_them(world) -> None:
 def _built(tmp_path, **model: Any) -> dict[str, Any]:
     data = copy.deepcopy(VALID)
     data["models"][0].update(model)
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = catalog_file(tmp_path, data)
     return contract.build(catalog.load(path), {})
 
 

@@ -13,12 +13,10 @@ import pytest
 import yaml
 
 from llamavm.artifacts import contract
-from llamavm.host import checks
 from llamavm.host.routing import companion_route, model_list
-from llamavm.host.transaction import Host, Transaction
 from llamavm.inputs import catalog, vram
-from tests.unit.host_fakes import FakeSystemd, Unit, contracts
-from tests.unit.test_vram import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
+from tests.unit.fakes.gguf_files import LAYER_BYTES, N_HEAD_KV, N_LAYER, write_model
+from tests.unit.fakes.host import Unit, contracts, fake_systemd, host_on, switch_tx, warm_checks
 
 BUDGET, RESERVE = 32607, 1024
 
@@ -209,8 +207,7 @@ def test_the_contract_keeps_companions_out_of_the_conflicts(tmp_path) -> None:
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """'big' (embed and small beside it) and 'huge' (only small beside it); big serves."""
-    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
+    warm_checks(monkeypatch)
     base = contracts(tmp_path, {"big": tmp_path / "b.gguf", "huge": tmp_path / "h.gguf"})
     big, huge = base.models
     big = dataclasses.replace(big, companions=("embed", "small"))
@@ -233,27 +230,15 @@ def world(tmp_path, monkeypatch):
         for name, port, task in (("embed", 8011, "embeddings"), ("small", 8012, "chat"))
     )
     world_contract = dataclasses.replace(base, models=(big, huge), companions=companions)
-    fake = FakeSystemd()
-    for name in ("big", "huge", "embed", "small"):
-        fake.add(world_contract, name)
-    for name in ("big", "embed", "small"):
-        fake.serve(world_contract, name)
+    fake = fake_systemd(world_contract, serving=["big", "embed", "small"])
     lines: list[str] = []
-    host = Host(
-        world_contract, systemd=fake, progress=lines.append, health=fake.health,
-        counters=fake.counters, clock=fake.clock, sleep=fake.sleep,
-    )  # fmt: skip
-    host.verify = lambda model: None  # type: ignore[method-assign]
+    host = host_on(world_contract, fake, lines.append)
     return world_contract, fake, host, lines
-
-
-def _tx(host: Host) -> Transaction:
-    return Transaction(host, "abc123", "switch")
 
 
 def test_a_switch_stops_the_companions_that_do_not_fit_and_says_why(world) -> None:
     _, fake, host, lines = world
-    result = _tx(host).switch("huge")
+    result = switch_tx(host).switch("huge")
     assert result["model"] == "huge"
     assert result["companions"]["stopped"] == {"embed": "huge 31000 MiB + ... > budget"}
     assert fake.units["llamavm-companion-embed.service"].active == "inactive"
@@ -269,8 +254,8 @@ def test_a_switch_stops_the_companions_that_do_not_fit_and_says_why(world) -> No
 
 def test_the_switch_back_starts_them_again_after_the_big_model(world) -> None:
     _, fake, host, _ = world
-    _tx(host).switch("huge")
-    result = _tx(host).switch("big")
+    switch_tx(host).switch("huge")
+    result = switch_tx(host).switch("big")
     assert result["companions"]["started"] == ["embed"]
     big_start = fake.calls.index(("start", "llamavm-model-big.service"))
     embed_start = fake.calls.index(("start", "llamavm-companion-embed.service"))
@@ -283,9 +268,9 @@ def test_the_switch_back_starts_them_again_after_the_big_model(world) -> None:
 
 def test_a_companion_that_fails_to_start_does_not_fail_the_switch(world) -> None:
     _, fake, host, lines = world
-    _tx(host).switch("huge")
+    switch_tx(host).switch("huge")
     fake.units["llamavm-companion-embed.service"] = Unit(behaviour="exits")
-    result = _tx(host).switch("big")
+    result = switch_tx(host).switch("big")
     assert result["model"] == "big"
     assert "embed" in result["companions"]["failed"]
     assert any("companion embed did not start" in line for line in lines)
@@ -294,13 +279,13 @@ def test_a_companion_that_fails_to_start_does_not_fail_the_switch(world) -> None
 def test_a_switch_to_the_serving_model_repairs_a_missing_companion(world) -> None:
     _, fake, host, _ = world
     fake.stop(["llamavm-companion-embed.service"])
-    result = _tx(host).switch("big")
+    result = switch_tx(host).switch("big")
     assert result["changed"] is True and result["companions"]["started"] == ["embed"]
 
 
 def test_stop_leaves_the_gpu_free(world) -> None:
     _, fake, host, _ = world
-    result = _tx(host).stop()
+    result = switch_tx(host).stop()
     assert sorted(result["stopped"]) == ["big", "embed", "small"]
     assert fake.running_units() == []
 
@@ -310,9 +295,9 @@ def test_the_drift_probe_names_a_companion_that_should_run(world) -> None:
     for model in (*contract_.models, *contract_.companions):
         for folder in (contract_.paths.units_staged, contract_.paths.units_live):
             (folder / model.unit).write_text(f"[Service]\nExecStart=/x {model.name}\n")
-    assert _tx(host).drift() == []
+    assert switch_tx(host).drift() == []
     fake.stop(["llamavm-companion-small.service"])
-    assert _tx(host).drift() == ["companion small is not running beside big"]
+    assert switch_tx(host).drift() == ["companion small is not running beside big"]
 
 
 # --- routing ----------------------------------------------------------------------------------

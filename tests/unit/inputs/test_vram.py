@@ -9,81 +9,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from gguf import GGUFWriter
 
 from llamavm.inputs import catalog, vram
-
-MIB = 1024 * 1024
-F16 = 2
-F32 = 4
-
-# A dense llama: 4 layers, 256-dim, 8 heads, 2 KV heads (GQA), head dim 32, vocab 1000.
-N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_VOCAB = 4, 256, 8, 2, 512, 1000
-HEAD_DIM = N_EMBD // N_HEAD
-LAYER_BYTES = (
-    N_EMBD * N_EMBD * F16 * 2  # attn_q, attn_output
-    + HEAD_DIM * N_HEAD_KV * N_EMBD * F16 * 2  # attn_k, attn_v
-    + N_FF * N_EMBD * F16 * 3  # ffn_gate, ffn_up, ffn_down
-    + N_EMBD * F32 * 2  # attn_norm, ffn_norm
+from tests.unit.fakes.gguf_files import (
+    EMBD_BYTES,
+    EXPERT_LAYER_BYTES,
+    F32,
+    HEAD_DIM,
+    LAYER_BYTES,
+    MIB,
+    N_EMBD,
+    N_HEAD_KV,
+    N_LAYER,
+    N_VOCAB,
+    OUTPUT_BYTES,
+    add_tensor,
+    finish,
+    gguf_writer,
+    write_model,
 )
-EMBD_BYTES = N_VOCAB * N_EMBD * F16
-OUTPUT_BYTES = N_VOCAB * N_EMBD * F16 + N_EMBD * F32  # output + output_norm
-
-# MoE: 8 experts of 512 x 256 in F16 per gate/up/down tensor = 2 MiB each, 6 MiB a layer.
-N_EXPERT = 8
-EXPERT_LAYER_BYTES = 3 * N_EXPERT * N_FF * N_EMBD * F16
-
-
-def _writer(path: Path, arch: str = "llama", n_expert: int = 0) -> GGUFWriter:
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(N_LAYER)
-    w.add_embedding_length(N_EMBD)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
-    w.add_feed_forward_length(N_FF)
-    w.add_context_length(4096)
-    if n_expert:
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(2)
-    return w
-
-
-def _t(w: GGUFWriter, name: str, *shape: int, dtype=np.float16) -> None:
-    w.add_tensor(name, np.zeros(shape, dtype=dtype))
-
-
-def _finish(w: GGUFWriter) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def write_model(path: Path, *, moe: bool = False, tied: bool = False, layers=None) -> Path:
-    w = _writer(path, n_expert=N_EXPERT if moe else 0)
-    _t(w, "token_embd.weight", N_VOCAB, N_EMBD)
-    _t(w, "output_norm.weight", N_EMBD, dtype=np.float32)
-    if not tied:
-        _t(w, "output.weight", N_VOCAB, N_EMBD)
-    for i in layers if layers is not None else range(N_LAYER):
-        _t(w, f"blk.{i}.attn_norm.weight", N_EMBD, dtype=np.float32)
-        _t(w, f"blk.{i}.attn_q.weight", N_EMBD, N_EMBD)
-        _t(w, f"blk.{i}.attn_k.weight", HEAD_DIM * N_HEAD_KV, N_EMBD)
-        _t(w, f"blk.{i}.attn_v.weight", HEAD_DIM * N_HEAD_KV, N_EMBD)
-        _t(w, f"blk.{i}.attn_output.weight", N_EMBD, N_EMBD)
-        _t(w, f"blk.{i}.ffn_norm.weight", N_EMBD, dtype=np.float32)
-        _t(w, f"blk.{i}.ffn_gate.weight", N_FF, N_EMBD)
-        _t(w, f"blk.{i}.ffn_up.weight", N_FF, N_EMBD)
-        _t(w, f"blk.{i}.ffn_down.weight", N_EMBD, N_FF)
-        if moe:
-            _t(w, f"blk.{i}.ffn_gate_exps.weight", N_EXPERT, N_FF, N_EMBD)
-            _t(w, f"blk.{i}.ffn_up_exps.weight", N_EXPERT, N_FF, N_EMBD)
-            _t(w, f"blk.{i}.ffn_down_exps.weight", N_EXPERT, N_EMBD, N_FF)
-    _finish(w)
-    return path
 
 
 def _catalog(tmp_path: Path, budget_mib: int, reserve_mib: int = 1, compute_mib: int = 1, **model):
@@ -182,9 +128,9 @@ def test_tied_embeddings_put_a_copy_on_the_gpu(tmp_path: Path) -> None:
 
 def test_split_gguf_sums_every_shard(tmp_path: Path) -> None:
     first = tmp_path / "m-00001-of-00002.gguf"
-    w = _writer(first)
-    _t(w, "token_embd.weight", N_VOCAB, N_EMBD)
-    _finish(w)
+    w = gguf_writer(first)
+    add_tensor(w, "token_embd.weight", N_VOCAB, N_EMBD)
+    finish(w)
     second = tmp_path / "m-00002-of-00002.gguf"
     write_model(second, layers=range(N_LAYER))  # holds the blocks (and its own output)
     info = vram.read_gguf(first)

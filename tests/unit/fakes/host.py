@@ -1,5 +1,6 @@
 """Fakes at the seams of the host package: a contract on temp paths, and a systemd whose units
-load, crash, stall or progress on a fake clock. No host, no root, no real process."""
+load, crash, stall or progress on a fake clock — and the switch transaction's Host on them
+(fake_systemd, host_on, warm_checks, switch_tx). No host, no root, no real process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llamavm.host import checks
 from llamavm.host import contract as contract_mod
+from llamavm.host.transaction import Host, Transaction
 
 _PIDS = itertools.count(4_000_001)  # beyond pid_max: never a real /proc entry
 
@@ -261,3 +264,55 @@ class FakeSystemd:
 
 def with_fields(model: contract_mod.Model, **changes: Any) -> contract_mod.Model:
     return replace(model, **changes)
+
+
+#: What checks.preflight finds for a model file that passes: unchanged, readable, in the page
+#: cache.
+WARM = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
+
+
+def warm_checks(monkeypatch: Any) -> None:
+    """The checks before the stop pass for every model (a test that wants them to fail sets
+    its own checks.preflight)."""
+    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(WARM))
+
+
+def fake_systemd(
+    contract: contract_mod.Contract, serving: Any = (), active: Any = ()
+) -> FakeSystemd:
+    """A FakeSystemd with a unit for every model of `contract` and then every companion, the
+    models named in `serving` running and the units named in `active` (say, the firewall's)
+    active."""
+    fake = FakeSystemd()
+    for model in (*contract.models, *contract.companions):
+        fake.add(contract, model.name)
+    for name in serving:
+        fake.serve(contract, name)
+    for unit in active:
+        fake.units[unit] = Unit(active="active")
+    return fake
+
+
+def host_on(
+    contract: contract_mod.Contract, fake: FakeSystemd, progress: Any, **seams: Any
+) -> Host:
+    """The transaction's Host on `fake`: its units, clock, health answers and /proc counters,
+    progress lines to `progress`, any other seams (the firewall's, the server's) as given. The
+    check of the new model's answers passes (a test that wants it to fail sets host.verify)."""
+    host = Host(
+        contract,
+        systemd=fake,
+        progress=progress,
+        health=fake.health,
+        counters=fake.counters,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        **seams,
+    )
+    host.verify = lambda model: None  # type: ignore[method-assign]
+    return host
+
+
+def switch_tx(host: Host) -> Transaction:
+    """A switch transaction on `host` (its id abc123)."""
+    return Transaction(host, "abc123", "switch")

@@ -10,12 +10,10 @@ import copy
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from llamavm.artifacts import contract
@@ -24,83 +22,9 @@ from llamavm.host.contract import HostError
 from llamavm.host.contract import parse as parse_contract
 from llamavm.host.routing import SEND_ATTEMPTS
 from llamavm.inputs import catalog
-from tests.unit.test_catalog import VALID
+from tests.unit.fakes.catalog import VALID, catalog_file
+from tests.unit.fakes.control import AUTH, KEY, FakeHelper, Upstream, control_app, control_contract
 
-KEY = "k" * 40
-
-
-class FakeHelper:
-    """The privileged helper's side: a host serving one model, switches that take a moment."""
-
-    def __init__(self, serving: str | None = "alpha", fail: dict[str, Any] | None = None):
-        self.serving = serving
-        self.fail = fail
-        self.calls: list[tuple[str, dict[str, str]]] = []
-        self.in_switch = False
-
-    async def events(self, op: str, **fields: str) -> AsyncIterator[dict[str, Any]]:
-        self.calls.append((op, fields))
-        if op == "status":
-            yield {"event": "outcome", "ok": True, "code": 0, "active": self.serving,
-                   "models": [{"name": "alpha", "loads": [0.5]}, {"name": "beta", "loads": []}],
-                   "gpus": [], "system": {"cpus": 2}}  # fmt: skip
-            return
-        if self.fail:
-            yield {"event": "outcome", **self.fail}
-            return
-        assert not self.in_switch, "two transactions at once"
-        self.in_switch = True
-        yield {"event": "progress", "message": f"{op} begins"}
-        self.serving = None
-        await asyncio.sleep(0.01)
-        self.serving = fields.get("model") if op in ("switch", "restart") else None
-        if op == "restart":
-            self.serving = "alpha"
-        self.in_switch = False
-        yield {"event": "progress", "message": f"{op} done"}
-        yield {"event": "outcome", "ok": True, "code": 0, "model": self.serving, "changed": True}
-
-    async def call(self, op: str, **fields: str) -> dict[str, Any]:
-        return await control.Helper.call(self, op, **fields)  # type: ignore[arg-type]
-
-
-def _contract(tmp_path, routing: bool = True, policy: str = "required", presets=True):
-    data = copy.deepcopy(VALID)
-    data["settings"]["api_key"]["policy"] = policy
-    data["settings"]["control"] = {"routing": routing}
-    if presets:
-        data["models"][1]["reasoning"] = {"effort": "low", "presets": ["low", "high"]}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return parse_contract(contract.build(catalog.load(path), {}))
-
-
-class Upstream:
-    """The model servers: answer only on the port of the model the fake host serves."""
-
-    def __init__(self, fake: FakeHelper, host_contract) -> None:
-        self.fake = fake
-        self.ports = {m.port: m.name for m in host_contract.models}
-        self.seen: list[tuple[str, dict[str, Any], str]] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        name = self.ports.get(request.url.port)
-        if name != self.fake.serving:
-            raise httpx.ConnectError("connection refused", request=request)
-        body = json.loads(request.content)
-        self.seen.append((name, body, request.headers.get("authorization", "")))
-        return httpx.Response(200, json={"model": name, "choices": [{"text": "hi"}]})
-
-
-def _app(tmp_path, fake=None, key=KEY, **kwargs):
-    host = _contract(tmp_path, **kwargs)
-    fake = fake or FakeHelper()
-    upstream = Upstream(fake, host)
-    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-    return control.create_app(host, fake, key, upstream=client), fake, upstream
-
-
-AUTH = {"Authorization": f"Bearer {KEY}"}
 PROTECTED = [
     ("get", "/models", None),
     ("get", "/status", None),
@@ -117,7 +41,7 @@ PROTECTED = [
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
 def test_every_endpoint_but_the_public_ones_wants_the_key(tmp_path, method, path, body) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Api-Key": "wrong"}):
             answer = client.request(method, path, json=body, headers=headers)
@@ -130,19 +54,19 @@ def test_every_endpoint_but_the_public_ones_wants_the_key(tmp_path, method, path
 
 @pytest.mark.parametrize("path", ["/health", "/", "/openapi.json", "/docs"])
 def test_health_the_page_and_the_docs_are_public(tmp_path, path) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         assert client.get(path).status_code == 200
 
 
 def test_without_a_key_policy_nothing_asks_for_one(tmp_path) -> None:
-    app, _, _ = _app(tmp_path, key=None, policy="none")
+    app, _, _ = control_app(tmp_path, key=None, policy="none")
     with TestClient(app) as client:
         assert client.get("/models").status_code == 200
 
 
 def test_models_lists_the_catalog_with_verdicts_presets_and_what_serves(tmp_path) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         answer = client.get("/models", headers=AUTH).json()
     assert answer["active"] == "alpha"
@@ -153,7 +77,7 @@ def test_models_lists_the_catalog_with_verdicts_presets_and_what_serves(tmp_path
 
 
 def test_a_switch_runs_one_transaction_and_answers_its_outcome(tmp_path) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with TestClient(app) as client:
         answer = client.post("/switch", json={"model": "b"}, headers=AUTH)
     assert answer.status_code == 200 and answer.json()["model"] == "beta"
@@ -161,7 +85,7 @@ def test_a_switch_runs_one_transaction_and_answers_its_outcome(tmp_path) -> None
 
 
 def test_a_switch_streams_its_progress_as_server_sent_events(tmp_path) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         answer = client.post("/switch?stream=true", json={"model": "beta"}, headers=AUTH)
     assert answer.headers["content-type"].startswith("text/event-stream")
@@ -183,7 +107,7 @@ def test_a_switch_streams_its_progress_as_server_sent_events(tmp_path) -> None:
     ],
 )
 def test_a_failed_transaction_reads_as_an_http_error(tmp_path, outcome, status) -> None:
-    app, _, _ = _app(tmp_path, fake=FakeHelper(fail=outcome))
+    app, _, _ = control_app(tmp_path, fake=FakeHelper(fail=outcome))
     with TestClient(app) as client:
         answer = client.post("/switch", json={"model": "beta"}, headers=AUTH)
     assert answer.status_code == status and answer.json()["error"] == outcome["error"]
@@ -191,7 +115,7 @@ def test_a_failed_transaction_reads_as_an_http_error(tmp_path, outcome, status) 
 
 @pytest.mark.parametrize("body", [{"model": "nope"}, {"model": ""}, {}, {"model": 3}, []])
 def test_a_bad_switch_request_is_refused_before_the_helper(tmp_path, body) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with TestClient(app) as client:
         answer = client.post("/switch", json=body, headers=AUTH)
     assert answer.status_code in (404, 422), answer.text
@@ -199,7 +123,7 @@ def test_a_bad_switch_request_is_refused_before_the_helper(tmp_path, body) -> No
 
 
 def test_an_unreachable_helper_is_a_clear_error(tmp_path) -> None:
-    host = _contract(tmp_path)
+    host = control_contract(tmp_path)
     app = control.create_app(host, control.Helper(tmp_path / "absent.sock"), KEY)
     with TestClient(app) as client:
         answer = client.post("/stop", headers=AUTH)
@@ -207,7 +131,7 @@ def test_an_unreachable_helper_is_a_clear_error(tmp_path) -> None:
 
 
 def test_with_routing_off_v1_says_how_to_turn_it_on(tmp_path) -> None:
-    app, fake, _ = _app(tmp_path, routing=False)
+    app, fake, _ = control_app(tmp_path, routing=False)
     with TestClient(app) as client:
         answer = client.post("/v1/chat/completions", json={"model": "beta"}, headers=AUTH)
     assert answer.status_code == 404
@@ -216,14 +140,14 @@ def test_with_routing_off_v1_says_how_to_turn_it_on(tmp_path) -> None:
 
 
 def test_v1_models_lists_every_model_and_its_presets(tmp_path) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         ids = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
     assert ids == ["alpha", "beta", "beta:low", "beta:high"]
 
 
 def test_a_request_naming_another_model_switches_first(tmp_path) -> None:
-    app, fake, upstream = _app(tmp_path)
+    app, fake, upstream = control_app(tmp_path)
     with TestClient(app) as client:
         body = {"model": "b:high", "messages": [{"role": "user", "content": "hi"}]}
         answer = client.post("/v1/chat/completions", json=body, headers=AUTH)
@@ -245,7 +169,7 @@ def test_a_request_naming_another_model_switches_first(tmp_path) -> None:
      ("alpha:low", 400, "no reasoning preset"), (7, 400, "must be a string")],
 )  # fmt: skip
 def test_a_bad_routed_model_is_refused_without_a_switch(tmp_path, model, status, fragment) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with TestClient(app) as client:
         answer = client.post("/v1/chat/completions", json={"model": model}, headers=AUTH)
     assert answer.status_code == status and fragment in answer.json()["error"]["message"]
@@ -253,7 +177,7 @@ def test_a_bad_routed_model_is_refused_without_a_switch(tmp_path, model, status,
 
 
 def test_a_request_body_that_is_not_a_json_object_is_a_400(tmp_path) -> None:
-    app, _, _ = _app(tmp_path)
+    app, _, _ = control_app(tmp_path)
     with TestClient(app) as client:
         for content in (b"{", b"[1, 2]"):
             answer = client.post("/v1/completions", content=content, headers=AUTH)
@@ -261,7 +185,7 @@ def test_a_request_body_that_is_not_a_json_object_is_a_400(tmp_path) -> None:
 
 
 def test_a_burst_naming_two_models_all_succeeds_with_few_switches(tmp_path) -> None:
-    app, fake, upstream = _app(tmp_path)
+    app, fake, upstream = control_app(tmp_path)
 
     async def burst() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -284,7 +208,7 @@ def test_a_burst_naming_two_models_all_succeeds_with_few_switches(tmp_path) -> N
 
 
 def test_a_switch_behind_the_routers_back_is_followed(tmp_path) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with TestClient(app) as client:
         assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
         fake.serving = "beta"  # say, `invoke switch` from the CLI
@@ -311,7 +235,7 @@ class Dropping(Upstream):
 
 @pytest.mark.parametrize(("drops", "status"), [(0, 200), (1, 200), (2, 200), (3, 502)])
 def test_a_routed_request_nothing_answered_is_sent_again(tmp_path, drops, status) -> None:
-    host, fake = _contract(tmp_path), FakeHelper()
+    host, fake = control_contract(tmp_path), FakeHelper()
     upstream = Dropping(fake, host, drops)
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
     app = control.create_app(host, fake, KEY, upstream=client)
@@ -342,7 +266,7 @@ def test_the_access_log_keeps_the_api_not_the_routed_requests(path, kept) -> Non
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_after_an_api_switch_a_routed_request_goes_straight_through(tmp_path, stream) -> None:
-    app, fake, _ = _app(tmp_path)
+    app, fake, _ = control_app(tmp_path)
     with TestClient(app) as client:
         assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
         switched = client.post(f"/switch?stream={str(stream).lower()}", json={"model": "beta"},
@@ -360,7 +284,7 @@ def test_after_an_api_switch_a_routed_request_goes_straight_through(tmp_path, st
 
 def test_a_failed_api_switch_makes_the_router_ask_again(tmp_path) -> None:
     fake = FakeHelper()
-    app, fake, _ = _app(tmp_path, fake=fake)
+    app, fake, _ = control_app(tmp_path, fake=fake)
     with TestClient(app) as client:
         assert client.post("/v1/completions", json={"model": "alpha"}, headers=AUTH).is_success
         fake.fail = {"ok": False, "code": 1, "error": "rolled back"}
@@ -397,7 +321,7 @@ def test_the_helper_accepts_its_requests() -> None:
 def test_the_helper_client_relays_progress_and_exactly_one_outcome(tmp_path) -> None:
     """control.Helper against a unix socket that speaks the helper's protocol."""
     sock = tmp_path / "helper.sock"
-    host = _contract(tmp_path)
+    host = control_contract(tmp_path)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = protocol.parse(await reader.readline())
@@ -432,8 +356,7 @@ def _contract_file(tmp_path, extra: list[dict[str, Any]] | None = None, name="mo
     data["settings"]["api_key"]["policy"] = "required"
     data["settings"]["control"] = {"routing": True}
     data["models"] += extra or []
-    source = tmp_path / name
-    source.write_text(yaml.safe_dump(data))
+    source = catalog_file(tmp_path, data, name)
     built = contract.build(catalog.load(source), {})
     path = tmp_path / "contract.json"
     path.write_text(json.dumps(built))
@@ -473,7 +396,7 @@ def test_a_malformed_contract_rewrite_keeps_the_last_good_one(tmp_path, capsys) 
 def test_the_helper_answers_a_refused_switch_and_exits_0(tmp_path) -> None:
     """The refusal is the caller's news: a failed llamavm-switchd@ instance would leave the
     host's systemd degraded."""
-    host = _contract(tmp_path)
+    host = control_contract(tmp_path)
     reader = io.BytesIO(protocol.request_line("switch", model="nope"))
     writer = io.BytesIO()
     writer.close = lambda: None  # type: ignore[method-assign]

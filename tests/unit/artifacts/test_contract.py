@@ -14,7 +14,7 @@ from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.host import contract as host_contract
 from llamavm.inputs import catalog
-from tests.unit.test_catalog import VALID
+from tests.unit.fakes.catalog import VALID
 
 
 def _catalog(tmp_path: Path, **settings) -> catalog.Catalog:

@@ -15,7 +15,7 @@ import pytest
 
 from llamavm.host import helper, protocol
 from llamavm.host.contract import HostError
-from tests.unit.test_host_control import _contract
+from tests.unit.fakes.control import control_contract
 
 
 def _ask(path: Path, line: bytes, timeout: float = 10.0) -> list[dict]:
@@ -32,7 +32,7 @@ def _ask(path: Path, line: bytes, timeout: float = 10.0) -> list[dict]:
 @pytest.fixture
 def running(tmp_path):
     """A daemon on a unix socket in tmp_path: (socket path, package path, stop event, thread)."""
-    host = _contract(tmp_path)
+    host = control_contract(tmp_path)
     path = tmp_path / "switchd.sock"
     package = tmp_path / "llamavm-switch.pyz"
     package.write_bytes(b"v1")

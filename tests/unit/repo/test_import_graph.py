@@ -2,8 +2,9 @@
 inside functions too): no import circles, and the embedded test bed imported only by what may
 (the commands: llamavm/commands/, whose tasks tasks.py assembles; the tests, bench/). The on-host
 package's own rule (it imports only itself, the standard library and the host's Debian packages)
-is tests/unit/test_hostpkg.py's. And what tasks.py imports at start-up leaves out what only some
-tasks need (they import it themselves), so that a quick `invoke switch` does not pay for it.
+is tests/unit/artifacts/test_hostpkg.py's. And what tasks.py imports at start-up leaves out what
+only some tasks need (they import it themselves), so that a quick `invoke switch` does not pay
+for it.
 
 Issue 35 takes the package apart along these lines. Until it has, KNOWN_TESTBED_IMPORTERS lists
 what imports the test bed today, exactly: a new importer fails, and so does one that no longer

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from llamavm.inputs import catalog
-from tests.unit.test_catalog import VALID
+from tests.unit.fakes.catalog import VALID
 
 STRING_FIELDS = [
     ("settings", "share_path"),

@@ -1,5 +1,5 @@
 """Proxmox VE: the example inventory's VM (GPU passthrough, huge pages, a static address)
-created through proxmoxer against a fake Proxmox API over TLS (tests/unit/proxmox_fake.py),
+created through proxmoxer against a fake Proxmox API over TLS (tests/unit/fakes/proxmox.py),
 which records every request; the root-only steps are recorded from the SSH seam, and the
 image fetch script runs for real on local files."""
 
@@ -20,7 +20,7 @@ from llamavm import REPO_ROOT
 from llamavm.ops import remote
 from llamavm.platforms import proxmox
 from llamavm.platforms.vm import cloudinit, vmbuild, vmspec
-from tests.unit.proxmox_fake import FakeProxmox
+from tests.unit.fakes.proxmox import FakeProxmox
 
 INVENTORY = REPO_ROOT / "inventories" / "example-proxmox"
 SECRET = "8a2f6c1e-5d43-4f0b-9b7e-2c1d0e9f8a7b"

@@ -16,12 +16,13 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamavm.host import EXIT_FAILED, EXIT_REFUSED, checks, firewall, gpu, metrics, store
+from llamavm.host import EXIT_FAILED, EXIT_REFUSED, firewall, gpu, metrics, store
 from llamavm.host.contract import Firewall, HostError, Metrics
-from llamavm.host.transaction import Host, Transaction
-from tests.unit.host_fakes import FakeSystemd, contracts
+from llamavm.host.transaction import Transaction
+from tests.unit.fakes.host import contracts, fake_systemd, host_on, switch_tx, warm_checks
+from tests.unit.fakes.nft import FakeNft
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "nvidia-smi"
 FW = Firewall(
     unit="llamavm-firewall.service",
     table="llamavm",
@@ -31,62 +32,20 @@ FW = Firewall(
 )
 
 
-class FakeNft:
-    """The nftables set of open model ports; `loaded` False: the table was deleted."""
-
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = list(ports)
-        self.front: int | None = ports[0] if ports else None  # where the front door leads
-        self.loaded = True
-        self.fail_updates = False
-        self.log: list[str] = []
-
-    def state(self, fw: Firewall) -> list[int]:
-        if not self.loaded:
-            raise HostError("firewall: the nftables set is not loaded", EXIT_REFUSED)
-        return sorted(self.ports)
-
-    def set_open(self, fw: Firewall, ports: list[int], front: int | None = None) -> bool:
-        wanted = front if front is not None else (min(ports) if ports else None)
-        if self.state(fw) == sorted(ports) and self.front == wanted:
-            return False
-        if self.fail_updates:
-            raise HostError("firewall: nft refused the update: boom")
-        self.log.append(f"open {sorted(ports)}")
-        self.ports = list(ports)
-        self.front = wanted
-        return True
-
-    def hold(self, fw: Firewall) -> bool:
-        self.state(fw)
-        self.log.append("hold")
-        changed, self.front = self.front is not None, None
-        return changed
-
-
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """Models 'one' (8001, serving, its port open) and 'two' (8002); the firewall unit active."""
-    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
+    warm_checks(monkeypatch)
     contract = contracts(
         tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"}, firewall=FW
     )
-    fake = FakeSystemd()
-    fake.add(contract, "one")
-    fake.add(contract, "two")
-    fake.serve(contract, "one")
-    fake.units[FW.unit] = type(fake.units[contract.models[0].unit])(active="active")
+    fake = fake_systemd(contract, serving=["one"], active=[FW.unit])
     nft = FakeNft([8001])
     events: list[str] = []
-    host = Host(
+    host = host_on(
         contract,
-        systemd=fake,
-        progress=events.append,
-        health=fake.health,
-        counters=fake.counters,
-        clock=fake.clock,
-        sleep=fake.sleep,
+        fake,
+        events.append,
         open_ports=nft.set_open,
         firewall_state=nft.state,
         front_door_hold=nft.hold,
@@ -99,12 +58,8 @@ def world(tmp_path, monkeypatch):
     return SimpleNamespace(contract=contract, fake=fake, nft=nft, host=host, events=events)
 
 
-def _tx(host: Host) -> Transaction:
-    return Transaction(host, "abc123", "switch")
-
-
 def test_a_switch_opens_the_new_port_only_after_the_new_model_is_verified(world) -> None:
-    result = _tx(world.host).switch("two")
+    result = switch_tx(world.host).switch("two")
     assert result["model"] == "two"
     assert world.nft.ports == [8002]
     # while it was verified (from the host itself) the LAN still saw the old rule set
@@ -120,7 +75,7 @@ def test_a_failed_switch_leaves_the_old_rule_set(world) -> None:
 
     world.host.verify = refuse  # type: ignore[method-assign]
     with pytest.raises(HostError) as failure:
-        _tx(world.host).switch("two")
+        switch_tx(world.host).switch("two")
     assert failure.value.code == EXIT_FAILED
     assert "one is serving again" in str(failure.value)
     assert world.nft.ports == [8001] and world.nft.front == 8001
@@ -130,7 +85,7 @@ def test_a_failed_switch_leaves_the_old_rule_set(world) -> None:
 def test_a_firewall_update_that_fails_rolls_the_switch_back(world) -> None:
     world.nft.fail_updates = True
     with pytest.raises(HostError) as failure:
-        _tx(world.host).switch("two")
+        switch_tx(world.host).switch("two")
     assert failure.value.code == EXIT_FAILED
     assert "nft refused the update" in str(failure.value)
     assert world.fake.running_units() == ["llamavm-model-one.service"]
@@ -144,7 +99,7 @@ def test_a_rollback_to_another_port_puts_that_port_back(world) -> None:
     world.fake.units["llamavm-model-one.service"].active = "inactive"
     world.fake.units["llamavm-model-one.service"].behaviour = "exits"
     with pytest.raises(HostError) as failure:
-        _tx(world.host).switch("one")
+        switch_tx(world.host).switch("one")
     assert "two is serving again" in str(failure.value)
     assert world.nft.ports == [8002]
 
@@ -157,16 +112,16 @@ def test_stop_closes_every_model_port(world) -> None:
 
 def test_a_switch_to_the_serving_model_repairs_the_rule_set(world) -> None:
     world.nft.ports = []
-    result = _tx(world.host).switch("one")
+    result = switch_tx(world.host).switch("one")
     assert result == {"changed": True, "model": "one", "previous": "one"}
     assert world.nft.ports == [8001]
-    assert _tx(world.host).switch("one")["changed"] is False
+    assert switch_tx(world.host).switch("one")["changed"] is False
 
 
 def test_a_deleted_table_refuses_the_switch_before_anything_stops(world) -> None:
     world.nft.loaded = False
     with pytest.raises(HostError) as failure:
-        _tx(world.host).switch("two")
+        switch_tx(world.host).switch("two")
     assert failure.value.code == EXIT_REFUSED
     assert world.fake.running_units() == ["llamavm-model-one.service"]
     assert not [c for c in world.fake.calls if c[0] == "stop"]
@@ -175,7 +130,7 @@ def test_a_deleted_table_refuses_the_switch_before_anything_stops(world) -> None
 def test_with_the_firewall_unit_stopped_the_switch_leaves_nft_alone(world) -> None:
     world.fake.units[FW.unit].active = "inactive"
     world.nft.loaded = False  # would raise if touched
-    assert _tx(world.host).switch("two")["model"] == "two"
+    assert switch_tx(world.host).switch("two")["model"] == "two"
 
 
 def test_sync_opens_the_serving_model_only_when_it_is_healthy(world) -> None:
@@ -325,10 +280,7 @@ def sampled(tmp_path):
         metrics=Metrics(tmp_path / "textfile" / "llamavm.prom", 15.0),
         vram={"total_mib": 1536.5},
     )
-    fake = FakeSystemd()
-    fake.add(contract, "one")
-    fake.add(contract, "two")
-    fake.serve(contract, "one")
+    fake = fake_systemd(contract, serving=["one"])
     state = store.empty_state()
     state["loads"] = {"one": [3.5, 2.25]}
     store.write_json(contract.paths.state, state)
@@ -435,7 +387,7 @@ def test_a_switch_holds_the_front_door_and_drains_before_the_stop(world, monkeyp
         stop(units)
 
     world.fake.stop = watched_stop  # type: ignore[method-assign]
-    result = _tx(world.host).switch("two")
+    result = switch_tx(world.host).switch("two")
     # the front door led nowhere and nothing was in flight when the old model stopped
     assert stops[0] == (None, 0)
     assert world.nft.front == 8002 and world.nft.ports == [8002]
@@ -447,7 +399,7 @@ def test_the_drain_is_bounded(world) -> None:
     world.host.contract = world.contract = replace(world.contract, drain_s=2.0)
     world.host.in_flight = lambda model, key: 1  # type: ignore[method-assign]
     before = world.fake.now
-    _tx(world.host).switch("two")
+    switch_tx(world.host).switch("two")
     assert 2.0 <= world.fake.now - before < 10
     assert any("still in flight after 2s" in e for e in world.events)
 
@@ -458,7 +410,7 @@ def test_a_rolled_back_switch_points_the_front_door_back(world) -> None:
 
     world.host.verify = refuse  # type: ignore[method-assign]
     with pytest.raises(HostError):
-        _tx(world.host).switch("two")
+        switch_tx(world.host).switch("two")
     assert "hold" in world.nft.log
     assert world.nft.front == 8001 and world.nft.ports == [8001]
 

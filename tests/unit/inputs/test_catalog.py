@@ -10,22 +10,7 @@ import pytest
 import yaml
 
 from llamavm.inputs import catalog
-
-VALID: dict[str, Any] = {
-    "settings": {
-        "share_path": "/mnt/models",
-        "controller_share_path": None,
-        "bind_address": "0.0.0.0",
-        "default_model": "alpha",
-        "reserved_ports": {"ssh": 22, "node_exporter": 9100, "proxy": 8443},
-        "vram": {"budget_mib": 32607, "reserve_mib": 1024, "compute_mib": 1024},
-        "api_key": {"policy": "required", "file": "/etc/llamavm/api-key"},
-    },
-    "models": [
-        {"name": "alpha", "aliases": ["a"], "gguf": "alpha/alpha.gguf", "port": 8001},
-        {"name": "beta", "aliases": ["b"], "gguf": "beta.gguf", "port": 8002, "n_cpu_moe": 4},
-    ],
-}
+from tests.unit.fakes.catalog import VALID
 
 
 def _write(tmp_path: Path, data: Any, raw: str | None = None) -> Path:

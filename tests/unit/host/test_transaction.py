@@ -27,35 +27,25 @@ from llamavm.host.runtime import SystemdRuntime
 from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.units import service_section
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
-from tests.unit.host_fakes import FakeSystemd, contracts
+from tests.unit.fakes.host import (
+    FakeSystemd,
+    contracts,
+    fake_systemd,
+    host_on,
+    switch_tx,
+    warm_checks,
+)
 
 
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """Two models, 'one' serving; preflight and verify pass unless a test says otherwise."""
-    warm = {"size": 0, "ino": 1, "mtime_ns": 0, "readable": True, "header": "", "resident": 1.0}
-    monkeypatch.setattr(checks, "preflight", lambda *a, **k: dict(warm))
+    warm_checks(monkeypatch)
     contract = contracts(tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"})
-    fake = FakeSystemd()
-    fake.add(contract, "one")
-    fake.add(contract, "two")
-    fake.serve(contract, "one")
+    fake = fake_systemd(contract, serving=["one"])
     lines: list[str] = []
-    host = Host(
-        contract,
-        systemd=fake,
-        progress=lines.append,
-        health=fake.health,
-        counters=fake.counters,
-        clock=fake.clock,
-        sleep=fake.sleep,
-    )
-    host.verify = lambda model: None  # type: ignore[method-assign]
+    host = host_on(contract, fake, lines.append)
     return contract, fake, host, lines
-
-
-def _tx(host: Host) -> Transaction:
-    return Transaction(host, "abc123", "switch")
 
 
 def _state(contract) -> dict:
@@ -71,7 +61,7 @@ def _seed_state(contract, **fields) -> None:
 
 def test_switch_serves_the_new_model_and_records_it(world) -> None:
     contract, fake, host, _ = world
-    result = _tx(host).switch("two")
+    result = switch_tx(host).switch("two")
     assert result["changed"] and result["model"] == "two" and result["previous"] == "one"
     assert fake.running_units() == ["llamavm-model-two.service"]
     state = _state(contract)
@@ -81,7 +71,7 @@ def test_switch_serves_the_new_model_and_records_it(world) -> None:
 
 def test_switching_to_the_serving_model_changes_nothing(world) -> None:
     _, fake, host, _ = world
-    assert _tx(host).switch("one")["changed"] is False
+    assert switch_tx(host).switch("one")["changed"] is False
     assert not [c for c in fake.calls if c[0] in ("stop", "start")]
 
 
@@ -93,7 +83,7 @@ def test_a_refusal_stops_nothing(world, monkeypatch) -> None:
 
     monkeypatch.setattr(checks, "preflight", refuse)
     with pytest.raises(HostError) as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_REFUSED
     assert not [c for c in fake.calls if c[0] in ("stop", "start")]
     assert fake.running_units() == ["llamavm-model-one.service"]
@@ -104,7 +94,7 @@ def test_a_crash_loop_is_rolled_back_in_seconds_not_at_the_timeout(world) -> Non
     fake.units["llamavm-model-two.service"].behaviour = "crash"
     began = fake.now
     with pytest.raises(HostError) as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_FAILED
     assert "the server exited while loading" in str(caught.value)
     assert "one is serving again" in str(caught.value)
@@ -154,10 +144,10 @@ def test_the_transaction_reaches_the_model_servers_only_through_the_runtime(worl
         counters=fake.counters, clock=fake.clock, sleep=fake.sleep, seam=Recording(),
     )  # fmt: skip
     host.verify = lambda model: None  # type: ignore[method-assign]
-    assert _tx(host).switch("two")["model"] == "two"
+    assert switch_tx(host).switch("two")["model"] == "two"
     fake.units["llamavm-model-one.service"].behaviour = "crash"
     with pytest.raises(HostError, match=r"the server exited .* two is serving again"):
-        _tx(host).switch("one")
+        switch_tx(host).switch("one")
     assert fake.running_units() == ["llamavm-model-two.service"]
     assert {"states", "look", "start", "stop", "reset", "logs"} <= set(asked)
     assert systemd.around == []
@@ -196,7 +186,7 @@ def test_a_failure_while_stopping_rolls_back(world) -> None:
 
     fake.stop = stop  # type: ignore[method-assign]
     with pytest.raises(HostError, match="one is serving again"):
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert fake.running_units() == ["llamavm-model-one.service"]
 
 
@@ -205,7 +195,7 @@ def test_a_slow_load_that_progresses_is_never_rolled_back(world) -> None:
     _seed_state(contract, loads={"two": [0.5]})  # a warm load took 0.5 s: expect 20 s at most
     fake.units["llamavm-model-two.service"].behaviour = "slow"
     fake.units["llamavm-model-two.service"].load_s = 45  # a cold load from a network share
-    result = _tx(host).switch("two")
+    result = switch_tx(host).switch("two")
     assert result["model"] == "two" and result["load_seconds"] >= 45
     assert fake.running_units() == ["llamavm-model-two.service"]
 
@@ -232,7 +222,7 @@ def test_a_long_load_is_watched_in_proc_and_systemctl_is_seldom_forked(world) ->
     unit = fake.units["llamavm-model-two.service"]
     unit.behaviour, unit.load_s = "slow", 45
     asked = _count_shows(fake, "llamavm-model-two.service")
-    result = _tx(host).switch("two")
+    result = switch_tx(host).switch("two")
     assert result["load_seconds"] >= 45
     assert len(asked) <= 15, f"systemd asked {len(asked)} times during a 45 s load"
 
@@ -262,7 +252,7 @@ def test_a_server_that_dies_late_in_a_long_load_is_seen_at_once(world) -> None:
 
     fake.start = start  # type: ignore[method-assign]
     with pytest.raises(HostError, match="the server exited while loading"):
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     # The rollback starts 'one' again within a health poll (250 ms), not a systemd tick later.
     assert restarted and restarted[0] - died_at[0] < 0.5, (died_at, restarted)
 
@@ -273,7 +263,7 @@ def test_a_stalled_load_is_rolled_back_before_the_ceiling(world) -> None:
     fake.units["llamavm-model-two.service"].behaviour = "stall"
     began = fake.now
     with pytest.raises(HostError, match="stalled: no progress") as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_FAILED
     assert 20 < fake.now - began < 60
     assert fake.running_units() == ["llamavm-model-one.service"]
@@ -284,7 +274,7 @@ def test_the_catalog_timeout_is_the_hard_ceiling(world) -> None:
     fake.units["llamavm-model-two.service"].behaviour = "slow"
     fake.units["llamavm-model-two.service"].load_s = 61  # health_timeout_s is 60
     with pytest.raises(HostError, match="not healthy after 60s"):
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert fake.running_units() == ["llamavm-model-one.service"]
 
 
@@ -301,7 +291,7 @@ def test_any_exception_in_the_checks_rolls_back(world, failure) -> None:
 
     host.verify = verify  # type: ignore[method-assign]
     with pytest.raises(HostError) as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_FAILED
     assert type(failure).__name__ in str(caught.value)
     assert fake.running_units() == ["llamavm-model-one.service"]
@@ -316,7 +306,7 @@ def test_a_signal_after_the_stop_rolls_back(world) -> None:
 
     host.verify = interrupted  # type: ignore[method-assign]
     with pytest.raises(HostError, match="interrupted by SIGTERM") as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_FAILED
     assert fake.running_units() == ["llamavm-model-one.service"]
 
@@ -326,7 +316,7 @@ def test_when_the_rollback_fails_too_it_says_so(world) -> None:
     fake.units["llamavm-model-two.service"].behaviour = "exits"
     fake.units["llamavm-model-one.service"].behaviour = "exits"
     with pytest.raises(HostError, match="rollback to one failed too") as caught:
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert caught.value.code == EXIT_ROLLBACK_FAILED
 
 
@@ -335,7 +325,7 @@ def test_with_nothing_serving_before_a_failure_falls_back_to_the_default(world) 
     fake.stop(["llamavm-model-one.service"])
     fake.units["llamavm-model-two.service"].behaviour = "exits"
     with pytest.raises(HostError, match="the default model one serves"):
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     assert fake.running_units() == ["llamavm-model-one.service"]
 
 
@@ -376,7 +366,7 @@ def test_stop_records_the_operators_choice_and_boot_respects_it(world) -> None:
 
 def test_boot_brings_back_the_model_chosen_last(world) -> None:
     _contract, fake, host, _ = world
-    _tx(host).switch("two")
+    switch_tx(host).switch("two")
     fake.stop(["llamavm-model-two.service"])  # the reboot
     assert Transaction(host, "b2", "boot").boot()["model"] == "two"
     assert fake.running_units() == ["llamavm-model-two.service"]
@@ -596,7 +586,7 @@ def test_a_failure_during_shutdown_is_left_to_the_boot(world) -> None:
 
     host.verify = interrupted  # type: ignore[method-assign]
     with pytest.raises(Deferred):
-        _tx(host).switch("two")
+        switch_tx(host).switch("two")
     pending = _state(contract)["pending"]
     assert pending and pending["target"] == "two" and pending["previous"] == "one"
     fake.state = "running"  # ... and after the boot:
