@@ -416,6 +416,7 @@ def build(
             "wait_s": settings.expose.front_door.wait_s,
             "drain_s": settings.expose.front_door.drain_s,
             "tls": settings.expose.front_door.tls,
+            "companions": front_door_companions(catalog),
         },
         "metrics": {
             "enabled": settings.expose.metrics,
@@ -443,3 +444,17 @@ def build(
         "models": models,
         "companions": companions,
     }
+
+
+
+def front_door_companions(catalog: Catalog) -> list[dict[str, Any]]:
+    """What the front door sends beside the big model: per task, the paths and the port of the
+    catalog's first companion of that task (the control service's rule for a request that
+    names no model)."""
+    routes = []
+    for task, paths in host_contract.COMPANION_PATHS.items():
+        model = next((m for m in catalog.models if m.companion and m.task == task), None)
+        if model is not None:
+            routes.append({"name": model.name, "task": task, "port": model.port,
+                           "paths": list(paths)})  # fmt: skip
+    return routes

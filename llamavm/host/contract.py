@@ -12,6 +12,12 @@ from llamavm.host import EXIT_REFUSED
 
 #: The one path the host code knows without the contract: where the contract is.
 CONTRACT_PATH = Path("/etc/llamavm/contract.json")
+#: llama-server's paths of each companion task: the /v1 one (what the control service routes)
+#: first, then the server's other names for the same endpoint (the front door routes them all).
+COMPANION_PATHS = {
+    "embeddings": ("/v1/embeddings", "/embeddings", "/embedding"),
+    "rerank": ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking"),
+}
 VERSION = 4
 
 

@@ -155,23 +155,45 @@ class Transaction(UnitFiles):
         if busy := self.host.in_flight(target, key):
             raise HostError(f"{target.name} has {busy} request(s) in flight: not put to sleep",
                             EXIT_REFUSED)  # fmt: skip
-        self.host.hold_front_door()
-        self.host.drain(running)
+        # Recorded first, like a switch: a sleep killed from here on is finished (the model
+        # stopped: asleep) or undone (it still runs: the front door points at it again) by
+        # whoever comes next (`recover`).
         state = self._state()
-        self._keep_slots(running, state)
-        self.host.stop_units(running)
-        self.host.asleep()
-        state["desired"], state["stopped"] = target.name, False
-        idle_s = target.idle_unload_s
-        state["asleep"] = {"model": target.name, "at": time.time(), "idle_s": idle_s}
-        state["last"] = {"tx": self.tx, "op": self.op, "model": None, "at": time.time()}
+        state["pending"] = {"tx": self.tx, "op": "sleep", "target": target.name,
+                            "previous": target.name, "started": time.time()}  # fmt: skip
         self._save(state)
+        try:
+            self.host.hold_front_door()
+            self.host.drain(running)
+            self._keep_slots(running, state)
+            self.host.failpoint("before_sleep_stop")
+            self.host.stop_units(running)
+            self.host.failpoint("after_sleep_stop")
+        except BaseException:
+            self._end_sleep(target, self._state(), finished=not self.host.running())
+            raise
+        self._end_sleep(target, state, finished=True)
+        idle_s = target.idle_unload_s
         self.host.progress(
             f"{target.name} is asleep"
             + (f" after {idle_s}s without a request" if idle_s else "")
             + "; the next request through the front door or the routing endpoint wakes it"
         )
         return {"changed": True, "asleep": target.name, "stopped": [target.name]}
+
+    def _end_sleep(self, target: Model, state: dict[str, Any], *, finished: bool) -> None:
+        """A sleep's end, whole or cut short: asleep (the front door wakes it), or — the model
+        still runs — serving as before (the front door points at it again)."""
+        if finished:
+            self.host.asleep()
+            state["desired"], state["stopped"] = target.name, False
+            state["asleep"] = {"model": target.name, "at": time.time(),
+                               "idle_s": target.idle_unload_s}  # fmt: skip
+            state["last"] = {"tx": self.tx, "op": "sleep", "model": None, "at": time.time()}
+        else:
+            self.host.expose(target)
+        state["pending"] = None
+        self._save(state)
 
     def restart(self) -> dict[str, Any]:
         """Restart the serving model through the transaction (gated; rolled back on failure)."""
@@ -229,6 +251,17 @@ class Transaction(UnitFiles):
         target = self.contract.find(pending.get("target"))
         previous = self.contract.find(pending.get("previous"))
         running = self.host.running()
+        if pending.get("op") == "sleep" and target is not None:
+            # A sleep stops nothing but its model: finish it, or undo it while the model runs.
+            still = [m.name for m in running] == [target.name]
+            if still or not running:
+                self._end_sleep(target, state, finished=not running)
+                outcome = {"ok": True, "code": 0, "model": target.name if still else None,
+                           "asleep": None if still else target.name, "changed": True}  # fmt: skip
+                outcome.update(tx=tx, op="sleep", recovered=why, at=time.time())
+                store.save_outcome(outcomes, tx, outcome, self.contract.paths.counters)
+                return {"changed": True, "recovered": tx, "outcome": outcome}
+            previous = None  # something else runs: the general recovery below sorts it out
         outcome: dict[str, Any]
         try:
             if target and [m.name for m in running] == [target.name] and target != previous:

@@ -268,6 +268,13 @@ def _check_gguf_path(check: _Checker, where: list[Any], value: str) -> None:
 def _rules(check: _Checker, data: dict[str, Any]) -> None:
     """What the schema can't say: share-relative paths, cross-field and cross-model rules."""
     settings = data["settings"]
+    hidden = validation.mount_point_problem(settings["share_path"])
+    if hidden:
+        raise check.fail(
+            ["settings", "share_path"],
+            hidden,
+            "mount the share on a folder of its own, e.g. /mnt/models",
+        )
     vram = with_defaults(settings["vram"], schema()["$defs"]["settings"]["properties"]["vram"])
     if vram["reserve_mib"] >= vram["budget_mib"]:
         raise check.fail(

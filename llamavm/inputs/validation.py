@@ -171,3 +171,31 @@ def with_defaults(node: dict[str, Any], node_schema: dict[str, Any]) -> dict[str
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
     return out
+
+
+#: Folders a mount must never cover: the system's own, and llamavm's on the host. A share
+#: mounted on one of them (or on a parent: `/`) hides it; one mounted inside the first group
+#: hides part of the system too (inside /home, /root, /var, /tmp, /opt, /srv or /mnt is fine).
+SYSTEM_FOLDERS = (
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+    "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/cache", "/var/lib",
+    "/var/log", "/var/tmp", "/mnt", "/media",
+)  # fmt: skip
+SYSTEM_TREES = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr",
+    "/var/cache", "/var/lib", "/var/log", "/opt/llama.cpp",
+)  # fmt: skip
+
+
+def mount_point_problem(path: str) -> str | None:
+    """Why a share mounted at the absolute `path` would hide part of the system, or None."""
+    parts = path.split("/")[1:]
+    if any(part in (".", "..") for part in parts):
+        return f"{short(path)} has a '.' or '..' part (say the folder itself)"
+    clean = "/" + "/".join(part for part in parts if part)
+    if clean in SYSTEM_FOLDERS:
+        return f"{short(path)} would hide the system folder {clean}"
+    for tree in SYSTEM_TREES:
+        if clean.startswith(tree + "/"):
+            return f"{short(path)} is inside the system folder {tree}"
+    return None

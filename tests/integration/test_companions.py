@@ -29,6 +29,7 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.testbed
 
 CONTROL = "http://{host}:8090"
+FRONT_DOOR = "http://{host}:8443"
 EMBED_PORT, DRAFT_PORT = 8011, 8012
 
 
@@ -124,6 +125,16 @@ def test_an_embeddings_companion_answers_beside_the_big_model(companions, host) 
         "\n", 1)[0])  # fmt: skip
     entry = next(m for m in listed["data"] if m["id"] == "embed")
     assert entry["companion"] is True and entry["task"] == "embeddings"
+    # The front door sends embeddings to the companion too (also under llama-server's other
+    # name for the endpoint: the big model, started without --embeddings, would refuse it),
+    # chats to the big model.
+    code, answer = _post(f"{FRONT_DOOR.format(host=host)}/v1/embeddings", {"input": "front"})
+    assert code == 200 and len(answer["data"][0]["embedding"]) > 8, answer
+    code, answer = _post(f"{FRONT_DOOR.format(host=host)}/embeddings", {"content": "front"})
+    assert code == 200 and answer, answer
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    code, answer = _post(f"{FRONT_DOOR.format(host=host)}/v1/chat/completions", chat)
+    assert code == 200 and answer["model"] == "qwen3-coder-30b", answer
 
 
 def test_a_switch_stops_and_starts_companions_as_the_admission_says(companions, host) -> None:
@@ -139,11 +150,17 @@ def test_a_switch_stops_and_starts_companions_as_the_admission_says(companions, 
     code, refused = _post(f"{CONTROL.format(host=host)}/v1/embeddings", {"input": "x"})
     assert code == 503 and "32624 MiB > budget 32607 MiB" in refused["error"]["message"]
     assert client_curl(f"http://{host}:{EMBED_PORT}/health").returncode != 0  # closed, stopped
+    front = client_curl(f"{FRONT_DOOR.format(host=host)}/v1/embeddings", "-X", "POST",
+                        "-H", "Content-Type: application/json", "-d", '{"input": "x"}')  # fmt: skip
+    said, code = front.stdout.rsplit("\n", 1)
+    assert code == "503" and "embeddings companion embed is not running" in said, front.stdout
     back = invoke("switch", "--model", "qwen", "--catalog", str(companions))
     assert back.returncode == 0, back.stdout + back.stderr
     assert "companion(s) embed serve beside qwen3-coder-30b" in back.stdout + back.stderr
     assert _companion_states() == {"embed": "active", "qwen-draft": "active"}
     code, answer = _post(f"{CONTROL.format(host=host)}/v1/embeddings", {"input": "back"})
+    assert code == 200 and answer["data"], answer
+    code, answer = _post(f"{FRONT_DOOR.format(host=host)}/v1/embeddings", {"input": "back"})
     assert code == 200 and answer["data"], answer
 
 

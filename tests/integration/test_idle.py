@@ -22,10 +22,12 @@ from llamavm.inputs import catalog
 from tests.integration.helpers import (
     TESTBED_CATALOG,
     active_units,
+    clear_failpoints,
     client_curl,
     host_run,
     http_code,
     invoke,
+    set_failpoints,
     url,
     wait_for,
 )
@@ -153,6 +155,28 @@ def test_the_routing_endpoint_wakes_it_too(idle_bed, host) -> None:
     assert code == 200, reply
     assert _content(reply) == _answer(cat.default.name)
     assert _status(path)["active"] == cat.default.name
+
+
+def test_a_sleep_killed_after_its_stop_is_finished_and_the_front_door_still_wakes_it(
+    idle_bed, host
+) -> None:
+    cat, path = idle_bed
+    model = cat.default
+    front = f"http://{host}:{cat.settings.reserved_ports['proxy']}/v1/chat/completions"
+    code, _ = _chat(front)  # awake, serving
+    assert code == 200 and _status(path)["active"] == model.name
+    set_failpoints({"after_sleep_stop": {"kill": True}})  # the sleep's process dies mid-way
+    try:
+        _fall_asleep(cat, path)  # recorded first, so its recovery finishes it
+    finally:
+        clear_failpoints()
+    assert active_units() == []
+    listed = host_run("nft -j list map inet llamavm front_door").stdout
+    assert [8400, 8401] in json.loads(listed)["nftables"][1]["map"]["elem"]
+    code, reply = _chat(front)
+    assert code == 200, reply
+    assert _content(reply) == _answer(model.name)
+    assert _status(path)["active"] == model.name
 
 
 def test_the_picker_view_and_the_metrics_say_asleep(idle_bed, host) -> None:

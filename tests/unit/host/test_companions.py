@@ -180,6 +180,25 @@ def test_a_draft_is_counted_in_its_big_model(tmp_path) -> None:
 # --- the contract -------------------------------------------------------------------------------
 
 
+def test_the_front_door_routes_each_task_to_its_first_companion(tmp_path) -> None:
+    data = _data()
+    data["models"].append({"name": "embed2", "gguf": "e2.gguf", "port": 8013,
+                           "companion": True, "task": "embeddings", "vram_mib": 100})  # fmt: skip
+    data["models"].append({"name": "ranker", "gguf": "r.gguf", "port": 8014,
+                           "companion": True, "task": "rerank", "vram_mib": 100})  # fmt: skip
+    cat = _parse(data, tmp_path)
+    built = contract.build(cat, {m.name: vram.estimate(cat, m).as_dict() for m in cat.models})
+    routes = {r["task"]: r for r in built["front_door"]["companions"]}
+    assert routes["embeddings"]["name"] == "embed" and routes["embeddings"]["port"] == 8011
+    assert "/v1/embeddings" in routes["embeddings"]["paths"]
+    assert routes["rerank"]["name"] == "ranker" and routes["rerank"]["port"] == 8014
+    assert "/v1/rerank" in routes["rerank"]["paths"]
+    # Without a companion of a task, nothing is routed beside the big model.
+    plain = _parse({**_data(), "models": _data()["models"][:2]}, tmp_path)
+    built = contract.build(plain, {m.name: vram.estimate(plain, m).as_dict() for m in plain.models})
+    assert built["front_door"]["companions"] == []
+
+
 def test_the_contract_keeps_companions_out_of_the_conflicts(tmp_path) -> None:
     cat = _parse(_data(draft="small"), tmp_path)
     estimates = {m.name: vram.estimate(cat, m).as_dict() for m in cat.models}

@@ -180,6 +180,65 @@ def test_sleep_is_refused_while_a_request_is_in_flight(host_world) -> None:
     assert w.fake.running_units() == ["llamavm-model-one.service"] and w.nft.ports == [8001]
 
 
+class Killed(BaseException):
+    """The sleep's process dies at a failpoint: nothing of it runs after that."""
+
+
+def _killed_at(world, point: str) -> None:
+    """A sleep whose process dies at `point` (its own clean-up never runs)."""
+
+    def failpoint(name: str) -> None:
+        if name == point:
+            raise Killed(name)
+
+    world.host.failpoint = failpoint
+    tx = Transaction(world.host, "sleepk", "sleep")
+    tx._end_sleep = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        tx.sleep("one")
+    world.host.failpoint = lambda name: None
+    assert _state(world)["pending"]["op"] == "sleep"  # recorded before anything changed
+
+
+def test_a_sleep_killed_after_the_stop_is_finished_by_the_next_command(host_world) -> None:
+    w = host_world
+    _killed_at(w, "after_sleep_stop")
+    assert w.fake.running_units() == [] and w.nft.log == ["hold"]  # nothing wakes it yet
+    done = Transaction(w.host, "rec1", "recover").recover("killed")
+    assert done["recovered"] == "sleepk" and done["outcome"]["asleep"] == "one"
+    state = _state(w)
+    assert state["pending"] is None and state["asleep"]["model"] == "one"
+    assert state["desired"] == "one" and w.nft.front == 8401  # the front door wakes it
+    assert store.read_outcome(w.contract.paths.outcomes, "sleepk")["ok"] is True
+    assert Transaction(w.host, "rec2", "recover").recover("again") == {"changed": False}
+
+
+def test_a_sleep_killed_before_the_stop_is_undone_by_the_next_command(host_world) -> None:
+    w = host_world
+    _killed_at(w, "before_sleep_stop")
+    assert w.fake.running_units() == ["llamavm-model-one.service"]
+    done = Transaction(w.host, "rec3", "recover").recover("killed")
+    assert done["outcome"]["model"] == "one" and done["outcome"]["asleep"] is None
+    state = _state(w)
+    assert state["pending"] is None and state["asleep"] is None
+    assert w.nft.front == 8001 and w.nft.ports == [8001]  # serving as before
+
+
+def test_a_sleep_that_fails_before_the_stop_leaves_the_model_serving(host_world) -> None:
+    w = host_world
+
+    def failpoint(name: str) -> None:
+        if name == "before_sleep_stop":
+            raise RuntimeError("drain broke")
+
+    w.host.failpoint = failpoint
+    with pytest.raises(RuntimeError):
+        Transaction(w.host, "sleepf", "sleep").sleep("one")
+    state = _state(w)
+    assert state["pending"] is None and state["asleep"] is None
+    assert w.fake.running_units() == ["llamavm-model-one.service"] and w.nft.front == 8001
+
+
 def test_a_switch_wakes_it_and_stop_or_boot_keep_the_record_right(host_world) -> None:
     w = host_world
     Transaction(w.host, "sleep4", "sleep").sleep("one")

@@ -111,6 +111,17 @@ def test_unit_injection_through_extra_args_is_refused(tmp_path) -> None:
         (("settings", "share_path"), "/mnt/my models", "is not an absolute path"),
         (("settings", "share_path"), "/mnt/%h", "is not an absolute path"),
         (("settings", "share_path"), "/mnt/models/", "is not an absolute path"),
+        (("settings", "share_path"), "/home", "would hide the system folder /home"),
+        (("settings", "share_path"), "/etc", "would hide the system folder /etc"),
+        (("settings", "share_path"), "/var", "would hide the system folder /var"),
+        (("settings", "share_path"), "/tmp", "would hide the system folder /tmp"),
+        (("settings", "share_path"), "/etc/models", "is inside the system folder /etc"),
+        (("settings", "share_path"), "/usr/share/models", "is inside the system folder /usr"),
+        (("settings", "share_path"), "/var/lib/models", "is inside the system folder /var/lib"),
+        (("settings", "share_path"), "/mnt/../etc", "has a '.' or '..' part"),
+        (("settings", "share_path"), "/mnt/./models", "has a '.' or '..' part"),
+        (("settings", "share_path"), "/srv/models", None),
+        (("settings", "share_path"), "/home/me/models", None),
         (("settings", "api_key", "file"), "/etc/shadow", "is not a file in /etc/llamavm"),
         (("settings", "api_key", "file"), "/etc/llamavm/../shadow", "is not a file in"),
         (("settings", "controller_share_path"), "relative/dir", "is not an absolute path"),
@@ -126,10 +137,14 @@ def test_unit_injection_through_extra_args_is_refused(tmp_path) -> None:
 def test_every_field_is_checked_for_what_it_is(tmp_path, path, value, fragment) -> None:
     data = _data()
     _set(data, path, value)
-    if fragment is None:  # a name with a dot is fine
+    if fragment is None:  # a name with a dot is fine, a share on a folder of its own too
         file = tmp_path / "ok.yaml"
         file.write_text(yaml.safe_dump(data))
-        assert catalog.load(file).models[1].name == value
+        loaded = catalog.load(file)
+        if path[-1] == "share_path":
+            assert loaded.settings.share_path == value
+        else:
+            assert loaded.models[1].name == value
         return
     assert fragment in _load(tmp_path, data)
 
