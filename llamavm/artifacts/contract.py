@@ -446,7 +446,6 @@ def build(
     }
 
 
-
 def front_door_companions(catalog: Catalog) -> list[dict[str, Any]]:
     """What the front door sends beside the big model: per task, the paths and the port of the
     catalog's first companion of that task (the control service's rule for a request that
