@@ -125,6 +125,18 @@ class Control:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """What runs the model servers: systemd units, or the containers of a Compose project (a
+    model's `unit` its container's name) on the engine behind `socket`."""
+
+    kind: str = "systemd"
+    socket: str = ""
+    #: The label every model container of the project carries (KEY or KEY=VALUE).
+    label: str = ""
+    grace_s: int = 30
+
+
+@dataclass(frozen=True)
 class Contract:
     paths: Paths
     service_user: str
@@ -150,6 +162,8 @@ class Contract:
     control: Control | None = None
     #: Small models that run beside the big one (never switched to).
     companions: tuple[Model, ...] = ()
+    #: What runs the model servers (None: systemd).
+    runtime: RuntimeSpec | None = None
 
     def companion(self, name: str | None) -> Model | None:
         """The companion called `name` (its name or an alias), or None."""
@@ -216,6 +230,7 @@ def parse(data: dict[str, Any]) -> Contract:
         drain_s=float(data["front_door"]["drain_s"]) if data["front_door"]["enabled"] else 0.0,
         control=_control(data["control"]),
         companions=companions,
+        runtime=RuntimeSpec(**data["runtime"]) if data.get("runtime") else None,
     )
 
 

@@ -10,14 +10,16 @@ load (watch.py judges it), verify.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from llamavm.host import checks, gpu, http
 from llamavm.host import watch as watch_mod
 from llamavm.host.contract import Contract, HostError, Model
+from llamavm.host.engine import EngineApi
 from llamavm.host.systemd import Systemd
 
 #: systemd states in which a unit counts as running (it holds, or is about to hold, the GPU).
@@ -69,15 +71,27 @@ class Runtime(Protocol):
         """The last `lines` lines `model`'s server wrote."""
         ...
 
+    def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
+        """What `model`'s server (PID `pid`) has done so far (CPU, I/O): a load that moves
+        them progresses. None when it can't be seen."""
+        ...
+
 
 class SystemdRuntime:
     """The model servers as systemd units (a model's `unit`); `clock` and `sleep` time the wait
     for a stopped unit's processes to be gone."""
 
+    START = "systemctl start"
+
     def __init__(
-        self, systemd: Systemd, clock: Callable[[], float], sleep: Callable[[float], None]
+        self,
+        systemd: Systemd,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+        counters: Callable[[int], tuple[int, ...] | None] = watch_mod.process_counters,
     ) -> None:
         self.systemd, self.clock, self.sleep = systemd, clock, sleep
+        self._counters = counters
 
     def states(self, models: Sequence[Model]) -> dict[str, str]:
         props = self.systemd.show([m.unit for m in models], ["ActiveState"])
@@ -117,6 +131,107 @@ class SystemdRuntime:
     def logs(self, model: Model, lines: int = 25) -> str:
         return self.systemd.journal_tail(model.unit, lines)
 
+    def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
+        """The server's process in /proc (no fork)."""
+        return self._counters(pid) if pid else None
+
+
+# --- the Compose side -------------------------------------------------------------------------
+#
+# The model servers as the containers of one Compose project, through the engine's API
+# (engine.py). A model's `unit` is its container's name; the project renders and creates the
+# containers, this only starts, stops and looks at them, in systemd's vocabulary:
+#
+#     running           active / running       (the server may still load: /health says)
+#     restarting        activating / auto-restart   (on-failure restart: a crash)
+#     created, exited   inactive / dead        (exit 0, or a stop's SIGTERM/SIGKILL)
+#     exited (other)    failed / failed
+#     removing          deactivating / stop
+#     (no container)    inactive / dead
+#
+# The start of a run (the engine's StartedAt) stands for systemd's InvocationID, the engine's
+# RestartCount for NRestarts, the container's CPU and bytes read (its stats) for the server's
+# /proc counters — so the load watch, the roll back and the recovery above the seam are the
+# same code for both runtimes.
+
+#: Exit codes of a server that was stopped, not one that failed (0, SIGINT, SIGKILL, SIGTERM).
+STOPPED_CODES = (0, 130, 137, 143)
+#: The engine's "never started" time.
+NEVER = "0001-01-01T00:00:00Z"
+_EXITED = re.compile(r"^Exited \((-?\d+)\)")
+
+
+def _states(status: str, exit_code: int, oom: bool = False) -> tuple[str, str]:
+    if status == "running":
+        return "active", "running"
+    if status == "paused":
+        return "active", "paused"
+    if status == "restarting":
+        return "activating", "auto-restart"
+    if status == "removing":
+        return "deactivating", "stop"
+    if status in ("exited", "dead") and (oom or exit_code not in STOPPED_CODES):
+        return "failed", "failed"
+    return "inactive", "dead"
+
+
+class ComposeRuntime:
+    """The model containers of one project on the engine `api`; `grace_s`: how long a stopped
+    server gets before SIGKILL (the project's stop_grace_period)."""
+
+    START = "the engine's start"
+
+    def __init__(self, api: EngineApi, label: str, grace_s: int = 30) -> None:
+        self.api, self.label, self.grace_s = api, label, grace_s
+
+    def states(self, models: Sequence[Model]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for entry in self.api.containers(self.label):
+            code = _EXITED.match(str(entry.get("Status", "")))
+            state = _states(str(entry.get("State", "")), int(code.group(1)) if code else 0)[0]
+            for name in entry.get("Names") or []:
+                found[str(name).lstrip("/")] = state
+        return {m.unit: found.get(m.unit, "inactive") for m in models}
+
+    def look(self, model: Model) -> UnitState:
+        data = self.api.inspect(model.unit)
+        if not data:
+            return UnitState(active="inactive", sub="dead")
+        state: dict[str, Any] = data.get("State") or {}
+        active, sub = _states(
+            str(state.get("Status", "")), int(state.get("ExitCode") or 0),
+            bool(state.get("OOMKilled")),
+        )  # fmt: skip
+        started = str(state.get("StartedAt") or "")
+        return UnitState(
+            active=active,
+            sub=sub,
+            invocation="" if started in ("", NEVER) else started,
+            pid=int(state.get("Pid") or 0),
+            restarts=int(data.get("RestartCount") or 0),
+        )
+
+    def pid(self, model: Model) -> int:
+        return self.look(model).pid
+
+    def start(self, model: Model) -> str:
+        if self.api.inspect(model.unit) is None:
+            return f"no container {model.unit} (create the project's containers: invoke provision)"
+        return self.api.start(model.unit)
+
+    def stop(self, models: Sequence[Model]) -> None:
+        for model in models:
+            self.api.stop(model.unit, self.grace_s)
+
+    def reset(self, models: Sequence[Model]) -> None:
+        """Nothing to forget: the engine keeps no failed state that blocks a start."""
+
+    def logs(self, model: Model, lines: int = 25) -> str:
+        return self.api.logs(model.unit, lines)
+
+    def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
+        return self.api.usage(model.unit) if pid else None
+
 
 class Serving:
     """The model operations of the transaction's `Host` (a part of it: these are its fields)."""
@@ -130,10 +245,16 @@ class Serving:
     clock: Callable[[], float]
     sleep: Callable[[float], None]
 
+    engine: Callable[[str], EngineApi]
+
     @property
     def runtime(self) -> Runtime:
-        """What runs the model servers: their systemd units, on every host so far."""
-        return SystemdRuntime(self.systemd, self.clock, self.sleep)
+        """What runs the model servers, as the contract says: systemd units, or the containers
+        of a Compose project on the engine at its socket."""
+        spec = self.contract.runtime
+        if spec is not None and spec.kind == "compose":
+            return ComposeRuntime(self.engine(spec.socket), spec.label, spec.grace_s)
+        return SystemdRuntime(self.systemd, self.clock, self.sleep, self.counters)
 
     def running(self) -> list[Model]:
         """Models whose unit is active, starting or stopping right now (one look)."""
@@ -179,7 +300,7 @@ class Serving:
         runtime.reset([model])
         error = runtime.start(model)
         if error:
-            raise HostError(f"{model.name}: systemctl start failed: {error}")
+            raise HostError(f"{model.name}: {runtime.START} failed: {error}")
         watch = watch_mod.LoadWatch(
             expected_s=watch_mod.expected_seconds(loads, float(model.health_timeout_s)),
             ceiling_s=float(model.health_timeout_s),
@@ -199,7 +320,7 @@ class Serving:
             sample = watch_mod.Sample(elapsed, self.healthy(model))
             # The server's process, looked at in /proc (no fork): gone means it exited or
             # systemd restarts it, and systemd is asked at once.
-            counters = self.counters(pid) if pid else None
+            counters = runtime.counters(model, pid)
             # systemctl is a fork and an exec (under TCG about 0.1 s of CPU, taken from the very
             # load it watches): asked 4 times a second until the server's PID is known, when
             # the server looks ready, when its process is gone, else every SYSTEMD_EVERY_S.
@@ -215,7 +336,7 @@ class Serving:
                 sample.n_restarts = unit.restarts
                 if sample.main_pid != pid:
                     pid = sample.main_pid
-                    counters = self.counters(pid) if pid else None
+                    counters = runtime.counters(model, pid)
             if counters is not None and elapsed - last_counters >= 1.0:
                 last_counters = elapsed
                 sample.counters = counters

@@ -35,6 +35,7 @@ from llamavm.host import (
 from llamavm.host import watch as watch_mod
 from llamavm.host.contract import Contract, Firewall, HostError, Model
 from llamavm.host.effects import Effects
+from llamavm.host.engine import EngineApi
 from llamavm.host.runtime import Serving
 from llamavm.host.systemd import Systemd
 from llamavm.host.units import UnitFiles, install_unit
@@ -71,6 +72,7 @@ class Host(Serving, Effects):
     front_door_hold: Callable[[Firewall], bool] = firewall.hold
     front_door_wake: Callable[..., bool] = firewall.wake
     server_request: Callable[..., tuple[int, Any]] = http.request
+    engine: Callable[[str], EngineApi] = EngineApi
 
 
 @dataclass

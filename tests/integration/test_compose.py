@@ -95,6 +95,42 @@ def test_provision_builds_the_image_and_serves_the_lan(provisioned_compose, mode
     assert again.returncode == 0 and "compose: up to date, no changes" in again.stdout, again.stdout
 
 
+def test_the_host_runtime_sees_the_projects_containers_through_the_engine_api(
+    provisioned_compose, models
+) -> None:
+    """The runtime seam's Compose side (llamavm.host.runtime.ComposeRuntime) on the real
+    engine's socket: what serves, in systemd's words, its logs and its counters."""
+    from dataclasses import replace
+
+    from llamavm.host.engine import EngineApi
+    from llamavm.host.runtime import ComposeRuntime
+
+    runtime = ComposeRuntime(EngineApi(str(engine_mod.SOCKET)), f"{LABEL}.model")
+    big = [replace(m, unit=f"llamavm-{m.name}") for m in _host_models(models)]
+    states = runtime.states(big)
+    assert states[f"llamavm-{models.default.name}"] == "active", states
+    assert [u for u, s in states.items() if s == "active"] == [f"llamavm-{models.default.name}"]
+    serving_one = next(m for m in big if m.name == models.default.name)
+    look = runtime.look(serving_one)
+    assert (look.active, look.sub) == ("active", "running") and look.pid > 0 and look.invocation
+    assert runtime.counters(serving_one, look.pid)[0] > 0  # CPU the server has used
+    assert runtime.logs(serving_one, 50).strip()  # llama-server's own lines, frames stripped
+
+
+def _host_models(models):
+    """The catalog's big models as the host package sees them (a unit each)."""
+    from llamavm.host.contract import Model as HostModel
+
+    return [
+        HostModel(name=m.name, aliases=tuple(m.aliases), unit=m.unit, port=m.port,
+                  gguf=Path("/models") / m.gguf, base_url=f"http://{ADDRESS}:{m.port}",
+                  health_url=f"http://{ADDRESS}:{m.port}/health", ctx_size=m.ctx_size,
+                  parallel=m.parallel, health_timeout_s=m.health_timeout_s, size_bytes=None,
+                  sha256=None, vram={})
+        for m in models.big
+    ]  # fmt: skip
+
+
 def test_switch_moves_the_model_and_status_agrees(provisioned_compose, models) -> None:
     engine, _ = provisioned_compose
     other = next(m for m in models.big if m != models.default)

@@ -27,6 +27,7 @@ from llamavm.host.runtime import SystemdRuntime
 from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.units import service_section
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
+from tests.unit.fakes.engine import FakeEngine, compose_contract
 from tests.unit.fakes.host import (
     FakeSystemd,
     contracts,
@@ -37,14 +38,21 @@ from tests.unit.fakes.host import (
 )
 
 
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    """Two models, 'one' serving; preflight and verify pass unless a test says otherwise."""
+@pytest.fixture(params=["systemd", "compose"])
+def world(request, tmp_path, monkeypatch):
+    """Two models, 'one' serving; preflight and verify pass unless a test says otherwise. Every
+    test runs on both sides of the runtime seam: systemd units, and the containers of a Compose
+    project (the same fake units seen through the engine's API) — one transaction for both."""
     warm_checks(monkeypatch)
     contract = contracts(tmp_path, {"one": tmp_path / "one.gguf", "two": tmp_path / "two.gguf"})
     fake = fake_systemd(contract, serving=["one"])
     lines: list[str] = []
-    host = host_on(contract, fake, lines.append)
+    if request.param == "compose":
+        contract = compose_contract(contract)
+        engine = FakeEngine(fake)
+        host = host_on(contract, fake, lines.append, engine=lambda socket: engine)
+    else:
+        host = host_on(contract, fake, lines.append)
     return contract, fake, host, lines
 
 
@@ -131,7 +139,7 @@ def test_the_transaction_reaches_the_model_servers_only_through_the_runtime(worl
     """start, stop, is-active and logs of one model's unit: a switch and its rollback ask the
     runtime (runtime.py) and nothing else of what runs the models."""
     contract, fake, _, lines = world
-    runtime, asked = SystemdRuntime(fake, fake.clock, fake.sleep), []
+    runtime, asked = SystemdRuntime(fake, fake.clock, fake.sleep, fake.counters), []
 
     class Recording:
         def __getattr__(self, name: str) -> Any:
