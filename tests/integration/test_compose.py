@@ -20,11 +20,10 @@ import pytest
 import yaml
 
 from llamavm import REPO_ROOT
-from llamavm.inputs import catalog, inventory
-from llamavm.platforms.compose import site as site_mod
+from llamavm.inputs import catalog
 from llamavm.platforms.compose.engine import Engine
 from llamavm.platforms.compose.render import LABEL
-from tests.integration import engine as engine_mod
+from llamavm.testbed import docker as engine_mod
 from tests.integration.helpers import (
     INVOKE,
     SHARE,
@@ -37,8 +36,8 @@ from tests.integration.helpers import (
 
 pytestmark = [pytest.mark.testbed, pytest.mark.compose]
 
-INVENTORY = "local-compose"
-ADDRESS = "10.213.0.1"
+INVENTORY = engine_mod.INVENTORY
+ADDRESS = engine_mod.ADDRESS
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,7 @@ def engine(testbed_info) -> Iterator[Engine]:
     engine_mod.install()
     proc = engine_mod.start()
     try:
-        engine_mod.base_image()
-        inv = inventory.resolve(INVENTORY)
-        cat = catalog.load(catalog.catalog_path(None, inv.catalog))
-        yield Engine(site_mod.site(inv, cat, ADDRESS))
+        yield engine_mod.project(INVENTORY, ADDRESS)[0]
     finally:
         left = engine_mod.docker("ps", "-aq", "--filter", f"label={LABEL}.model",
                                  check=False).stdout.split()  # fmt: skip

@@ -1,7 +1,8 @@
-"""A real container engine for the Compose tests (tests/integration/test_compose.py): Debian's
-docker.io and docker-compose, dockerd started by hand (this machine has no systemd) with a data
-root and a socket of its own, and the base image made from the test bed's Debian rootfs — no
-registry is reachable here, and that rootfs has the build tools already."""
+"""A real container engine for the Compose tests and bench (tests/integration/test_compose.py,
+bench/compose.py): Debian's docker.io and docker-compose, dockerd started by hand (this machine
+has no systemd) with a data root and a socket of its own, and the base image made from the test
+bed's Debian rootfs — no registry is reachable here, and that rootfs has the build tools
+already."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from llamavm import paths
 from llamavm.testbed import config
@@ -104,3 +106,22 @@ def available() -> str | None:
     if shutil.which("apt-get") is None and shutil.which("dockerd") is None:
         return "no dockerd and no apt-get to install it"
     return None
+
+
+#: The Compose inventory of the tests and bench, and the controller's address on the test
+#: bed's LAN, where the project publishes its ports (llamavm_compose_bind_address).
+INVENTORY = "local-compose"
+ADDRESS = "10.213.0.1"
+
+
+def project(name: str = INVENTORY, address: str = ADDRESS) -> tuple[Any, Any]:
+    """(the engine's client for inventory `name`'s Compose project, the inventory's catalog),
+    with the base image made (the engine is up)."""
+    from llamavm.inputs import catalog, inventory
+    from llamavm.platforms.compose import site as site_mod
+    from llamavm.platforms.compose.engine import Engine
+
+    base_image()
+    inv = inventory.resolve(name)
+    cat = catalog.load(catalog.catalog_path(None, inv.catalog))
+    return Engine(site_mod.site(inv, cat, address)), cat
