@@ -173,7 +173,7 @@ def with_defaults(node: dict[str, Any], node_schema: dict[str, Any]) -> dict[str
     return out
 
 
-#: Folders a mount must never cover: the system's own, and llamavm's on the host. A share
+#: Folders a mount must never cover: the system's own. A share
 #: mounted on one of them (or on a parent: `/`) hides it; one mounted inside the first group
 #: hides part of the system too (inside /home, /root, /var, /tmp, /opt, /srv or /mnt is fine).
 SYSTEM_FOLDERS = (
@@ -183,7 +183,7 @@ SYSTEM_FOLDERS = (
 )  # fmt: skip
 SYSTEM_TREES = (
     "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr",
-    "/var/cache", "/var/lib", "/var/log", "/opt/llama.cpp",
+    "/var/cache", "/var/lib", "/var/log",
 )  # fmt: skip
 
 
