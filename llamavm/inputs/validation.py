@@ -173,9 +173,9 @@ def with_defaults(node: dict[str, Any], node_schema: dict[str, Any]) -> dict[str
     return out
 
 
-#: Folders a mount must never cover: the system's own. A share
-#: mounted on one of them (or on a parent: `/`) hides it; one mounted inside the first group
-#: hides part of the system too (inside /home, /root, /var, /tmp, /opt, /srv or /mnt is fine).
+#: Folders a share must never be mounted on: the system's own (mounted there, it hides them).
+#: SYSTEM_TREES: folders a share must not be mounted inside either (it would hide part of the
+#: system); inside /home, /root, /var, /tmp, /opt, /srv or /mnt is fine.
 SYSTEM_FOLDERS = (
     "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
     "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/cache", "/var/lib",
