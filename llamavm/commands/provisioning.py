@@ -59,7 +59,7 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
     on_compose = compose_engine(inventory, catalog)
     if on_compose:
         from llamavm.platforms.compose import engine as engine_mod
-        from llamavm.platforms.compose import switch as switch_mod
+        from llamavm.platforms.compose import project
 
         if check or limit or full:
             raise LlamavmError("--check, --limit and --full are for Ansible hosts, not compose")
@@ -73,7 +73,7 @@ def provision(c, inventory=None, catalog=None, limit=None, check=False, full=Fal
             machine.up()
             if cat.settings.controller_share_path:
                 tinymodel.ensure_all(Path(cat.settings.controller_share_path))
-        done = switch_mod.provision(cat, engine, say=say)
+        done = project.provision(cat, engine, target, say=say)
         say(f"llamavm: {target.name}: " + ("; ".join(done) if done else "up to date, no changes"))
         for name in engine_mod.running(engine.containers()):
             model = cat.resolve(name)

@@ -1,5 +1,6 @@
 """`invoke switch`, `stop`, `status` and `logs`: on one host or many at once (a line each as it
-ends, a failing host failing alone), or on an inventory's Compose engine."""
+ends, a failing host failing alone), or on a Compose inventory's project (its switchd
+container runs the same `llamavm-switch` as a host's SSH session)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from llamavm.commands.cli import errors_to_exit, say
 from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, compose_engine, pick_hosts
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog as catalog_mod
-from llamavm.inputs import inventory as inventory_mod
 from llamavm.ops import control_api, remote
 
 HOST_HELP = (
@@ -69,6 +69,18 @@ def _fail_if_any(outcomes, what):
     )
 
 
+def _targets(inventory, catalog, host):
+    """(catalog, hosts) the command works on: the inventory's hosts its pattern picks, or a
+    Compose inventory's one host, reached through the project's switchd container."""
+    on_compose = compose_engine(inventory, catalog)
+    if not on_compose:
+        return pick_hosts(inventory, catalog, host)
+    from llamavm.platforms.compose import project
+
+    cat, engine, target = on_compose
+    return cat, [project.target(engine, target)]
+
+
 @task(
     help={
         "model": "model name or alias from the catalog",
@@ -83,10 +95,7 @@ def _fail_if_any(outcomes, what):
 @errors_to_exit
 def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=False, dry=False):
     """Swap the served model: checked first, health-gated, rolls back on failure."""
-    on_compose = compose_engine(inventory, catalog)
-    if on_compose:
-        return _compose_switch(*on_compose, model, inventory=inventory, json=json, dry=dry)
-    cat, targets = pick_hosts(inventory, catalog, host)
+    cat, targets = _targets(inventory, catalog, host)
     wanted = cat.resolve(model)
     # One host: its progress streams. Many: they run at once, a line each as it ends.
     stream = len(targets) == 1 and not json
@@ -123,24 +132,7 @@ def switch(c, model, inventory=None, catalog=None, host=None, forks=10, json=Fal
 @errors_to_exit
 def stop(c, inventory=None, host=None, forks=10, dry=False, json=False):
     """Stop the active model on the target hosts."""
-    on_compose = compose_engine(inventory)
-    if on_compose:
-        from llamavm.platforms.compose import engine as engine_mod
-        from llamavm.platforms.compose import switch as switch_mod
-
-        _, engine, target = on_compose
-        if dry:
-            answer = {"running": engine_mod.running(engine.containers())}
-        else:
-            answer = switch_mod.stop(engine)
-        if json:
-            say(jsonlib.dumps({target.name: answer}, indent=2))
-        elif dry:
-            say(f"llamavm: {target.name}: would stop {', '.join(answer['running']) or 'nothing'}")
-        else:
-            say(f"llamavm: {target.name}: stopped {', '.join(answer['stopped']) or 'nothing'}")
-        return
-    cat, targets = pick_hosts(inventory, None, host)
+    cat, targets = _targets(inventory, None, host)
     stream = len(targets) == 1 and not json
 
     def work(target):
@@ -181,19 +173,7 @@ def status(c, inventory=None, catalog=None, host=None, forks=10, json=False):
     """Show per host: active model, URL, health, uptime, load time, GPU memory."""
     from llamavm.ops import fleet
 
-    on_compose = compose_engine(inventory, catalog)
-    if on_compose:
-        from llamavm.platforms.compose import switch as switch_mod
-
-        cat, engine, target = on_compose
-        answer = {**switch_mod.status(cat, engine), "address": target.address}
-        results = {target.name: answer}
-        say(jsonlib.dumps(results, indent=2) if json else status_view.render(results))
-        if len(answer["running"]) > 1:
-            raise Exit(code=1)
-        return
-
-    _, targets = pick_hosts(inventory, catalog, host)
+    _, targets = _targets(inventory, catalog, host)
     results = {}
     for target, answer in fleet.each(targets, lambda t: remote.query(t, ["status"]), forks=forks):
         if isinstance(answer, BaseException):
@@ -272,25 +252,3 @@ def logs(c, inventory=None, host=None, lines=100, follow=True):
             proc.terminate()
         codes = [0]
     raise Exit(code=max(codes))
-
-
-def _compose_switch(cat, engine, target, model, *, inventory=None, json=False, dry=False):
-    from llamavm.artifacts import contract
-    from llamavm.platforms.compose import engine as engine_mod
-    from llamavm.platforms.compose import switch as switch_mod
-
-    wanted = cat.resolve(model)
-    if dry:
-        switch_mod.checks(cat, engine, wanted)
-        running = engine_mod.running(engine.containers())
-        answer = {"ok": True, "running": running}
-    else:
-        if not json:
-            say(f"llamavm: {target.name}: switching to {wanted.name}")
-        timeout = contract.load_host_config().lock_timeout_s
-        inv = inventory_mod.resolve(inventory)
-        answer = switch_mod.detached_switch(inv.path, cat.path, wanted.name, lock_timeout=timeout)
-    if json:
-        say(jsonlib.dumps({target.name: answer}, indent=2))
-    else:
-        say(switch_view.line(target, wanted, 0, answer, dry=dry))

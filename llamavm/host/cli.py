@@ -23,7 +23,8 @@ stopped, 3 lock timeout, 4 rollback failed too, 5 outcome unknown, 6 still runni
 Internal: `run` (the transaction itself), `recover` (its ExecStopPost), `boot` (the boot unit),
 `gate` (each model unit's ExecStartPost health gate), `serve` (the control service's root
 helper on llamavm-switchd.socket; one request on stdin without it), `control` (the control
-service itself).
+service itself); on Compose, `switchd` (the switchd service's main process) and `supervise`
+(a transaction's supervisor there, in place of its transient unit).
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ from llamavm.host.contract import Contract, HostError
 from llamavm.host.runner import (
     follow,
     new_tx,
+    recover,
     run_inline_check,
     run_inline_drift,
     run_inline_expose,
+    save_outcome,
     start_and_follow,
+    supervise,
 )
 from llamavm.host.systemd import Systemd
 
@@ -100,17 +104,17 @@ def run(contract: Contract, tx: str, op: str, args: list[str]) -> dict[str, Any]
         ):
             outcome = _outcome(transaction, op, args)
             if not outcome.pop("deferred", False):
-                _save(contract, tx, op, outcome, began)
+                save_outcome(contract, tx, op, outcome, began)
     except HostError as exc:  # the lock
         outcome = {"ok": False, "code": exc.code, "error": str(exc)}
-        _save(contract, tx, op, outcome, began)
+        save_outcome(contract, tx, op, outcome, began)
     except Interrupted as exc:  # while waiting for the lock: nothing was touched
         outcome = {
             "ok": False,
             "code": EXIT_REFUSED,
             "error": f"interrupted by {exc} before it began",
         }
-        _save(contract, tx, op, outcome, began)
+        save_outcome(contract, tx, op, outcome, began)
     return outcome
 
 
@@ -147,29 +151,6 @@ def _outcome(transaction: Transaction, op: str, args: list[str]) -> dict[str, An
             "code": EXIT_REFUSED,
             "error": f"{type(exc).__name__}: {exc} — nothing was stopped",
         }
-
-
-def _save(contract: Contract, tx: str, op: str, outcome: dict[str, Any], began: float) -> None:
-    outcome.update(tx=tx, op=op, seconds=round(time.time() - began, 3), at=time.time())
-    store.save_outcome(contract.paths.outcomes, tx, outcome, contract.paths.counters)
-
-
-def recover(contract: Contract, tx: str) -> dict[str, Any]:
-    """ExecStopPost of a transaction unit: finish it if its process died without an outcome."""
-    from llamavm.host.transaction import Host, Transaction
-
-    if store.read_outcome(contract.paths.outcomes, tx):
-        return {"ok": True, "changed": False}
-    if Systemd().system_state() == "stopping":  # nothing can start now: the boot finishes it
-        return {"ok": True, "changed": False, "deferred": True}
-    progress = store.Progress(contract.paths.progress, tx)
-    host = Host(contract, progress=progress)
-    with store.locked(contract.paths.lock, contract.lock_timeout_s):
-        result = Transaction(host, tx, "recover").recover("its process was killed")
-    if not store.read_outcome(contract.paths.outcomes, tx):  # it died before it recorded intent
-        error = "the transaction process died before it changed anything"
-        _save(contract, tx, "", {"ok": False, "code": EXIT_REFUSED, "error": error}, time.time())
-    return {"ok": True, **result}
 
 
 def _relay(line: str) -> None:
@@ -243,7 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("op", choices=[*MUTATING, "boot"])
     p.add_argument("args", nargs="*")
     sub.add_parser("recover").add_argument("tx")
-    sub.add_parser("boot")
+    p = sub.add_parser("supervise")
+    p.add_argument("tx")
+    p.add_argument("op", choices=[*MUTATING, "boot"])
+    p.add_argument("args", nargs="*")
+    sub.add_parser("switchd")
+    sub.add_parser("boot").add_argument("--json", action="store_true")
     sub.add_parser("gate").add_argument("model")
     sub.add_parser("serve")
     sub.add_parser("control")
@@ -270,6 +256,12 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
         if args.command == "recover":
             recover(contract, args.tx)
             return 0
+        if args.command == "supervise":
+            return supervise(contract, args.tx, args.op, args.args)
+        if args.command == "switchd":
+            from llamavm.host import switchd
+
+            return switchd.main(contract, contract_path or contract_mod.CONTRACT_PATH)
         if args.command == "boot":
             tx = new_tx()
             return _print(run(contract, tx, "boot", []), "boot", as_json)

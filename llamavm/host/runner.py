@@ -1,15 +1,24 @@
 """Starting a transaction in its own unit and following it to its outcome — the one way one
 starts, for `llamavm-switch` over SSH and the control service's privileged helper — and the
 parts of a transaction run in the caller's own process (the checks alone, the drift probe,
-the firewall's catch-up). Neither the CLI's nor the helper's: both use it."""
+the firewall's catch-up). Neither the CLI's nor the helper's: both use it.
+
+On a systemd host a transaction runs in a transient unit whose ExecStopPost recovers it. In
+a Compose project's llamavm-switchd container (no systemd) it runs under a supervisor process
+of its own session, which outlives whoever asked (a `docker exec` that ends, a killed CLI) and
+does the same: it runs the transaction as its child and recovers it when that child died
+without an outcome; llamavm-switchd's next start recovers what a dead supervisor left."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import signal
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llamavm.host import EXIT_REFUSED, EXIT_RUNNING, EXIT_UNKNOWN, store
@@ -31,8 +40,24 @@ def tx_unit(tx: str) -> str:
 # --- launching and following (the SSH side) --------------------------------------------------
 
 
+def supervised(contract: Contract) -> bool:
+    """Do transactions run under a supervisor process (a Compose project: no systemd)?"""
+    return contract.runtime is not None and contract.runtime.kind == "compose"
+
+
+def supervisor_pid_path(contract: Contract, tx: str) -> Path:
+    return contract.paths.progress / f"{tx}.pid"
+
+
+#: Where a supervisor's own lines go: the container's log (its PID 1's output), else nowhere.
+CONTAINER_LOG = Path("/proc/1/fd/1")
+
+
 def launch(contract: Contract, systemd: Systemd, tx: str, op: str, args: list[str]) -> str:
-    """Start transaction `tx` in its own transient unit; '' or why it could not start."""
+    """Start transaction `tx` in its own transient unit (or under its supervisor); '' or why
+    it could not start."""
+    if supervised(contract):
+        return _spawn(contract, tx, op, args)
     stop_timeout = max([m.health_timeout_s for m in contract.models] + [60]) * 2 + 120
     switch = str(contract.paths.switch)
     properties = [
@@ -42,6 +67,91 @@ def launch(contract: Contract, systemd: Systemd, tx: str, op: str, args: list[st
         "KillMode=mixed",
     ]
     return systemd.run_transient(tx_unit(tx), [switch, "run", tx, op, *args], properties)
+
+
+def _spawn(contract: Contract, tx: str, op: str, args: list[str]) -> str:
+    """The supervisor of `tx`, in a session of its own; its PID where followers look."""
+    store.secure_dir(contract.paths.progress, 0o755)
+    try:
+        log = CONTAINER_LOG.open("ab") if os.getpid() != 1 else None
+    except OSError:
+        log = None
+    try:
+        proc = subprocess.Popen(
+            [str(contract.paths.switch), "supervise", tx, op, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log or subprocess.DEVNULL,
+            stderr=log or subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return f"cannot run {contract.paths.switch}: {exc.strerror}"
+    finally:
+        if log is not None:
+            log.close()
+    supervisor_pid_path(contract, tx).write_text(f"{proc.pid}\n")
+    return ""
+
+
+def supervise(contract: Contract, tx: str, op: str, args: list[str]) -> int:
+    """Run transaction `tx` as a child and recover it if that child dies without an outcome
+    (a systemd host's transient unit and its ExecStopPost, without systemd). A SIGTERM (the
+    container stops) goes on to the transaction, which rolls back or defers to the next
+    llamavm-switchd."""
+    pid_path = supervisor_pid_path(contract, tx)
+    with contextlib.suppress(OSError):
+        pid_path.write_text(f"{os.getpid()}\n")
+    child = subprocess.Popen([str(contract.paths.switch), "run", tx, op, *args])
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = child.wait()
+    try:
+        if not store.read_outcome(contract.paths.outcomes, tx):
+            recover(contract, tx)
+    finally:
+        with contextlib.suppress(OSError):
+            pid_path.unlink()
+    return code
+
+
+def save_outcome(
+    contract: Contract, tx: str, op: str, outcome: dict[str, Any], began: float
+) -> None:
+    outcome.update(tx=tx, op=op, seconds=round(time.time() - began, 3), at=time.time())
+    store.save_outcome(contract.paths.outcomes, tx, outcome, contract.paths.counters)
+
+
+def recover(contract: Contract, tx: str) -> dict[str, Any]:
+    """ExecStopPost of a transaction unit: finish it if its process died without an outcome."""
+    from llamavm.host.transaction import Host, Transaction
+
+    if store.read_outcome(contract.paths.outcomes, tx):
+        return {"ok": True, "changed": False}
+    progress = store.Progress(contract.paths.progress, tx)
+    host = Host(contract, progress=progress)
+    if host.runtime.shutting_down():  # nothing can start now: the boot finishes it
+        return {"ok": True, "changed": False, "deferred": True}
+    with store.locked(contract.paths.lock, contract.lock_timeout_s):
+        result = Transaction(host, tx, "recover").recover("its process was killed")
+    if not store.read_outcome(contract.paths.outcomes, tx):  # it died before it recorded intent
+        error = "the transaction process died before it changed anything"
+        save_outcome(
+            contract, tx, "", {"ok": False, "code": EXIT_REFUSED, "error": error}, time.time()
+        )
+    return {"ok": True, **result}
+
+
+def _supervisor_alive(contract: Contract, tx: str) -> bool:
+    try:
+        pid = int(supervisor_pid_path(contract, tx).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
 
 
 def start_and_follow(
@@ -112,7 +222,9 @@ def follow(
             # While the transaction's process lives (seen in /proc, no fork) the unit does;
             # systemctl (a fork and an exec, CPU taken from the load the transaction waits on)
             # only when it is gone or unknown, and every 10 s anyway.
-            if tx_pid and os.path.exists(f"/proc/{tx_pid}") and now - last_systemctl < 10:
+            if supervised(contract):
+                alive = _supervisor_alive(contract, tx)
+            elif tx_pid and os.path.exists(f"/proc/{tx_pid}") and now - last_systemctl < 10:
                 alive = True
             else:
                 last_systemctl = now

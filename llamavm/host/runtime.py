@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +40,8 @@ class UnitState:
     invocation: str = ""
     pid: int = 0
     restarts: int = 0
+    #: Seconds since it became active (None: not known, or not active).
+    uptime_s: float | None = None
 
 
 class Runtime(Protocol):
@@ -74,6 +78,14 @@ class Runtime(Protocol):
     def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
         """What `model`'s server (PID `pid`) has done so far (CPU, I/O): a load that moves
         them progresses. None when it can't be seen."""
+        ...
+
+    def show(self, models: Sequence[Model]) -> dict[str, UnitState]:
+        """Each model's unit now, with its uptime (what status reports), by unit."""
+        ...
+
+    def shutting_down(self) -> bool:
+        """Is the machine under the servers shutting down (no start can succeed now)?"""
         ...
 
 
@@ -135,6 +147,26 @@ class SystemdRuntime:
         """The server's process in /proc (no fork)."""
         return self._counters(pid) if pid else None
 
+    def show(self, models: Sequence[Model]) -> dict[str, UnitState]:
+        names = ["ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic",
+                 "NRestarts"]  # fmt: skip
+        props = self.systemd.show([m.unit for m in models], names)
+        found = {}
+        for model in models:
+            unit = props.get(model.unit, {})
+            entered = int(unit.get("ActiveEnterTimestampMonotonic", "0") or 0)
+            found[model.unit] = UnitState(
+                active=unit.get("ActiveState", ""),
+                sub=unit.get("SubState", ""),
+                pid=int(unit.get("MainPID", "0") or 0),
+                restarts=int(unit.get("NRestarts", "0") or 0),
+                uptime_s=round(time.monotonic() - entered / 1e6, 1) if entered else None,
+            )
+        return found
+
+    def shutting_down(self) -> bool:
+        return self.systemd.system_state() == "stopping"
+
 
 # --- the Compose side -------------------------------------------------------------------------
 #
@@ -177,12 +209,14 @@ def _states(status: str, exit_code: int, oom: bool = False) -> tuple[str, str]:
 
 class ComposeRuntime:
     """The model containers of one project on the engine `api`; `grace_s`: how long a stopped
-    server gets before SIGKILL (the project's stop_grace_period)."""
+    server gets before SIGKILL (the project's stop_grace_period); `stopping`: the file that
+    says the switchd container is being stopped."""
 
     START = "the engine's start"
 
-    def __init__(self, api: EngineApi, label: str, grace_s: int = 30) -> None:
-        self.api, self.label, self.grace_s = api, label, grace_s
+    def __init__(self, api: EngineApi, label: str, grace_s: int = 30,
+                 stopping: Path | None = None) -> None:  # fmt: skip
+        self.api, self.label, self.grace_s, self.stopping = api, label, grace_s, stopping
 
     def states(self, models: Sequence[Model]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -232,6 +266,36 @@ class ComposeRuntime:
     def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
         return self.api.usage(model.unit) if pid else None
 
+    def show(self, models: Sequence[Model]) -> dict[str, UnitState]:
+        found = {}
+        for model in models:
+            unit = self.look(model)
+            if unit.active == "active" and unit.invocation:
+                unit.uptime_s = _since(unit.invocation)
+            found[model.unit] = unit
+        return found
+
+    def shutting_down(self) -> bool:
+        """llamavm-switchd's container is being stopped (it left `stopping` when its SIGTERM
+        came): the next switchd finishes the transaction, as a systemd host's boot does."""
+        return self.stopping is not None and self.stopping.exists()
+
+
+def stopping_marker(contract: Contract) -> Path:
+    """What llamavm-switchd leaves when its container is told to stop (tmpfs: gone at its
+    next start)."""
+    return contract.paths.run_dir / "switchd-stopping"
+
+
+def _since(started_at: str) -> float | None:
+    """Seconds since the engine's StartedAt (RFC 3339, nanoseconds, UTC)."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z$", started_at)
+    if not match:
+        return None
+    began = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    fraction = float(match.group(2) or 0)
+    return round(max(0.0, time.time() - began.timestamp() - fraction), 1)
+
 
 class Serving:
     """The model operations of the transaction's `Host` (a part of it: these are its fields)."""
@@ -253,7 +317,8 @@ class Serving:
         of a Compose project on the engine at its socket."""
         spec = self.contract.runtime
         if spec is not None and spec.kind == "compose":
-            return ComposeRuntime(self.engine(spec.socket), spec.label, spec.grace_s)
+            return ComposeRuntime(self.engine(spec.socket), spec.label, spec.grace_s,
+                                  stopping_marker(self.contract))  # fmt: skip
         return SystemdRuntime(self.systemd, self.clock, self.sleep, self.counters)
 
     def running(self) -> list[Model]:

@@ -1,28 +1,26 @@
-"""`llamavm-switch status`: what serves, from systemd and the state, never from guesses."""
+"""`llamavm-switch status`: what serves, from the runtime (systemd or the engine) and the state,
+never from guesses."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from llamavm.host import fetch, gpu, http, metrics, store
 from llamavm.host.contract import Contract, HostError
-from llamavm.host.runtime import BUSY
+from llamavm.host.runtime import BUSY, UnitState
 from llamavm.host.systemd import Systemd
 from llamavm.host.transaction import Host
-
-_PROPS = ["ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic", "NRestarts"]
 
 
 def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
     state = store.load_state(contract.paths.state, repair=False)
-    props = systemd.show([m.unit for m in (*contract.models, *contract.companions)], _PROPS)
     host = Host(contract, systemd=systemd)
+    units = host.runtime.show([*contract.models, *contract.companions])
     gpus = gpu.sample()
-    running = [m for m in contract.models if props.get(m.unit, {}).get("ActiveState") in BUSY]
+    running = [m for m in contract.models if units.get(m.unit, UnitState()).active in BUSY]
     result: dict[str, Any] = {
         "active": running[0].name if len(running) == 1 else None,
         "running": [m.name for m in running],
@@ -40,12 +38,12 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
         "companions": [],
     }
     for model in contract.models:
-        unit = props.get(model.unit, {})
+        unit = units.get(model.unit, UnitState())
         entry: dict[str, Any] = {
             "name": model.name,
             "port": model.port,
             "unit": model.unit,
-            "state": unit.get("ActiveState"),
+            "state": unit.active or None,
             "idle_unload_s": model.idle_unload_s,
             # Its slots saved at its last stop (restored at its next start): {slot: tokens}.
             "prompt_cache": (state["slots"].get(model.name) or {}).get("slots")
@@ -58,12 +56,11 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
             "last_warm": state["history"].get(model.name, {}).get("warm"),
         }
         if model in running:
-            entered = int(unit.get("ActiveEnterTimestampMonotonic", "0") or 0)
             entry.update(
-                pid=int(unit.get("MainPID", "0") or 0),
+                pid=unit.pid,
                 health=http.status_of(model.health_url),
-                restarts=int(unit.get("NRestarts", "0") or 0),
-                uptime_s=round(time.monotonic() - entered / 1e6, 1) if entered else None,
+                restarts=unit.restarts,
+                uptime_s=unit.uptime_s,
                 binary_current=host.runs_current_build(model),
             )
             stats = metrics.process_stats(entry["pid"]) if entry["pid"] else None
@@ -72,21 +69,21 @@ def report(contract: Contract, systemd: Systemd) -> dict[str, Any]:
         result["models"].append(entry)
     active = running[0] if len(running) == 1 else None
     for model in contract.companions:
-        unit = props.get(model.unit, {})
-        busy = unit.get("ActiveState") in BUSY
+        unit = units.get(model.unit, UnitState())
+        busy = unit.active in BUSY
         entry = {
             "name": model.name,
             "task": model.task,
             "port": model.port,
             "unit": model.unit,
-            "state": unit.get("ActiveState"),
+            "state": unit.active or None,
             "health": http.status_of(model.health_url) if busy else None,
             # Beside the model that serves, per the VRAM admission (or why not).
             "admitted": active is not None and model.name in active.companions,
             "why_not": active.companions_stopped.get(model.name) if active else None,
         }
         if busy:
-            entry["pid"] = int(unit.get("MainPID", "0") or 0)
+            entry["pid"] = unit.pid
             stats = metrics.process_stats(entry["pid"]) if entry["pid"] else None
             if stats:
                 entry.update(rss_mib=round(stats[0] / metrics.MIB), cpu_s=round(stats[1], 1))

@@ -459,7 +459,7 @@ class Transaction(UnitFiles):
         self.rolling_back = True
         host = self.host
         reason, detail = describe(failure)
-        if host.systemd.system_state() == "stopping":
+        if host.runtime.shutting_down():
             host.progress(f"{reason}; the host is shutting down, the boot will finish this")
             raise Deferred(f"{reason}; deferred to the next boot", EXIT_UNKNOWN, detail)
         if target and not detail:

@@ -56,7 +56,7 @@ def via() -> str:
 
 def usable(host: remote.Host, settings: Settings) -> bool:
     """Whether to try the control API for `host` at all."""
-    if via() == "ssh" or not settings.control.enabled:
+    if via() == "ssh" or not settings.control.enabled or host.via:
         return False
     args = " ".join(host.ssh_args).lower()
     return not (any(j in args for j in _JUMPS) or "-J" in host.ssh_args)

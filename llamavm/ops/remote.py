@@ -45,8 +45,13 @@ class Host:
     port: int | None
     key: str | None
     ssh_args: tuple[str, ...]
+    #: How a command reaches the host when not over SSH: a command it follows (a Compose
+    #: project's `docker exec ... llamavm-switchd`, which runs it as that container's root).
+    via: tuple[str, ...] = ()
 
     def ssh_command(self, remote: list[str], tty: bool = False) -> list[str]:
+        if self.via:
+            return [*self.via, *(remote[2:] if remote[:2] == ["sudo", "-n"] else remote)]
         cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
         # A dead peer (no RST) is noticed within 15 s, not at the TCP timeout.
         cmd += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
@@ -119,7 +124,10 @@ def hosts(inventory: Path, only: str | None = None) -> list[Host]:
     cache = _cache_dir() / f"{digest}.json" if digest else None
     if cache is not None:
         try:
-            found = [Host(**{**h, "ssh_args": tuple(h["ssh_args"])}) for h in _read(cache)]
+            found = [
+                Host(**{**h, "ssh_args": tuple(h["ssh_args"]), "via": tuple(h.get("via", ()))})
+                for h in _read(cache)
+            ]
         except (OSError, ValueError, TypeError, KeyError):
             found = None
         if found is not None:
@@ -239,8 +247,9 @@ def run(
     argv = host.ssh_command(["sudo", "-n", *remote])
     if not stream:
         try:
-            return subprocess.run(
-                argv, capture_output=True, text=True, check=False, timeout=timeout
+            return _transport(
+                host,
+                subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout),
             )
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(remote, 255, "", f"timed out after {timeout}s")
@@ -277,7 +286,24 @@ def run(
         raise
     for reader in readers:
         reader.join(timeout=5)
-    return subprocess.CompletedProcess(remote, code, "".join(out), "".join(tail))
+    return _transport(host, subprocess.CompletedProcess(remote, code, "".join(out), "".join(tail)))
+
+
+#: What the engine's CLI says when the switchd container can't be reached right now: a
+#: transport failure, as an SSH session's 255 is (the outcome is asked again).
+_EXEC_UNREACHABLE = re.compile(
+    r"Cannot connect to the Docker daemon|is not running|No such container|"
+    r"connection refused|Error response from daemon: Container .* is restarting"
+)
+
+
+def _transport(
+    host: Host, proc: subprocess.CompletedProcess[str]
+) -> subprocess.CompletedProcess[str]:
+    """`proc` with an unreachable switchd container reported as SSH reports a broken session."""
+    if host.via and proc.returncode not in (0, 255) and _EXEC_UNREACHABLE.search(proc.stderr or ""):
+        proc.returncode = 255
+    return proc
 
 
 def _answer(stdout: str | None) -> dict[str, Any] | None:
@@ -308,6 +334,12 @@ def never_connected(proc: subprocess.CompletedProcess[str]) -> bool:
 
 def _ssh_failed(host: Host, proc: subprocess.CompletedProcess[str]) -> LlamavmError:
     detail = (proc.stderr or "").strip().splitlines()
+    if host.via:
+        return LlamavmError(
+            f"{host.name}: the project's switchd container did not answer "
+            f"({detail[-1] if detail else 'no answer'}) — check the engine runs, and run invoke "
+            "provision"
+        )
     return LlamavmError(
         f"{host.name}: SSH to {host.address} failed ({detail[-1] if detail else 'no answer'}) — "
         "check the host is up (invoke doctor) and the inventory's connection settings"

@@ -80,6 +80,22 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.kill()
 
 
+def restart() -> subprocess.Popen[bytes] | None:
+    """Stop the engine that answers on SOCKET (whoever started it: its pidfile) and start it
+    again — as a host's engine restarts under a project."""
+    pidfile = RUN / "docker.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid:
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return start()
+
+
 def base_image() -> str:
     """BASE, imported once from the test bed's cached rootfs (docs and locales left out)."""
     if docker("image", "inspect", BASE, check=False).returncode == 0:

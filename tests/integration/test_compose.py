@@ -1,10 +1,14 @@
-"""The catalog as a Compose project on a real engine (issue 25; marker `compose`: it builds
-llama.cpp into an image, minutes): Debian's docker.io started by the test, the base image made
-from the test bed's Debian rootfs. `invoke provision -i local-compose` renders, builds and
-serves the default CPU stand-in; the LAN client reaches it on the controller's LAN address; the
-switch moves it, rolls back from a broken model, two at once leave one container serving, and
-one whose CLI is killed finishes by itself; a container started by hand beside the serving one
-refuses to load."""
+"""The catalog as a Compose project on a real engine (issues 25 and 36; marker `compose`: it
+builds llama.cpp into an image, minutes): Debian's docker.io started by the test, the base
+image made from the test bed's Debian rootfs. `invoke provision -i local-compose` renders,
+builds and serves the default CPU stand-in; the LAN client reaches it on the controller's LAN
+address. Every change of what serves is the host package's transaction, run by the project's
+switchd container: the switch moves the model, rolls back from a broken one, two at once leave
+one container serving, one whose CLI is killed finishes by itself, one whose own process is
+killed is recovered, an engine restart mid-switch ends with a model serving, a killed serving
+container is replaced; `MODEL=... docker-compose up -d` in the rendered folder switches
+through the same transaction; a container started by hand beside the serving one refuses to
+load."""
 
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from llamavm import REPO_ROOT
+from llamavm.artifacts import tinymodel
 from llamavm.inputs import catalog
 from llamavm.platforms.compose.engine import Engine
 from llamavm.platforms.compose.render import LABEL
@@ -38,6 +44,9 @@ pytestmark = [pytest.mark.testbed, pytest.mark.compose]
 
 INVENTORY = engine_mod.INVENTORY
 ADDRESS = engine_mod.ADDRESS
+SWITCHD = "llamavm-switchd"
+#: The engine this module started (a restart replaces it), stopped at the end.
+STARTED: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +55,20 @@ def engine(testbed_info) -> Iterator[Engine]:
     if why:
         pytest.skip(why)
     engine_mod.install()
-    proc = engine_mod.start()
+    STARTED["proc"] = engine_mod.start()
     try:
         yield engine_mod.project(INVENTORY, ADDRESS)[0]
     finally:
-        left = engine_mod.docker("ps", "-aq", "--filter", f"label={LABEL}.model",
-                                 check=False).stdout.split()  # fmt: skip
+        left = engine_mod.docker("ps", "-aq", "--filter", "label=com.docker.compose.project="
+                                 "llamavm", check=False).stdout.split()  # fmt: skip
         if left:
             engine_mod.docker("rm", "-f", *left, check=False)
-        engine_mod.stop(proc)
+        # The project's state goes too: the next run starts as a new project does.
+        volumes = engine_mod.docker("volume", "ls", "-q", "--filter", "label=com.docker.compose."
+                                    "project=llamavm", check=False).stdout.split()  # fmt: skip
+        if volumes:
+            engine_mod.docker("volume", "rm", *volumes, check=False)
+        engine_mod.stop(STARTED.get("proc"))
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +85,39 @@ def chat(model: catalog.Model) -> tuple[str, dict]:
 
 def serving(engine: Engine) -> list[str]:
     return [n for n, c in engine.containers().items() if c.status == "running" and c.kind == "big"]
+
+
+def in_switchd(command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = engine_mod.docker("exec", SWITCHD, "sh", "-c", command, check=False)
+    assert done.returncode == 0 or not check, done.stderr
+    return done
+
+
+def set_failpoints(points: dict[str, Any]) -> None:
+    body = json.dumps(points).replace("'", "")
+    in_switchd(f"umask 077 && echo '{body}' > /run/llamavm/failpoints.json")
+
+
+def clear_failpoints() -> None:
+    in_switchd("rm -f /run/llamavm/failpoints.json /run/llamavm/reached", check=False)
+
+
+def one_serves(engine: Engine, models) -> str:
+    """Exactly one big model's container runs and answers a chat from the LAN: its name."""
+    now = serving(engine)
+    assert len(now) == 1, now
+    assert chat(models.resolve(now[0]))[0] == "200"
+    return now[0]
+
+
+def compose_cli(engine: Engine, *args: str, model: str | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The Docker user's own command in the rendered folder: no invoke, no -p, no -f."""
+    env = {k: v for k, v in engine.env.items() if k != "MODEL"}
+    if model is not None:
+        env["MODEL"] = model
+    return subprocess.run([*engine.compose_cli(), *args], cwd=engine.dir, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
 
 def test_provision_builds_the_image_and_serves_the_lan(provisioned_compose, models) -> None:
@@ -140,8 +187,12 @@ def test_switch_moves_the_model_and_status_agrees(provisioned_compose, models) -
     assert shown.returncode == 0, shown.stderr
     answer = json.loads(shown.stdout)["compose"]
     assert answer["running"] == [other.name]
-    health = {m["name"]: m["health"] for m in answer["models"]}
+    # The host's answer, keys and all: switchd runs the host package's own status.
+    assert answer["active"] == other.name and answer["desired"] == other.name
+    health = {m["name"]: m.get("health") for m in answer["models"]}
     assert health[other.name] == 200 and health[models.default.name] is None
+    units = {m["name"]: m["unit"] for m in answer["models"]}
+    assert units[other.name] == f"llamavm-{other.name}"
     again = invoke("switch", "-i", INVENTORY, "--model", other.name)
     assert again.returncode == 0 and "already serving" in again.stdout
 
@@ -161,27 +212,153 @@ def test_a_container_started_by_hand_beside_it_refuses_to_load(provisioned_compo
     assert chat(models.resolve(before[0]))[0] == "200"
 
 
-def test_a_broken_model_rolls_back(provisioned_compose, models, tmp_path: Path) -> None:
-    engine, _ = provisioned_compose
-    before = serving(engine)
-    bad = SHARE / "tiny" / "llamavm-compose-broken.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 64)
-    raw = yaml.safe_load(models.path.read_text())
-    raw["models"].append({"name": "broken", "gguf": "tiny/llamavm-compose-broken.gguf",
-                          "port": 8039, "ctx_size": 512, "health_timeout_s": 30})  # fmt: skip
+@pytest.fixture
+def broken_catalog(provisioned_compose, tmp_path: Path) -> Iterator[Path]:
+    """The catalog plus a model whose file is no GGUF ('corrupt') and one whose server crashes
+    while loading ('broken'), rendered into the project; the project as it was afterwards."""
+    corrupt = SHARE / "tiny" / "llamavm-compose-corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\0" * 64)
+    broken = SHARE / "tiny" / "llamavm-compose-broken.gguf"
+    tinymodel.write(tinymodel.TinySpec("crash-loop", arch="llamavm-broken"), broken)
+    inv_catalog = REPO_ROOT / "config" / "models.testbed.yaml"
+    raw = yaml.safe_load(inv_catalog.read_text())
+    raw["models"] += [
+        {"name": "corrupt", "gguf": "tiny/llamavm-compose-corrupt.gguf", "port": 8039,
+         "ctx_size": 512, "health_timeout_s": 30},
+        {"name": "broken", "gguf": "tiny/llamavm-compose-broken.gguf", "port": 8038,
+         "ctx_size": 512, "health_timeout_s": 600},
+    ]  # fmt: skip
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
-        assert invoke("provision", "-i", INVENTORY, "--catalog", str(path)).returncode == 0
-        broken = invoke("switch", "-i", INVENTORY, "--catalog", str(path), "--model", "broken")
-        assert broken.returncode == 1, broken.stdout + broken.stderr
-        last = broken.stderr.strip().splitlines()[-1]
-        assert "broken did not become healthy" in last and f"{before[0]} serves again" in last
-        assert serving(engine) == before
-        assert chat(models.resolve(before[0]))[0] == "200"
+        done = invoke("provision", "-i", INVENTORY, "--catalog", str(path))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        yield path
     finally:
-        bad.unlink()
+        corrupt.unlink()
+        broken.unlink()
         assert invoke("provision", "-i", INVENTORY).returncode == 0
+
+
+def test_a_broken_model_rolls_back(provisioned_compose, models, broken_catalog: Path) -> None:
+    engine, _ = provisioned_compose
+    before = serving(engine)
+    refused = invoke("switch", "-i", INVENTORY, "--catalog", str(broken_catalog), "--model",
+                     "corrupt")  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "is corrupt" in refused.stderr.strip().splitlines()[-1]
+    assert serving(engine) == before  # refused before anything was stopped
+    began = time.monotonic()
+    broken = invoke("switch", "-i", INVENTORY, "--catalog", str(broken_catalog), "--model",
+                    "broken")  # fmt: skip
+    took = time.monotonic() - began
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    last = broken.stderr.strip().splitlines()[-1]
+    assert "broken: " in last and f"{before[0]} is serving again" in last, last
+    assert took < 120, f"took {took:.0f}s: the switch waited for its 600 s health timeout"
+    assert serving(engine) == before
+    assert chat(models.resolve(before[0]))[0] == "200"
+
+
+def test_model_env_with_docker_compose_up_switches_through_the_transaction(
+    provisioned_compose, models, broken_catalog: Path
+) -> None:
+    """`MODEL=x docker-compose up -d` in the rendered folder: x serves, the one before is gone;
+    a broken x leaves the one before serving; an unknown x changes nothing."""
+    engine, _ = provisioned_compose
+    first, second = models.big[0], models.big[1]
+    for model in (first, second):
+        done = compose_cli(engine, "up", "-d", model=model.name)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda m=model: serving(engine) == [m.name] and chat(m)[0] == "200", 120,
+                 f"MODEL={model.name} to serve")  # fmt: skip
+    line = f"{second.name} serves on port {second.port}"  # `docker compose logs` says so
+    wait_for(lambda: line in compose_cli(engine, "logs", "--no-color", "switchd").stdout, 60,
+             "switchd to log what serves")  # fmt: skip
+    for bad in ("broken", "no-such-model"):
+        done = compose_cli(engine, "up", "-d", model=bad)
+        assert done.returncode == 0, done.stderr
+        expected = "is serving again" if bad == "broken" else f"MODEL={bad}: no model named"
+        wait_for(lambda e=expected: e in engine_mod.docker("logs", SWITCHD, check=False).stdout,
+                 120, f"switchd to say {expected!r}")  # fmt: skip
+        assert one_serves(engine, models) == second.name
+    assert compose_cli(engine, "up", "-d", model="").returncode == 0
+
+
+def test_the_switchs_own_process_killed_after_the_stop_is_recovered(
+    provisioned_compose, models
+) -> None:
+    """The transaction's process SIGKILLs itself right after the old container stopped: its
+    supervisor recovers it (the old model serves again) and the CLI says how it ended."""
+    engine, _ = provisioned_compose
+    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
+    other = next(m for m in models.big if m != models.default)
+    set_failpoints({"after_stop": {"kill": True}})
+    try:
+        result = invoke("switch", "-i", INVENTORY, "--model", other.name)
+    finally:
+        clear_failpoints()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "its process was killed" in result.stderr and "rolled back" in result.stderr
+    assert one_serves(engine, models) == models.default.name
+
+
+def test_a_transaction_killed_with_its_supervisor_is_recovered_by_switchd(
+    provisioned_compose, models
+) -> None:
+    """Every process of the transaction killed after the stop (no supervisor left to recover
+    it): switchd finds the pending transaction with the lock free and recovers it."""
+    engine, _ = provisioned_compose
+    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
+    other = next(m for m in models.big if m != models.default)
+    set_failpoints({"after_stop": {"mark": "/run/llamavm/reached", "sleep": 60}})
+    cli = subprocess.Popen([str(INVOKE), "switch", "-i", INVENTORY, "--model", other.name],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=REPO_ROOT)  # fmt: skip
+    try:
+        wait_for(lambda: in_switchd("test -e /run/llamavm/reached", check=False).returncode == 0,
+                 60, "the transaction to stop the old model")  # fmt: skip
+        in_switchd("pkill -KILL -f 'llamavm-switch (supervise|run) '")
+        out, err = cli.communicate(timeout=240)
+    finally:
+        cli.kill()
+        clear_failpoints()
+    assert cli.returncode in (0, 1), out + err
+    wait_for(lambda: len(serving(engine)) == 1, 60, "a model to serve again")
+    assert one_serves(engine, models) in (models.default.name, other.name)
+    status = json.loads(invoke("status", "-i", INVENTORY, "--json").stdout)["compose"]
+    assert status["transaction"] is None
+
+
+def test_an_engine_restart_mid_switch_ends_with_a_model_serving(
+    provisioned_compose, models
+) -> None:
+    engine, _ = provisioned_compose
+    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
+    other = next(m for m in models.big if m != models.default)
+    set_failpoints({"after_stop": {"mark": "/run/llamavm/reached", "sleep": 60}})
+    cli = subprocess.Popen([str(INVOKE), "switch", "-i", INVENTORY, "--model", other.name],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=REPO_ROOT)  # fmt: skip
+    try:
+        wait_for(lambda: in_switchd("test -e /run/llamavm/reached", check=False).returncode == 0,
+                 60, "the transaction to stop the old model")  # fmt: skip
+        STARTED["proc"] = engine_mod.restart() or STARTED.get("proc")
+        out, err = cli.communicate(timeout=400)
+    finally:
+        cli.kill()
+    assert cli.returncode in (0, 1, 5), out + err
+    wait_for(lambda: len(serving(engine)) == 1 and chat(models.resolve(serving(engine)[0]))[0]
+             == "200", 180, "a model to serve after the engine's restart")  # fmt: skip
+    assert one_serves(engine, models) in (models.default.name, other.name)
+
+
+def test_a_killed_serving_container_is_replaced(provisioned_compose, models) -> None:
+    engine, _ = provisioned_compose
+    before = one_serves(engine, models)
+    engine_mod.docker("kill", f"llamavm-{before}")
+    wait_for(lambda: serving(engine) == [before] and chat(models.resolve(before))[0] == "200",
+             90, "the killed model to serve again")  # fmt: skip
 
 
 def test_two_switches_at_once_leave_exactly_one_serving(provisioned_compose, models) -> None:
@@ -241,6 +418,7 @@ def test_a_model_whose_container_cannot_start_rolls_back(provisioned_compose, mo
         refused = invoke("switch", "-i", INVENTORY, "--model", other.name)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     last = refused.stderr.strip().splitlines()[-1]
-    assert "did not start" in last and f"{models.default.name} serves again" in last, last
+    # The host transaction's words: the engine's start failed, and the roll back.
+    assert "start failed" in last and f"{models.default.name} is serving again" in last, last
     assert serving(engine) == [models.default.name]
     assert chat(models.default)[0] == "200"

@@ -31,21 +31,19 @@ from llamavm import REPO_ROOT
 from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog as catalog_mod
+from llamavm.platforms.compose import switchd
+from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
 from llamavm.platforms.compose.site import Site
 
-#: The compose project name (`-p`), the image's repository, the container names' prefix.
-PROJECT = "llamavm"
+__all__ = ["KEY_FILE", "LABEL", "MODELS", "PROJECT", "UID", "Rendered", "render"]
+
+#: The image's repository.
 IMAGE = "llamavm/llama-server"
-#: The account llama-server runs as in the container (no passwd entry needed).
-UID = 10001
-#: Where the image puts llama.cpp, and where a container sees the models and the API key.
+#: Where the image puts llama.cpp.
 PREFIX = "/opt/llama.cpp"
-MODELS = "/models"
-KEY_FILE = "/run/secrets/api_key"
 #: The volume every big model's container shares, and the lock its entrypoint takes there.
 LOCK_VOLUME = "gpu-lock"
 LOCK_DIR = "/run/llamavm-lock"
-LABEL = "io.llamavm"
 ENTRYPOINT = "llamavm-entrypoint"
 ROLE_DEFAULTS = REPO_ROOT / "ansible" / "roles" / "llama_cpp" / "defaults" / "main.yml"
 ROLE_PREFLIGHT = REPO_ROOT / "ansible" / "roles" / "llama_cpp" / "tasks" / "preflight.yml"
@@ -234,13 +232,15 @@ class Rendered:
     dir: Path
     image: str
     changed: list[str]
+    #: The switchd service's image.
+    switchd_image: str = ""
 
 
 def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
            archive: Path | None = None) -> Rendered:  # fmt: skip
     """Write the project into `out` (default: the site's folder); unchanged files stay as they
     are. The API key (policy required) is made once, 0600, readable by the container's user."""
-    from llamavm.artifacts import source
+    from llamavm.artifacts import hostpkg, source
 
     out = out or site.dir
     archive = archive or source.prepare()
@@ -260,6 +260,10 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
     args = {"GGML_CUDA": "ON" if site.gpu else "OFF", "APT_INSTALL": "1" if site.apt else "0"}
     if site.gpu:
         args["CUDA_ARCHITECTURES"] = site.cuda_architectures
+    package_key = hostpkg.source_key()
+    contract_text = switchd.contract_text(cat)
+    switchd_file = switchd.dockerfile(site)
+    switchd_image = switchd.image(switchd_file, package_key.encode(), contract_text, image)
     doc: dict[str, Any] = {
         "x-llamavm": {
             "rendered-from": str(cat.path),
@@ -268,8 +272,11 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
             "default-model": cat.default.name,
             "note": "rendered by `invoke compose.render`; render again after a catalog change",
         },
-        "services": {m.name: _service(cat, m, site, image, args) for m in cat.models},
-        "volumes": {LOCK_VOLUME: {}},
+        "services": {
+            **{m.name: _service(cat, m, site, image, args) for m in cat.models},
+            switchd.SERVICE: switchd.service(cat, site, switchd_image, image),
+        },
+        "volumes": {LOCK_VOLUME: {}, switchd.STATE_VOLUME: {}},
     }
     if cat.settings.api_key.policy == "required":
         doc["secrets"] = {"api_key": {"file": "./secrets/api-key"}}
@@ -279,9 +286,14 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
         "compose.yaml": f"# Rendered by `invoke compose.render` ({MAKER}).\n"
         + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100),
         ".dockerignore": "secrets/\n.lock/\n.state.json\n",
+        # `docker compose` in this folder (MODEL=qwen docker compose up -d) is this project.
+        ".env": f"COMPOSE_PROJECT_NAME={PROJECT}\n",
+        switchd.DOCKERFILE: switchd_file,
+        switchd.CONTRACT: contract_text,
     }
     try:
         changed = _write(out, files, archive)
+        changed += _package(out, package_key, hostpkg.archive_bytes)
         if cat.settings.api_key.policy == "required":
             changed += _key(out / "secrets" / "api-key")
     except OSError as exc:
@@ -289,7 +301,21 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
             f"cannot write the project into {out}: {exc.strerror} ({exc.filename}) — pass --out "
             "DIR, or set llamavm_compose_dir"
         ) from None
-    return Rendered(out, image, changed)
+    return Rendered(out, image, changed, switchd_image)
+
+
+def _package(out: Path, key: str, make: Any) -> list[str]:
+    """The host package for switchd's image, written when its sources changed (its bytes are
+    not stable from one process to the next; its sources' key is)."""
+    path, stamp = out / switchd.PACKAGE, out / f".{switchd.PACKAGE}.key"
+    if path.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == key:
+        return []
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(make())
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    stamp.write_text(key, encoding="utf-8")
+    return [switchd.PACKAGE]
 
 
 def _write(out: Path, files: dict[str, str], archive: Path) -> list[str]:

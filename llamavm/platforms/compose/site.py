@@ -42,6 +42,9 @@ class Site:
     bind_address: str
     #: Where the controller asks a model's /health (the host's address, or the bind address).
     probe_host: str
+    #: The engine's socket on its machine: the one container that may reach it (switchd)
+    #: mounts it.
+    engine_socket: str = "/var/run/docker.sock"
 
 
 def state_root() -> Path:
@@ -126,6 +129,18 @@ def site(inv: Inventory, cat: catalog_mod.Catalog, host_address: str | None = No
         raise LlamavmError(
             f"{where}: llamavm_compose_bind_address: {bind!r} — an IP address, or 0.0.0.0", code=2
         ) from None
+    default_socket = "/var/run/docker.sock"
+    if engine_host.startswith("unix://"):
+        default_socket = engine_host.removeprefix("unix://")
+    engine_socket = _setting(inv, "llamavm_compose_engine_socket", str, default_socket,
+                             "the engine's socket on its machine: an absolute path")  # fmt: skip
+    if not engine_socket.startswith("/") or ":" in engine_socket:
+        where = inv.sources.get("llamavm_compose_engine_socket", inv.path)
+        raise LlamavmError(
+            f"{where}: llamavm_compose_engine_socket: {engine_socket!r} — the engine's socket on "
+            "its machine, an absolute path like /var/run/docker.sock",
+            code=2,
+        )
     probe = host_address or "127.0.0.1"
     if not address.is_unspecified:
         probe = bind
@@ -133,4 +148,5 @@ def site(inv: Inventory, cat: catalog_mod.Catalog, host_address: str | None = No
         inventory=name, dir=Path(folder), engine=engine, engine_host=engine_host,
         models_dir=models_dir, gpu=gpu, cuda_architectures=archs, build_image=build_image,
         runtime_image=runtime_image, apt=apt, bind_address=bind, probe_host=probe,
+        engine_socket=engine_socket,
     )  # fmt: skip

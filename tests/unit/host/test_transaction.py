@@ -23,7 +23,7 @@ from llamavm.host import (
     store,
 )
 from llamavm.host.contract import HostError
-from llamavm.host.runtime import SystemdRuntime
+from llamavm.host.runtime import SystemdRuntime, stopping_marker
 from llamavm.host.transaction import Deferred, Host, Interrupted, Transaction
 from llamavm.host.units import service_section
 from llamavm.host.watch import LoadWatch, Sample, expected_seconds
@@ -590,6 +590,9 @@ def test_a_failure_during_shutdown_is_left_to_the_boot(world) -> None:
 
     def interrupted(model):
         fake.state = "stopping"  # systemd is powering off and sends SIGTERM
+        # (on Compose: llamavm-switchd's container is told to stop, and says so)
+        stopping_marker(contract).parent.mkdir(parents=True, exist_ok=True)
+        stopping_marker(contract).touch()
         raise Interrupted("SIGTERM")
 
     host.verify = interrupted  # type: ignore[method-assign]
@@ -598,6 +601,7 @@ def test_a_failure_during_shutdown_is_left_to_the_boot(world) -> None:
     pending = _state(contract)["pending"]
     assert pending and pending["target"] == "two" and pending["previous"] == "one"
     fake.state = "running"  # ... and after the boot:
+    stopping_marker(contract).unlink()
     fake.stop(["llamavm-model-two.service"])
     result = Transaction(host, "boot1", "boot").boot()
     assert fake.running_units() == ["llamavm-model-one.service"]

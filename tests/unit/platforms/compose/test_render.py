@@ -59,7 +59,7 @@ def test_every_inventory_renders_one_service_per_model(
 ) -> None:
     cat, site, result, doc = rendered(name, tmp_path, archive)
     services = doc["services"]
-    assert set(services) == {m.name for m in cat.models}
+    assert set(services) == {m.name for m in cat.models} | {"switchd"}
     for model in cat.models:
         svc = services[model.name]
         assert svc["profiles"][0] == model.name
@@ -96,6 +96,9 @@ def test_a_gpu_host_reserves_the_gpu_and_a_cpu_host_renders_none(
     tmp_path: Path, archive: Path
 ) -> None:
     _, _, gpu, doc = rendered("example-compose", tmp_path / "gpu", archive)
+    switchd = doc["services"].pop("switchd")  # it reads nvidia-smi (utility), loads nothing
+    devices = switchd["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
     for svc in doc["services"].values():
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
         assert svc["build"]["args"] == {"GGML_CUDA": "ON", "APT_INSTALL": "1",
@@ -120,7 +123,7 @@ def test_docker_compose_config_accepts_the_project(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     normalized = yaml.safe_load(done.stdout)
-    assert set(normalized["services"]) == {m.name for m in cat.models}
+    assert set(normalized["services"]) == {m.name for m in cat.models} | {"switchd"}
 
 
 def test_the_dockerfile_builds_with_the_llama_cpp_roles_flags(
@@ -139,6 +142,46 @@ def test_the_dockerfile_builds_with_the_llama_cpp_roles_flags(
     assert "secrets/" in (tmp_path / ".dockerignore").read_text()  # the key stays out of builds
 
 
+@pytest.mark.parametrize("name", INVENTORIES)
+def test_only_switchd_reaches_the_engine_and_it_runs_the_host_transaction(
+    name: str, tmp_path: Path, archive: Path
+) -> None:
+    """The switchd service: the one container with the engine's socket, no port on the LAN,
+    started by a plain `docker compose up -d` (no profile), MODEL passed in; its image has the
+    host package and a host contract on the Compose runtime that the host package reads."""
+    from llamavm.host import contract as host_contract
+
+    cat, site, result, doc = rendered(name, tmp_path, archive)
+    services = doc["services"]
+    sockets = [n for n, svc in services.items()
+               if any(v["target"] == "/var/run/docker.sock" for v in svc["volumes"])]  # fmt: skip
+    assert sockets == ["switchd"]
+    svc = services["switchd"]
+    assert "ports" not in svc and "profiles" not in svc and svc["image"] == result.switchd_image
+    assert svc["container_name"] == "llamavm-switchd" and svc["init"] is True
+    assert svc["environment"] == {"LLAMAVM_MODEL": "${MODEL:-}"}
+    assert svc["cap_drop"] == ["ALL"] and svc["read_only"]
+    assert svc["build"]["args"]["MODEL_IMAGE"] == result.image
+    socket_mount = next(v for v in svc["volumes"] if v["target"] == "/var/run/docker.sock")
+    assert socket_mount["source"] == site.engine_socket
+    assert (tmp_path / ".env").read_text() == "COMPOSE_PROJECT_NAME=llamavm\n"
+    switch = (tmp_path / "llamavm-switch").read_bytes()
+    assert switch.startswith(b"#!/usr/bin/python3") and os.access(
+        tmp_path / "llamavm-switch", os.X_OK
+    )
+    parsed = host_contract.load(tmp_path / "contract.json")
+    assert parsed.runtime is not None and parsed.runtime.kind == "compose"
+    assert parsed.runtime.label == "io.llamavm.model"
+    assert [m.unit for m in parsed.models] == [f"llamavm-{m.name}" for m in cat.big]
+    for model in parsed.models:
+        assert model.health_url == f"http://llamavm-{model.name}:{model.port}/health"
+        assert str(model.gguf).startswith("/models/") and model.load == "share"
+    assert parsed.firewall is None and parsed.control is None
+    text = (tmp_path / "Dockerfile.switchd").read_text()
+    assert "COPY llamavm-switch /usr/local/bin/llamavm-switch" in text
+    assert "COPY contract.json /etc/llamavm/contract.json" in text
+
+
 def test_a_render_is_stable_and_the_key_is_made_once(tmp_path: Path, archive: Path) -> None:
     _, _, first, _ = rendered("example-compose", tmp_path, archive)
     key = tmp_path / "secrets" / "api-key"
@@ -147,6 +190,7 @@ def test_a_render_is_stable_and_the_key_is_made_once(tmp_path: Path, archive: Pa
     before = key.read_text()
     _, _, again, _ = rendered("example-compose", tmp_path, archive)
     assert again.changed == [] and again.image == first.image and key.read_text() == before
+    assert again.switchd_image == first.switchd_image
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,154 @@
+"""The project's `switchd` service: the host package's transaction, run in the Compose project.
+
+The same host contract a systemd host gets (llamavm/artifacts/contract.py), with the Compose
+runtime in it: a model's unit is its container (`llamavm-<name>`), reached by that name on the
+project's network; the models are read at /models; state, outcomes and the pending
+transaction live on the project's `state` volume. Its image is the model image with Python
+(the host package is standard library only), the host package as `llamavm-switch` and the
+contract; it runs `llamavm-switch switchd` as root with every capability dropped but reading
+files it does not own (the key, the models), the engine's socket mounted, no port published.
+No other container of the project gets the socket: the boundary to the engine is this one
+container, which starts and stops the project's model containers and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from llamavm.artifacts import contract
+from llamavm.inputs import catalog as catalog_mod
+from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
+from llamavm.platforms.compose.site import Site
+
+SERVICE = "switchd"
+CONTAINER = f"{PROJECT}-{SERVICE}"
+IMAGE = "llamavm/switchd"
+DOCKERFILE = "Dockerfile.switchd"
+#: The host package in the project folder (copied into the image).
+PACKAGE = contract.SWITCH_NAME
+CONTRACT = "contract.json"
+#: Where the engine's socket is inside the switchd container.
+SOCKET = "/var/run/docker.sock"
+#: The volume of the host package's state (the contract's state_dir).
+STATE_VOLUME = "state"
+#: How long a stopped model container gets before SIGKILL (its stop_grace_period).
+GRACE_S = 30
+#: `MODEL=qwen docker compose up -d` reaches switchd as this variable.
+MODEL_ENV = "LLAMAVM_MODEL"
+
+
+def container(model: catalog_mod.Model) -> str:
+    return f"{PROJECT}-{model.name}"
+
+
+def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
+    """The host contract of the project: a systemd host's, on the Compose runtime."""
+    cfg = contract.load_host_config()
+    doc = copy.deepcopy(contract.build(cat, {}, cfg))
+    models = {m.name: m for m in cat.models}
+    for entry in (*doc["models"], *doc["companions"]):
+        model = models[entry["name"]]
+        name = container(model)
+        base_url = f"http://{name}:{model.port}"
+        entry.update(
+            unit=name,
+            base_url=base_url,
+            health_url=f"{base_url}/health",
+            gguf=f"{MODELS}/{model.gguf}",
+            source=f"{MODELS}/{model.gguf}",
+            load="share",
+            # Prompt caches across switches need a slot volume per model: not yet on Compose.
+            slot_dir=None,
+        )
+        for systemd_only in ("argv", "systemd"):
+            entry.pop(systemd_only, None)
+    doc["share_path"] = MODELS
+    doc["api_key"]["file"] = KEY_FILE
+    for feature in ("firewall", "front_door", "metrics", "control"):
+        doc[feature]["enabled"] = False
+    doc["runtime"] = {"kind": "compose", "socket": SOCKET, "label": f"{LABEL}.model",
+                      "grace_s": GRACE_S}  # fmt: skip
+    return doc
+
+
+def contract_text(cat: catalog_mod.Catalog) -> str:
+    return json.dumps(host_contract(cat), indent=2, sort_keys=True) + "\n"
+
+
+def dockerfile(site: Site) -> str:
+    user = f"llama:x:{UID}:{UID}:llamavm:/nonexistent:/usr/sbin/nologin"
+    return f"""\
+# Rendered by `invoke compose.render` — render again, don't edit.
+# llamavm-switchd: the model image, with Python, the host package and the host contract.
+ARG MODEL_IMAGE
+FROM ${{MODEL_IMAGE}}
+ARG APT_INSTALL={1 if site.apt else 0}
+USER root
+RUN set -eu; \\
+    if ! command -v python3 >/dev/null; then \\
+        if [ "$APT_INSTALL" != 1 ]; then \\
+            echo "llamavm: the runtime image has no python3 — use one that has it, or set" \\
+                "llamavm_compose_apt: true" >&2; \\
+            exit 1; \\
+        fi; \\
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \\
+            --no-install-recommends python3-minimal && rm -rf /var/lib/apt/lists/*; \\
+    fi; \\
+    grep -q '^llama:' /etc/passwd || echo '{user}' >> /etc/passwd; \\
+    grep -q '^llama:' /etc/group || echo 'llama:x:{UID}:' >> /etc/group
+COPY {PACKAGE} /usr/local/bin/{PACKAGE}
+COPY {CONTRACT} /etc/llamavm/contract.json
+ENTRYPOINT ["/usr/local/bin/{PACKAGE}"]
+CMD ["switchd"]
+"""
+
+
+def image(dockerfile_text: str, package: bytes, contract: str, model_image: str) -> str:
+    """The switchd image's tag: what goes into it decides it."""
+    digest = hashlib.sha256()
+    for part in (dockerfile_text.encode(), package, contract.encode(), model_image.encode()):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return f"{IMAGE}:{digest.hexdigest()[:12]}"
+
+
+def service(cat: catalog_mod.Catalog, site: Site, switchd_image: str,
+            model_image: str) -> dict[str, Any]:  # fmt: skip
+    """The switchd service of compose.yaml (no profile: `docker compose up -d` starts it)."""
+    svc: dict[str, Any] = {
+        "image": switchd_image,
+        "build": {
+            "context": ".",
+            "dockerfile": DOCKERFILE,
+            "args": {"MODEL_IMAGE": model_image, "APT_INSTALL": "1" if site.apt else "0"},
+        },
+        "container_name": CONTAINER,
+        "labels": {f"{LABEL}.kind": SERVICE},
+        "init": True,
+        "environment": {MODEL_ENV: "${MODEL:-}"},
+        "volumes": [
+            {"type": "bind", "source": site.engine_socket, "target": SOCKET},
+            {"type": "bind", "source": site.models_dir, "target": MODELS, "read_only": True},
+            {
+                "type": "volume",
+                "source": STATE_VOLUME,
+                "target": contract.load_host_config().state_dir,
+            },
+        ],
+        "read_only": True,
+        "tmpfs": [contract.load_host_config().run_dir, "/tmp"],
+        "cap_drop": ["ALL"],
+        "cap_add": ["DAC_OVERRIDE"],
+        "security_opt": ["no-new-privileges:true"],
+        "restart": "unless-stopped",
+        # A transaction under way when it is told to stop is left to the next switchd.
+        "stop_grace_period": "20s",
+    }
+    if cat.settings.api_key.policy == "required":
+        svc["secrets"] = ["api_key"]
+    if site.gpu:  # nvidia-smi (GPU memory for status and the stop's wait), no compute
+        devices = [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
+        svc["deploy"] = {"resources": {"reservations": {"devices": devices}}}
+    return svc
