@@ -8,8 +8,9 @@ Run as root on a provisioned test bed (`invoke provision` first); the engine is 
     .venv/bin/python bench/compose.py [--rounds 5]
 
 Each round, interleaved so all three see the same machine: `invoke switch -i local-compose`
-to the other model (stop, start, health gate, answers), then the bare engine's way back (stop
-that container, `up -d` the first one, wait for its /health), then `invoke switch` on the test
+to the other model (the host transaction in the project's switchd container: checks, stop,
+start, load watch, answers), then the bare engine's way back (stop that container, `up -d` the
+first one, wait for its /health; switchd paused meanwhile), then `invoke switch` on the test
 bed to the other model and back (the second one timed too). Prints each median and the ratios.
 """
 
@@ -70,11 +71,15 @@ def main() -> None:
         times: dict[str, list[float]] = {"compose": [], "bare": [], "systemd": []}
         for n in range(rounds):
             times["compose"].append(invoke("switch", "-i", INVENTORY, "--model", other.name))
+            # switchd would serve the chosen model again while none runs: it waits (paused,
+            # untimed) while the engine's own way runs.
+            docker.docker("pause", "llamavm-switchd")
             began = time.monotonic()
             engine.compose([other.name], ["stop", other.name])
             engine.compose([first.name], ["up", "-d", "--no-build", first.name])
             healthy(first.port)
             times["bare"].append(time.monotonic() - began)
+            docker.docker("unpause", "llamavm-switchd")
             times["systemd"].append(invoke("switch", "--model", other.name))
             times["systemd"].append(invoke("switch", "--model", first.name))
             print(f"round {n + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
