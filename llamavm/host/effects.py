@@ -215,12 +215,10 @@ class Effects:
 
     def slot_stamp(self, model: Model) -> str:
         """What a saved slot is only good for: this unit (model file, context, cache type, every
-        flag), this llama-server build, these GGUF bytes."""
+        flag; on Compose its container's image, command and environment), this llama-server
+        build, these GGUF bytes."""
         digest = hashlib.sha256()
-        try:
-            digest.update((self.contract.paths.units_live / model.unit).read_bytes())
-        except OSError:
-            digest.update(b"no unit")
+        digest.update(self.runtime.identity(model))
         digest.update(os.path.realpath(self.contract.paths.llama_server).encode())
         try:
             st = model.gguf.stat()

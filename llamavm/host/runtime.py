@@ -9,6 +9,7 @@ load (watch.py judges it), verify.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -84,6 +85,11 @@ class Runtime(Protocol):
         """Each model's unit now, with its uptime (what status reports), by unit."""
         ...
 
+    def identity(self, model: Model) -> bytes:
+        """What `model`'s server is made of (its unit file, or its container's image, command
+        and environment): a saved prompt cache is only good for the same."""
+        ...
+
     def shutting_down(self) -> bool:
         """Is the machine under the servers shutting down (no start can succeed now)?"""
         ...
@@ -101,9 +107,11 @@ class SystemdRuntime:
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         counters: Callable[[int], tuple[int, ...] | None] = watch_mod.process_counters,
+        units_live: Path = Path("/etc/systemd/system"),
     ) -> None:
         self.systemd, self.clock, self.sleep = systemd, clock, sleep
         self._counters = counters
+        self.units_live = units_live
 
     def states(self, models: Sequence[Model]) -> dict[str, str]:
         props = self.systemd.show([m.unit for m in models], ["ActiveState"])
@@ -166,6 +174,12 @@ class SystemdRuntime:
 
     def shutting_down(self) -> bool:
         return self.systemd.system_state() == "stopping"
+
+    def identity(self, model: Model) -> bytes:
+        try:
+            return (self.units_live / model.unit).read_bytes()
+        except OSError:
+            return b"no unit"
 
 
 # --- the Compose side -------------------------------------------------------------------------
@@ -275,6 +289,12 @@ class ComposeRuntime:
             found[model.unit] = unit
         return found
 
+    def identity(self, model: Model) -> bytes:
+        data = self.api.inspect(model.unit) or {}
+        config = data.get("Config") or {}
+        made = {k: config.get(k) for k in ("Image", "Cmd", "Entrypoint", "Env", "User")}
+        return json.dumps({**made, "image_id": data.get("Image")}, sort_keys=True).encode()
+
     def shutting_down(self) -> bool:
         """llamavm-switchd's container is being stopped (it left `stopping` when its SIGTERM
         came): the next switchd finishes the transaction, as a systemd host's boot does."""
@@ -319,7 +339,8 @@ class Serving:
         if spec is not None and spec.kind == "compose":
             return ComposeRuntime(self.engine(spec.socket), spec.label, spec.grace_s,
                                   stopping_marker(self.contract))  # fmt: skip
-        return SystemdRuntime(self.systemd, self.clock, self.sleep, self.counters)
+        return SystemdRuntime(self.systemd, self.clock, self.sleep, self.counters,
+                              self.contract.paths.units_live)  # fmt: skip
 
     def running(self) -> list[Model]:
         """Models whose unit is active, starting or stopping right now (one look)."""

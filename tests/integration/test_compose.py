@@ -197,6 +197,50 @@ def test_switch_moves_the_model_and_status_agrees(provisioned_compose, models) -
     assert again.returncode == 0 and "already serving" in again.stdout
 
 
+WORDS = ["the", "operator", "reads", "the", "build", "log", "line", "by", "line", "and",
+         "notes", "each", "warning"]  # fmt: skip
+
+
+def _long_chat(model: catalog.Model, prompt: str) -> tuple[dict, str]:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+            "temperature": 0}  # fmt: skip
+    answer = client_curl(f"http://{ADDRESS}:{model.port}/v1/chat/completions", "-X", "POST",
+                         "-H", "Content-Type: application/json", "-d", json.dumps(body),
+                         timeout=120)  # fmt: skip
+    text, code = answer.stdout.rsplit("\n", 1)
+    assert code == "200", text
+    reply = json.loads(text)
+    return reply["timings"], reply["choices"][0]["message"]["content"]
+
+
+def test_a_long_prompt_is_not_processed_again_after_a_switch_away_and_back(
+    provisioned_compose, models
+) -> None:
+    """Prompt caches across a switch on Compose: the slots saved on the project's slots volume
+    before the stop, restored after the start — the same answer, a fraction of the tokens."""
+    first = models.default
+    other = next(m for m in models.big if m != first)
+    assert invoke("switch", "-i", INVENTORY, "--model", first.name).returncode == 0
+    prompt = "Summarise: " + " ".join(WORDS[i % len(WORDS)] for i in range(500))
+    before, answer = _long_chat(first, prompt)
+    assert before["prompt_n"] > 400, before
+    away = invoke("switch", "-i", INVENTORY, "--model", other.name)
+    assert away.returncode == 0 and "prompt cache: saved" in away.stdout + away.stderr, away
+    listing = engine_mod.docker("run", "--rm", "-v", "llamavm_slots:/slots", "--entrypoint",
+                                "sh", engine_mod.BASE, "-c", f"stat -c '%u %a' /slots/{first.name}"
+                                f" && ls /slots/{first.name}").stdout.split()  # fmt: skip
+    assert listing[:2] == ["10001", "700"], listing
+    assert any(name.startswith("slot-") for name in listing[2:]), listing
+    status = json.loads(invoke("status", "-i", INVENTORY, "--json").stdout)["compose"]
+    kept = next(m for m in status["models"] if m["name"] == first.name)
+    assert kept["prompt_cache"] and sum(kept["prompt_cache"].values()) >= before["prompt_n"]
+    back = invoke("switch", "-i", INVENTORY, "--model", first.name)
+    assert back.returncode == 0 and "prompt cache: restored" in back.stdout + back.stderr, back
+    again, answer_again = _long_chat(first, prompt)
+    assert answer_again == answer
+    assert again["prompt_n"] <= 0.2 * before["prompt_n"], (before, again)
+
+
 def test_a_container_started_by_hand_beside_it_refuses_to_load(provisioned_compose, models) -> None:
     engine, _ = provisioned_compose
     before = serving(engine)

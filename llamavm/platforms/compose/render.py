@@ -43,6 +43,8 @@ IMAGE = "llamavm/llama-server"
 PREFIX = "/opt/llama.cpp"
 #: The volume every big model's container shares, and the lock its entrypoint takes there.
 LOCK_VOLUME = "gpu-lock"
+#: The volume of the saved slots (a folder per model, made by its entrypoint, 0700).
+SLOT_VOLUME = "slots"
 LOCK_DIR = "/run/llamavm-lock"
 ENTRYPOINT = "llamavm-entrypoint"
 ROLE_DEFAULTS = REPO_ROOT / "ansible" / "roles" / "llama_cpp" / "defaults" / "main.yml"
@@ -126,7 +128,8 @@ RUN if [ "$APT_INSTALL" = 1 ]; then \\
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \\
             --no-install-recommends curl ca-certificates libgomp1 && rm -rf /var/lib/apt/lists/*; \\
     fi; \\
-    mkdir -p {LOCK_DIR} && chown {UID}:{UID} {LOCK_DIR}
+    mkdir -p {LOCK_DIR} {_slot_root()} && chown {UID}:{UID} {LOCK_DIR} {_slot_root()} && \\
+    chmod 0700 {_slot_root()}
 COPY --from=build /out/ {PREFIX}/
 COPY {ENTRYPOINT} /usr/local/bin/{ENTRYPOINT}
 USER {UID}:{UID}
@@ -142,6 +145,9 @@ ENTRYPOINT_SCRIPT = f"""\
 # serves, and holds the lock for as long as llama-server runs (the descriptor passes to it).
 # A second one started beside it says why and exits 0 (restart: on-failure leaves it stopped).
 set -eu
+if [ -n "${{LLAMAVM_SLOT_DIR:-}}" ]; then
+    mkdir -p -m 0700 "$LLAMAVM_SLOT_DIR"
+fi
 if [ "${{LLAMAVM_EXCLUSIVE:-1}}" = 1 ]; then
     exec 9>>{LOCK_DIR}/gpu.lock
     if ! flock -n 9; then
@@ -155,6 +161,18 @@ exec {PREFIX}/bin/llama-server "$@"
 """
 
 
+def _slot_root() -> str:
+    return contract.load_host_config().slot_dir
+
+
+def slot_dir_of(model: catalog_mod.Model) -> str | None:
+    """Where a big model's server saves its slots (prompt caches kept across a switch): its
+    folder on the project's slots volume, as on a systemd host (None: not kept)."""
+    if not model.prompt_cache or model.companion:
+        return None
+    return f"{_slot_root()}/{model.name}"
+
+
 def _port(bind: str, port: int) -> str:
     host = f"[{bind}]" if ipaddress.ip_address(bind).version == 6 else bind
     return f"{host}:{port}:{port}"
@@ -162,8 +180,9 @@ def _port(bind: str, port: int) -> str:
 
 def _service(cat: catalog_mod.Catalog, model: catalog_mod.Model, site: Site, image: str,
              args: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    slot_dir = slot_dir_of(model)
     command = contract.argv(
-        cat, model, f"{PREFIX}/bin/llama-server", f"{MODELS}/{model.gguf}",
+        cat, model, f"{PREFIX}/bin/llama-server", f"{MODELS}/{model.gguf}", slot_dir,
         bind="0.0.0.0", share=MODELS, key_file=KEY_FILE,
     )[1:]  # fmt: skip
     service: dict[str, Any] = {
@@ -179,11 +198,17 @@ def _service(cat: catalog_mod.Catalog, model: catalog_mod.Model, site: Site, ima
         "environment": {
             "LLAMAVM_MODEL": model.name,
             "LLAMAVM_EXCLUSIVE": "0" if model.companion else "1",
+            **({"LLAMAVM_SLOT_DIR": slot_dir} if slot_dir else {}),
         },
         "ports": [_port(site.bind_address, model.port)],
         "volumes": [
             {"type": "bind", "source": site.models_dir, "target": MODELS, "read_only": True},
             {"type": "volume", "source": LOCK_VOLUME, "target": LOCK_DIR},
+            *(
+                [{"type": "volume", "source": SLOT_VOLUME, "target": _slot_root()}]
+                if slot_dir
+                else []
+            ),
         ],
         "user": f"{UID}:{UID}",
         "read_only": True,
@@ -276,7 +301,7 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
             **{m.name: _service(cat, m, site, image, args) for m in cat.models},
             switchd.SERVICE: switchd.service(cat, site, switchd_image, image),
         },
-        "volumes": {LOCK_VOLUME: {}, switchd.STATE_VOLUME: {}},
+        "volumes": {LOCK_VOLUME: {}, SLOT_VOLUME: {}, switchd.STATE_VOLUME: {}},
     }
     if cat.settings.api_key.policy == "required":
         doc["secrets"] = {"api_key": {"file": "./secrets/api-key"}}

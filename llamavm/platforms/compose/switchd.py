@@ -60,8 +60,6 @@ def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
             gguf=f"{MODELS}/{model.gguf}",
             source=f"{MODELS}/{model.gguf}",
             load="share",
-            # Prompt caches across switches need a slot volume per model: not yet on Compose.
-            slot_dir=None,
         )
         for systemd_only in ("argv", "systemd"):
             entry.pop(systemd_only, None)

@@ -77,6 +77,17 @@ def test_every_inventory_renders_one_service_per_model(
         assert command[command.index("--port") + 1] == str(model.port)
         assert svc["user"] == "10001:10001" and svc["read_only"] and svc["cap_drop"] == ["ALL"]
         assert svc["environment"]["LLAMAVM_EXCLUSIVE"] == ("0" if model.companion else "1")
+        # Prompt caches: a big model's slots on the project's slots volume, as on a host.
+        kept = model.prompt_cache and not model.companion
+        slots = [v for v in svc["volumes"] if v["source"] == "slots"]
+        if kept:
+            slot_dir = f"/var/cache/llamavm/slots/{model.name}"
+            assert command[command.index("--slot-save-path") + 1] == slot_dir
+            assert svc["environment"]["LLAMAVM_SLOT_DIR"] == slot_dir
+            assert slots == [{"type": "volume", "source": "slots",
+                              "target": "/var/cache/llamavm/slots"}]  # fmt: skip
+        else:
+            assert "--slot-save-path" not in command and not slots
         devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {})
         if site.gpu and model.n_gpu_layers > 0:
             assert devices["devices"] == [
