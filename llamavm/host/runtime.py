@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -229,8 +230,10 @@ class ComposeRuntime:
     START = "the engine's start"
 
     def __init__(self, api: EngineApi, label: str, grace_s: int = 30,
-                 stopping: Path | None = None) -> None:  # fmt: skip
+                 stopping: Path | None = None, background: bool = False) -> None:  # fmt: skip
         self.api, self.label, self.grace_s, self.stopping = api, label, grace_s, stopping
+        self.background = background
+        self._usage: dict[tuple[str, int], _Usage] = {}
 
     def states(self, models: Sequence[Model]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -278,7 +281,17 @@ class ComposeRuntime:
         return self.api.logs(model.unit, lines)
 
     def counters(self, model: Model, pid: int) -> tuple[int, ...] | None:
-        return self.api.usage(model.unit) if pid else None
+        """The container's stats. With `background`, the latest of those read in a thread: one
+        look makes the engine wait for its next sample (up to a second), which the load watch
+        must not wait for; None until the first arrives."""
+        if not pid:
+            return None
+        if not self.background:
+            return self.api.usage(model.unit)
+        reader = self._usage.get((model.unit, pid))
+        if reader is None:
+            reader = self._usage[(model.unit, pid)] = _Usage(self.api, model.unit)
+        return reader.latest()
 
     def show(self, models: Sequence[Model]) -> dict[str, UnitState]:
         found = {}
@@ -299,6 +312,36 @@ class ComposeRuntime:
         """llamavm-switchd's container is being stopped (it left `stopping` when its SIGTERM
         came): the next switchd finishes the transaction, as a systemd host's boot does."""
         return self.stopping is not None and self.stopping.exists()
+
+
+class _Usage:
+    """A container's stats, asked again and again in a thread of its own while someone reads
+    them (it ends once nobody asked for USAGE_IDLE_S, or the container stopped)."""
+
+    def __init__(self, api: EngineApi, name: str) -> None:
+        self.api, self.name = api, name
+        self.value: tuple[int, ...] | None = None
+        self.asked = time.monotonic()
+        threading.Thread(target=self._read, name=f"usage-{name}", daemon=True).start()
+
+    def latest(self) -> tuple[int, ...] | None:
+        self.asked = time.monotonic()
+        return self.value
+
+    def _read(self) -> None:
+        while time.monotonic() - self.asked < USAGE_IDLE_S:
+            try:
+                value = self.api.usage(self.name)
+            except OSError:
+                value = None
+            if value is None:
+                return
+            self.value = value
+            time.sleep(0.5)
+
+
+#: How long a container's stats are read after the last time they were asked for.
+USAGE_IDLE_S = 10.0
 
 
 def stopping_marker(contract: Contract) -> Path:
@@ -337,8 +380,9 @@ class Serving:
         of a Compose project on the engine at its socket."""
         spec = self.contract.runtime
         if spec is not None and spec.kind == "compose":
-            return ComposeRuntime(self.engine(spec.socket), spec.label, spec.grace_s,
-                                  stopping_marker(self.contract))  # fmt: skip
+            api = self.engine(spec.socket)
+            return ComposeRuntime(api, spec.label, spec.grace_s, stopping_marker(self.contract),
+                                  background=isinstance(api, EngineApi))  # fmt: skip
         return SystemdRuntime(self.systemd, self.clock, self.sleep, self.counters,
                               self.contract.paths.units_live)  # fmt: skip
 

@@ -37,6 +37,8 @@ MODEL_ENV = "LLAMAVM_MODEL"
 #: How often it looks whether the chosen model still serves, and the longest wait after a
 #: failed attempt to serve it again.
 WATCH_S = 5.0
+#: The group of the helper socket: the control service's (its container runs as this id).
+CONTROL_GID = 10001
 WATCH_MAX_S = 300.0
 
 
@@ -164,6 +166,8 @@ def main(contract: Contract, contract_path: Path) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     os.chmod(path, 0o660)
+    with contextlib.suppress(OSError):  # the control service's group (switchd is in it)
+        os.chown(path, -1, CONTROL_GID)
     listener.listen(64)
     serving = threading.Thread(
         target=helper.daemon,

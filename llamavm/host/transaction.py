@@ -316,7 +316,9 @@ class Transaction(UnitFiles):
         if serving is not None:
             self.host.progress(f"restarting {serving.name} with the new key")
             self._restart(serving, None, also_undo=restore)
-        if self.contract.control is not None:  # it reads the key at start (a credential)
+        runtime = self.contract.runtime
+        on_systemd = runtime is None or runtime.kind == "systemd"
+        if self.contract.control is not None and on_systemd:  # it reads the key at its start
             self.host.systemd.try_restart(self.contract.control.unit)
         return {"changed": True, "restarted": serving.name if serving else None}
 

@@ -13,8 +13,10 @@ load."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -466,3 +468,176 @@ def test_a_model_whose_container_cannot_start_rolls_back(provisioned_compose, mo
     assert "start failed" in last and f"{models.default.name} is serving again" in last, last
     assert serving(engine) == [models.default.name]
     assert chat(models.default)[0] == "200"
+
+
+# --- the control service on Compose (last: the project runs keyed from here on) ---------------
+
+
+@pytest.fixture(scope="module")
+def keyed_compose(provisioned_compose, tmp_path_factory) -> Iterator[tuple[Any, str, str]]:
+    """The project with the key policy on (catalog, key, control base URL); as before after."""
+    from tests.integration.helpers import keyed_catalog_file
+
+    engine, _ = provisioned_compose
+    path = keyed_catalog_file(tmp_path_factory.mktemp("keyed-compose"))
+    done = invoke("provision", "-i", INVENTORY, "--catalog", str(path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cat = catalog.load(path)
+    key = (engine.dir / "secrets" / "api-key").read_text().strip()
+    assert len(key) >= 32
+    base = f"http://{ADDRESS}:{cat.settings.control.port}"
+    wait_for(lambda: http_code(f"{base}/health") == 200, 60, "the control service to answer")
+    try:
+        yield cat, key, base
+    finally:
+        assert invoke("provision", "-i", INVENTORY).returncode == 0
+
+
+def _call(url: str, key: str | None, *args: str, timeout: float = 300) -> tuple[int, str]:
+    headers = ["-H", f"Authorization: Bearer {key}"] if key else []
+    answer = client_curl(url, *headers, *args, timeout=timeout)
+    assert answer.returncode == 0, answer.stderr
+    body, code = answer.stdout.rsplit("\n", 1)
+    return int(code), body
+
+
+def _post(url: str, key: str | None, body: Any = None, *args: str) -> tuple[int, str]:
+    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body or {})]
+    return _call(url, key, "-X", "POST", *data, *args)
+
+
+def _active(base: str, key: str) -> str | None:
+    code, body = _call(f"{base}/status", key)
+    assert code == 200, body
+    return json.loads(body)["active"]
+
+
+def _containers_serving() -> int:
+    done = engine_mod.docker("ps", "-q", "--filter", f"label={LABEL}.kind=big", "--filter",
+                             "status=running", check=False)  # fmt: skip
+    return len(done.stdout.split())
+
+
+CONTROL_ENDPOINTS = [
+    ("GET", "/models", None),
+    ("GET", "/status", None),
+    ("POST", "/switch", {"model": "qwen"}),
+    ("POST", "/restart", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user",
+                                                                    "content": "hi"}]}),
+    ("POST", "/stop", None),
+]  # fmt: skip
+
+
+def test_the_control_service_wants_the_key_and_works_with_it(keyed_compose, models) -> None:
+    _, key, base = keyed_compose
+    for method, path, body in CONTROL_ENDPOINTS:
+        for given in (None, "not-the-key"):
+            code = (_call(base + path, given) if method == "GET" else _post(base + path, given,
+                                                                            body))[0]  # fmt: skip
+            assert code == 401, (path, given)
+        code, answer = _call(base + path, key) if method == "GET" else _post(base + path, key, body)
+        assert code == 200, (path, answer)
+    assert _active(base, key) is None and _containers_serving() == 0  # the last was /stop
+    for path in ("/health", "/"):  # public by design, as on a host
+        assert http_code(base + path) == 200, path
+    code, _ = _post(f"{base}/switch", key, {"model": models.default.name})
+    assert code == 200 and _active(base, key) == models.default.name
+    port = f"http://{ADDRESS}:{models.default.port}/v1/models"
+    assert _call(port, None)[0] == 401 and _call(port, key)[0] == 200  # the model's own port
+
+
+def test_a_bad_control_request_harms_nothing(keyed_compose, models) -> None:
+    _, key, base = keyed_compose
+    before = _active(base, key)
+    assert before is not None
+    assert _post(f"{base}/switch", key, {"model": "no-such-model"})[0] == 404
+    assert _post(f"{base}/switch", key, {"model": "../../etc/passwd"})[0] == 404
+    assert _post(f"{base}/switch", key, {"model": ["qwen"]})[0] == 422
+    assert _call(f"{base}/switch", key, "-X", "POST", "-d", "{not json")[0] == 422
+    huge = {"model": "q" * (4 << 20)}
+    assert 400 <= _post(f"{base}/switch", key, huge)[0] < 500
+    assert _active(base, key) == before and http_code(f"{base}/health") == 200
+    assert chat(models.resolve(before))[0] in ("200", "401")  # keyed: the model port wants it
+
+
+def test_an_sse_switch_completes_after_its_client_hangs_up(keyed_compose, models) -> None:
+    _, key, base = keyed_compose
+    before = _active(base, key)
+    target = next(m for m in models.big if m.name != before)
+    ns = config_ns()
+    argv = ["ip", "netns", "exec", ns, "curl", "-sS", "-N", "-X", "POST", "-H",
+            f"Authorization: Bearer {key}", "-H", "Content-Type: application/json", "-d",
+            json.dumps({"model": target.name}), f"{base}/switch?stream=true"]  # fmt: skip
+    sse = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert sse.stdout is not None and sse.stdout.readline().startswith("event: progress")
+    sse.kill()  # the client goes away mid-switch
+    sse.wait()
+    wait_for(lambda: _active(base, key) == target.name, 120, "the switch to finish alone")
+    assert _containers_serving() == 1
+
+
+def config_ns() -> str:
+    from llamavm.testbed import config
+
+    return config.load_config().lan.ns_client
+
+
+def test_the_openai_client_is_routed_across_two_models_one_container_at_a_time(
+    keyed_compose,
+) -> None:
+    _, key, base = keyed_compose
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_containers_serving())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    here = Path(__file__).resolve().parent
+    try:
+        run = subprocess.run(
+            ["ip", "netns", "exec", config_ns(), sys.executable,
+             str(here / "clients" / "routing.py"), f"{base}/v1", "two", "qwen", "gpt-oss"],
+            capture_output=True, text=True, timeout=900, check=False,
+            env={**os.environ, "LLAMAVM_KEY": key},
+        )  # fmt: skip
+    finally:
+        done.set()
+        sampler.join(timeout=30)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    answers = {e["name"]: e for e in yaml.safe_load((REPO_ROOT / "config" /
+                                                     "tiny-models.yaml").read_text())}  # fmt: skip
+    qwen, oss = result["answers"]
+    assert qwen["content"] == answers["qwen3-coder-30b"]["answer"]
+    assert oss["content"] == answers["gpt-oss-120b"]["answer"]
+    assert samples and max(samples) <= 1, samples
+    assert _active(base, key) == "gpt-oss-120b"
+
+
+def test_two_api_switches_and_a_cli_switch_at_once_leave_exactly_one(keyed_compose) -> None:
+    cat, key, base = keyed_compose
+    ns = config_ns()
+
+    def api(name: str) -> subprocess.Popen:
+        argv = ["ip", "netns", "exec", ns, "curl", "-sS", "-o", "/dev/null", "-w",
+                "%{http_code}", "--max-time", "600", "-X", "POST", "-H",
+                f"Authorization: Bearer {key}", "-H", "Content-Type: application/json", "-d",
+                json.dumps({"model": name}), f"{base}/switch"]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+    for api_names, cli_name in ((("qwen", "gpt-oss"), "gpt-oss"), (("gpt-oss", "qwen"), "qwen")):
+        calls = [api(name) for name in api_names]
+        cli = invoke("switch", "-i", INVENTORY, "--catalog", str(cat.path), "--model", cli_name)
+        codes = [p.communicate(timeout=600)[0] for p in calls]
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert codes == ["200", "200"], codes
+        assert _containers_serving() == 1
+        active = _active(base, key)
+        assert active in ("qwen3-coder-30b", "gpt-oss-120b")
+        assert http_code(f"http://{ADDRESS}:{cat.resolve(active).port}/health") == 200

@@ -75,7 +75,8 @@ def provision(cat: catalog_mod.Catalog, engine: Engine, host: remote.Host,
     names = [m.name for m in cat.models]
     engine.compose(names, ["up", "--no-start", "--no-build", "--remove-orphans", *names],
                    timeout=600)  # fmt: skip
-    engine.compose([], ["up", "-d", "--no-build", switchd.SERVICE], timeout=600)
+    services = [switchd.SERVICE] + ([switchd.CONTROL] if cat.settings.control.enabled else [])
+    engine.compose([], ["up", "-d", "--no-build", *services], timeout=600)
     after = _ids(engine)
     made = sorted(n for n, cid in after.items() if before.get(n) != cid)
     if made:

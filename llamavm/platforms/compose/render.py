@@ -287,7 +287,8 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
         args["CUDA_ARCHITECTURES"] = site.cuda_architectures
     package_key = hostpkg.source_key()
     contract_text = switchd.contract_text(cat)
-    switchd_file = switchd.dockerfile(site)
+    control = cat.settings.control.enabled
+    switchd_file = switchd.dockerfile(site, control)
     switchd_image = switchd.image(switchd_file, package_key.encode(), contract_text, image)
     doc: dict[str, Any] = {
         "x-llamavm": {
@@ -300,8 +301,18 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
         "services": {
             **{m.name: _service(cat, m, site, image, args) for m in cat.models},
             switchd.SERVICE: switchd.service(cat, site, switchd_image, image),
+            **(
+                {switchd.CONTROL: switchd.control_service(cat, site, switchd_image)}
+                if control
+                else {}
+            ),
         },
-        "volumes": {LOCK_VOLUME: {}, SLOT_VOLUME: {}, switchd.STATE_VOLUME: {}},
+        "volumes": {
+            LOCK_VOLUME: {},
+            SLOT_VOLUME: {},
+            switchd.STATE_VOLUME: {},
+            switchd.HELPER_VOLUME: {},
+        },
     }
     if cat.settings.api_key.policy == "required":
         doc["secrets"] = {"api_key": {"file": "./secrets/api-key"}}

@@ -38,6 +38,15 @@ STATE_VOLUME = "state"
 GRACE_S = 30
 #: `MODEL=qwen docker compose up -d` reaches switchd as this variable.
 MODEL_ENV = "LLAMAVM_MODEL"
+#: The control service: its container, and the volume only it and switchd mount, where
+#: switchd's helper socket is (root:UID, 0660 — the control service runs as UID).
+CONTROL = "control"
+CONTROL_CONTAINER = f"{PROJECT}-{CONTROL}"
+HELPER_VOLUME = "helper"
+HELPER_DIR = "/run/llamavm-helper"
+#: Where the control service finds the key (its CREDENTIALS_DIRECTORY, as systemd's
+#: LoadCredential gives it on a host).
+CREDENTIALS = "/run/secrets"
 
 
 def container(model: catalog_mod.Model) -> str:
@@ -65,8 +74,12 @@ def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
             entry.pop(systemd_only, None)
     doc["share_path"] = MODELS
     doc["api_key"]["file"] = KEY_FILE
-    for feature in ("firewall", "front_door", "metrics", "control"):
+    for feature in ("firewall", "front_door", "metrics"):
         doc[feature]["enabled"] = False
+    # The control service listens on every address of its container (published on the
+    # inventory's bind address) and asks switchd through the helper volume.
+    doc["control"].update(bind_address="0.0.0.0", helper_socket=f"{HELPER_DIR}/switchd.sock",
+                          wake_port=None, unit=CONTROL_CONTAINER)  # fmt: skip
     doc["runtime"] = {"kind": "compose", "socket": SOCKET, "label": f"{LABEL}.model",
                       "grace_s": GRACE_S}  # fmt: skip
     return doc
@@ -76,8 +89,12 @@ def contract_text(cat: catalog_mod.Catalog) -> str:
     return json.dumps(host_contract(cat), indent=2, sort_keys=True) + "\n"
 
 
-def dockerfile(site: Site) -> str:
+def dockerfile(site: Site, control: bool) -> str:
+    """switchd's image; with the control service, Python's web stack (Debian's and Ubuntu's
+    packages, as the control role installs them on a host) too."""
     user = f"llama:x:{UID}:{UID}:llamavm:/nonexistent:/usr/sbin/nologin"
+    need = "python3-minimal" + (" python3-fastapi python3-uvicorn python3-httpx" if control else "")
+    probe = "import fastapi, uvicorn, httpx" if control else "import json"
     return f"""\
 # Rendered by `invoke compose.render` — render again, don't edit.
 # llamavm-switchd: the model image, with Python, the host package and the host contract.
@@ -86,14 +103,14 @@ FROM ${{MODEL_IMAGE}}
 ARG APT_INSTALL={1 if site.apt else 0}
 USER root
 RUN set -eu; \\
-    if ! command -v python3 >/dev/null; then \\
+    if ! python3 -c '{probe}' 2>/dev/null; then \\
         if [ "$APT_INSTALL" != 1 ]; then \\
-            echo "llamavm: the runtime image has no python3 — use one that has it, or set" \\
+            echo "llamavm: the runtime image lacks {need} — use one that has them, or set" \\
                 "llamavm_compose_apt: true" >&2; \\
             exit 1; \\
         fi; \\
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \\
-            --no-install-recommends python3-minimal && rm -rf /var/lib/apt/lists/*; \\
+            --no-install-recommends {need} && rm -rf /var/lib/apt/lists/*; \\
     fi; \\
     grep -q '^llama:' /etc/passwd || echo '{user}' >> /etc/passwd; \\
     grep -q '^llama:' /etc/group || echo 'llama:x:{UID}:' >> /etc/group
@@ -126,8 +143,11 @@ def service(cat: catalog_mod.Catalog, site: Site, switchd_image: str,
         "labels": {f"{LABEL}.kind": SERVICE},
         "init": True,
         "environment": {MODEL_ENV: "${MODEL:-}"},
+        # The control service's helper socket is made for this group (the control service's).
+        "group_add": [str(UID)],
         "volumes": [
             {"type": "bind", "source": site.engine_socket, "target": SOCKET},
+            {"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR},
             {"type": "bind", "source": site.models_dir, "target": MODELS, "read_only": True},
             {
                 "type": "volume",
@@ -149,4 +169,32 @@ def service(cat: catalog_mod.Catalog, site: Site, switchd_image: str,
     if site.gpu:  # nvidia-smi (GPU memory for status and the stop's wait), no compute
         devices = [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
         svc["deploy"] = {"resources": {"reservations": {"devices": devices}}}
+    return svc
+
+
+def control_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) -> dict[str, Any]:
+    """The control service (REST API, SSE, picker page, /v1 routing) from switchd's image, as
+    the server's unprivileged user: no engine socket, the key as its credential, its port on
+    the bind address; it changes what serves only by asking switchd (the helper socket)."""
+    port = cat.settings.control.port
+    host = f"[{site.bind_address}]" if ":" in site.bind_address else site.bind_address
+    svc: dict[str, Any] = {
+        "image": switchd_image,
+        "container_name": CONTROL_CONTAINER,
+        "command": ["control"],
+        "user": f"{UID}:{UID}",
+        "labels": {f"{LABEL}.kind": CONTROL},
+        "init": True,
+        "depends_on": [SERVICE],
+        "ports": [f"{host}:{port}:{port}"],
+        "volumes": [{"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR}],
+        "read_only": True,
+        "tmpfs": ["/tmp"],
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "restart": "unless-stopped",
+    }
+    if cat.settings.api_key.policy == "required":
+        svc["environment"] = {"CREDENTIALS_DIRECTORY": CREDENTIALS}
+        svc["secrets"] = [{"source": "api_key", "target": "api-key"}]
     return svc

@@ -145,3 +145,25 @@ def test_switchd_leaves_its_stopping_mark_for_the_transaction(contract) -> None:
     stopping_marker(contract).touch()
     assert runtime.shutting_down()
     assert os.path.basename(switchd.helper_socket(contract)) == "switchd.sock"
+
+
+def test_the_load_watch_never_waits_for_the_engines_stats(contract) -> None:
+    """One look at a container's stats makes the engine wait for its next sample (up to a
+    second): with the real engine they are read in a thread and the watch takes the latest."""
+    from llamavm.host.runtime import ComposeRuntime
+
+    class SlowStats:
+        def usage(self, name: str) -> tuple[int, ...]:
+            time.sleep(0.3)
+            return (7, 0)
+
+    runtime = ComposeRuntime(SlowStats(), "x", background=True)  # type: ignore[arg-type]
+    model = contract.models[0]
+    began = time.monotonic()
+    assert runtime.counters(model, 42) is None  # nothing read yet, and no wait for it
+    assert time.monotonic() - began < 0.1
+    deadline = time.monotonic() + 5
+    while runtime.counters(model, 42) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.counters(model, 42) == (7, 0)
+    assert runtime.counters(model, 0) is None  # no server: nothing to read

@@ -59,7 +59,8 @@ def test_every_inventory_renders_one_service_per_model(
 ) -> None:
     cat, site, result, doc = rendered(name, tmp_path, archive)
     services = doc["services"]
-    assert set(services) == {m.name for m in cat.models} | {"switchd"}
+    control = {"control"} if cat.settings.control.enabled else set()
+    assert set(services) == {m.name for m in cat.models} | {"switchd"} | control
     for model in cat.models:
         svc = services[model.name]
         assert svc["profiles"][0] == model.name
@@ -107,6 +108,7 @@ def test_a_gpu_host_reserves_the_gpu_and_a_cpu_host_renders_none(
     tmp_path: Path, archive: Path
 ) -> None:
     _, _, gpu, doc = rendered("example-compose", tmp_path / "gpu", archive)
+    doc["services"].pop("control", None)  # no GPU: it asks switchd
     switchd = doc["services"].pop("switchd")  # it reads nvidia-smi (utility), loads nothing
     devices = switchd["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
@@ -134,7 +136,8 @@ def test_docker_compose_config_accepts_the_project(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     normalized = yaml.safe_load(done.stdout)
-    assert set(normalized["services"]) == {m.name for m in cat.models} | {"switchd"}
+    control = {"control"} if cat.settings.control.enabled else set()
+    assert set(normalized["services"]) == {m.name for m in cat.models} | {"switchd"} | control
 
 
 def test_the_dockerfile_builds_with_the_llama_cpp_roles_flags(
@@ -187,7 +190,25 @@ def test_only_switchd_reaches_the_engine_and_it_runs_the_host_transaction(
     for model in parsed.models:
         assert model.health_url == f"http://llamavm-{model.name}:{model.port}/health"
         assert str(model.gguf).startswith("/models/") and model.load == "share"
-    assert parsed.firewall is None and parsed.control is None
+    assert parsed.firewall is None
+    helpers = sorted(n for n, svc in services.items()
+                     if any(v["source"] == "helper" for v in svc["volumes"]))  # fmt: skip
+    if cat.settings.control.enabled:
+        # The control service: the server's user, no socket, its port, the key as credential;
+        # only it and switchd share the helper's volume.
+        assert helpers == ["control", "switchd"]
+        ctl = services["control"]
+        assert ctl["user"] == "10001:10001" and ctl["cap_drop"] == ["ALL"] and ctl["read_only"]
+        port = cat.settings.control.port
+        assert ctl["ports"] == [f"{site.bind_address}:{port}:{port}"]
+        assert ctl["image"] == result.switchd_image and ctl["command"] == ["control"]
+        assert parsed.control is not None and parsed.control.port == port
+        assert str(parsed.control.helper_socket) == "/run/llamavm-helper/switchd.sock"
+        if cat.settings.api_key.policy == "required":
+            assert ctl["secrets"] == [{"source": "api_key", "target": "api-key"}]
+            assert ctl["environment"] == {"CREDENTIALS_DIRECTORY": "/run/secrets"}
+    else:
+        assert "control" not in services and parsed.control is None and helpers == ["switchd"]
     text = (tmp_path / "Dockerfile.switchd").read_text()
     assert "COPY llamavm-switch /usr/local/bin/llamavm-switch" in text
     assert "COPY contract.json /etc/llamavm/contract.json" in text
