@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None, contract_path: Path | None = None) -> in
             recover(contract, args.tx)
             return 0
         if args.command == "supervise":
-            return supervise(contract, args.tx, args.op, args.args)
+            return supervise(contract, args.tx, args.op, args.args, run)
         if args.command == "switchd":
             from llamavm.host import switchd
 

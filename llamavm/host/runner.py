@@ -93,30 +93,42 @@ def _spawn(contract: Contract, tx: str, op: str, args: list[str]) -> str:
     return ""
 
 
-def supervise(contract: Contract, tx: str, op: str, args: list[str]) -> int:
-    """Run transaction `tx` as a child and recover it if that child dies without an outcome
-    (a systemd host's transient unit and its ExecStopPost, without systemd). A SIGTERM (the
-    container stops) goes on to the transaction, which rolls back or defers to the next
-    llamavm-switchd."""
+def supervise(
+    contract: Contract,
+    tx: str,
+    op: str,
+    args: list[str],
+    run_tx: Callable[[Contract, str, str, list[str]], dict[str, Any]],
+) -> int:
+    """Run transaction `tx` (`run_tx`, cli.run) in a forked child — no second interpreter to
+    start — and recover it if that child dies without an outcome (a systemd host's transient
+    unit and its ExecStopPost, without systemd). A SIGTERM (the container stops) goes on to
+    the transaction, which rolls back or defers to the next llamavm-switchd."""
     pid_path = supervisor_pid_path(contract, tx)
     with contextlib.suppress(OSError):
         pid_path.write_text(f"{os.getpid()}\n")
-    child = subprocess.Popen([str(contract.paths.switch), "run", tx, op, *args])
+    child = os.fork()
+    if child == 0:  # the transaction
+        code = EXIT_REFUSED
+        try:
+            code = int(run_tx(contract, tx, op, args).get("code", EXIT_REFUSED))
+        finally:
+            os._exit(code)
 
     def forward(signum: int, _frame: Any) -> None:
         with contextlib.suppress(OSError):
-            child.send_signal(signum)
+            os.kill(child, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    code = child.wait()
+    _, status = os.waitpid(child, 0)
     try:
         if not store.read_outcome(contract.paths.outcomes, tx):
             recover(contract, tx)
     finally:
         with contextlib.suppress(OSError):
             pid_path.unlink()
-    return code
+    return os.waitstatus_to_exitcode(status)
 
 
 def save_outcome(

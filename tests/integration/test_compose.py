@@ -556,8 +556,14 @@ def test_a_bad_control_request_harms_nothing(keyed_compose, models) -> None:
     assert _post(f"{base}/switch", key, {"model": "../../etc/passwd"})[0] == 404
     assert _post(f"{base}/switch", key, {"model": ["qwen"]})[0] == 422
     assert _call(f"{base}/switch", key, "-X", "POST", "-d", "{not json")[0] == 422
-    huge = {"model": "q" * (4 << 20)}
-    assert 400 <= _post(f"{base}/switch", key, huge)[0] < 500
+    huge = Path("/tmp/llamavm-compose-huge.json")  # 4 MiB: more than a command line holds
+    huge.write_text(json.dumps({"model": "q" * (4 << 20)}))
+    try:
+        code, _ = _call(f"{base}/switch", key, "-X", "POST", "-H",
+                        "Content-Type: application/json", "--data-binary", f"@{huge}")  # fmt: skip
+    finally:
+        huge.unlink()
+    assert 400 <= code < 500, code
     assert _active(base, key) == before and http_code(f"{base}/health") == 200
     assert chat(models.resolve(before))[0] in ("200", "401")  # keyed: the model port wants it
 

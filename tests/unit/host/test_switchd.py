@@ -40,22 +40,28 @@ def test_transactions_are_supervised_on_compose_only(contract, tmp_path: Path) -
 
 
 def test_the_supervisor_runs_the_transaction_and_leaves_no_pid(contract, monkeypatch) -> None:
-    outcome = contract.paths.outcomes / "tx0001.json"
-    _switch_script(contract, f"mkdir -p {outcome.parent}; echo '{{\"ok\": true}}' > {outcome}")
+    def run_tx(c, tx, op, args):
+        assert (tx, op, args) == ("tx0001", "switch", ["two"])
+        answer = {"ok": True, "code": 0}
+        store.save_outcome(c.paths.outcomes, tx, answer, c.paths.counters)
+        return answer
+
     called: list[str] = []
     monkeypatch.setattr(runner, "recover", lambda c, tx: called.append(tx))
     contract.paths.progress.mkdir(parents=True, exist_ok=True)
-    assert runner.supervise(contract, "tx0001", "switch", ["two"]) == 0
+    assert runner.supervise(contract, "tx0001", "switch", ["two"], run_tx) == 0
     assert called == []  # an outcome was recorded: nothing to recover
     assert not runner.supervisor_pid_path(contract, "tx0001").exists()
 
 
 def test_a_transaction_that_dies_without_an_outcome_is_recovered(contract, monkeypatch) -> None:
-    _switch_script(contract, "kill -9 $$")
+    def run_tx(c, tx, op, args):
+        os.kill(os.getpid(), 9)  # the transaction's process killed outright
+
     called: list[str] = []
     monkeypatch.setattr(runner, "recover", lambda c, tx: called.append(tx))
     contract.paths.progress.mkdir(parents=True, exist_ok=True)
-    assert runner.supervise(contract, "tx0002", "switch", ["two"]) == -9
+    assert runner.supervise(contract, "tx0002", "switch", ["two"], run_tx) == -9
     assert called == ["tx0002"]
 
 
