@@ -470,6 +470,48 @@ def test_a_model_whose_container_cannot_start_rolls_back(provisioned_compose, mo
     assert chat(models.default)[0] == "200"
 
 
+def test_an_embeddings_companion_serves_beside_the_big_model(
+    provisioned_compose, models, tmp_path: Path
+) -> None:
+    """A companion (the tiny Qwen3 with mean pooling) started by the switch beside the big
+    model as the VRAM admission says; /v1/embeddings answers from it, on its port and through
+    the control service's routing, while chats go to the big model."""
+    engine, _ = provisioned_compose
+    raw = yaml.safe_load((REPO_ROOT / "config" / "models.testbed.yaml").read_text())
+    qwen = raw["models"][0]
+    raw["models"].append({"name": "embed", "companion": True, "task": "embeddings",
+                          "gguf": qwen["gguf"], "port": 8011, "ctx_size": 512,
+                          "extra_args": ["--pooling", "mean"], "vram_mib": 600})  # fmt: skip
+    path = tmp_path / "models.companion.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        done = invoke("provision", "-i", INVENTORY, "--catalog", str(path))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        moved = invoke("switch", "-i", INVENTORY, "--catalog", str(path), "--model",
+                       models.default.name)  # fmt: skip
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        wait_for(lambda: engine.containers().get("embed") is not None
+                 and engine.containers()["embed"].status == "running"
+                 and http_code(f"http://{ADDRESS}:8011/health") == 200, 60,
+                 "the companion to serve")  # fmt: skip
+        body = json.dumps({"input": "the operator reads the build log"})
+        control = raw["settings"]["control"]["port"]
+        for base in (f"http://{ADDRESS}:8011", f"http://{ADDRESS}:{control}"):
+            answer = client_curl(f"{base}/v1/embeddings", "-X", "POST", "-H",
+                                 "Content-Type: application/json", "-d", body)  # fmt: skip
+            text, code = answer.stdout.rsplit("\n", 1)
+            assert code == "200", (base, text)
+            assert len(json.loads(text)["data"][0]["embedding"]) > 8
+        assert one_serves(engine, models) == models.default.name  # the big one still alone
+        status = json.loads(invoke("status", "-i", INVENTORY, "--catalog", str(path),
+                                   "--json").stdout)["compose"]  # fmt: skip
+        beside = {c["name"]: c for c in status["companions"]}
+        assert beside["embed"]["admitted"] and beside["embed"]["health"] == 200
+    finally:
+        assert invoke("provision", "-i", INVENTORY).returncode == 0
+    assert "embed" not in engine.containers()  # gone with the catalog entry
+
+
 # --- the control service on Compose (last: the project runs keyed from here on) ---------------
 
 

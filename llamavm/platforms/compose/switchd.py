@@ -20,6 +20,7 @@ from typing import Any
 
 from llamavm.artifacts import contract
 from llamavm.inputs import catalog as catalog_mod
+from llamavm.inputs import vram
 from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
 from llamavm.platforms.compose.site import Site
 
@@ -56,7 +57,11 @@ def container(model: catalog_mod.Model) -> str:
 def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
     """The host contract of the project: a systemd host's, on the Compose runtime."""
     cfg = contract.load_host_config()
-    doc = copy.deepcopy(contract.build(cat, {}, cfg))
+    # Each model's VRAM estimate, as a host's contract has it: the admission of companions
+    # beside each big model comes from them.
+    estimates = {m.name: vram.estimate(cat, m).as_dict() for m in cat.models}
+    vram.check_companions(cat, {n: e["total_mib"] for n, e in estimates.items()})
+    doc = copy.deepcopy(contract.build(cat, estimates, cfg))
     models = {m.name: m for m in cat.models}
     for entry in (*doc["models"], *doc["companions"]):
         model = models[entry["name"]]
