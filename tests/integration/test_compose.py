@@ -689,3 +689,56 @@ def test_two_api_switches_and_a_cli_switch_at_once_leave_exactly_one(keyed_compo
         active = _active(base, key)
         assert active in ("qwen3-coder-30b", "gpt-oss-120b")
         assert http_code(f"http://{ADDRESS}:{cat.resolve(active).port}/health") == 200
+
+
+def test_an_idle_model_sleeps_and_the_routing_wakes_it_for_six_at_once(
+    keyed_compose, models, tmp_path: Path
+) -> None:
+    """Idle sleep on Compose through the control service: the default model, idle for 5 s,
+    stops by itself (nothing serves, the status says asleep); a request without the key does
+    not wake it; six keyed requests at once naming it are all answered, by one container."""
+    from tests.integration.helpers import keyed_catalog_file
+
+    _, key, base = keyed_compose
+    path = keyed_catalog_file(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    for model in raw["models"]:
+        if model["name"] == models.default.name:
+            model["idle_unload_s"] = 5
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = invoke("provision", "-i", INVENTORY, "--catalog", str(path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        wait_for(lambda: http_code(f"{base}/health") == 200, 60, "the control service")
+        moved = invoke("switch", "-i", INVENTORY, "--catalog", str(path), "--model",
+                       models.default.name)  # fmt: skip
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+
+        def asleep() -> str | None:
+            code, body = _call(f"{base}/status", key)
+            return (json.loads(body).get("asleep") or {}).get("model") if code == 200 else None
+
+        wait_for(lambda: asleep() == models.default.name, 60, "the idle model asleep", 1)
+        assert _containers_serving() == 0
+        chat_body = {"model": models.default.name, "max_tokens": 8,
+                     "messages": [{"role": "user", "content": "Hello"}]}  # fmt: skip
+        assert _post(f"{base}/v1/chat/completions", None, chat_body)[0] == 401
+        time.sleep(3)
+        assert _containers_serving() == 0 and asleep() == models.default.name
+        codes: list[int] = []
+
+        def ask() -> None:
+            codes.append(_post(f"{base}/v1/chat/completions", key, chat_body)[0])
+
+        askers = [threading.Thread(target=ask) for _ in range(6)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join(timeout=300)
+        assert codes == [200] * 6, codes
+        assert _containers_serving() == 1 and _active(base, key) == models.default.name
+    finally:
+        back = tmp_path / "back"
+        back.mkdir()
+        keyed = invoke("provision", "-i", INVENTORY, "--catalog", str(keyed_catalog_file(back)))
+        assert keyed.returncode == 0, keyed.stdout[-2000:]
