@@ -6,6 +6,7 @@ systemd host — the same transaction, the same answers. Nothing here switches m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -30,11 +31,19 @@ def target(engine: Engine, host: remote.Host, *, must_run: bool = True) -> remot
     if must_run:
         found = engine.run([engine.cli, "inspect", "--format", "{{.State.Status}}",
                             switchd.CONTAINER], check=False)  # fmt: skip
-        if found.stdout.strip() != "running":
+        said = found.stderr.strip().splitlines()
+        if found.returncode != 0 and not re.search(r"no such (object|container)", found.stderr,
+                                                   re.IGNORECASE):  # fmt: skip
+            raise LlamavmError(
+                f"{host.name}: {engine.cli} does not answer ({said[-1] if said else 'no output'})"
+                " — start the engine, or check llamavm_compose_engine_host",
+                code=2,
+            )
+        state = found.stdout.strip() or "absent"
+        if state != "running":
             raise LlamavmError(
                 f"{host.name}: the project's {switchd.CONTAINER} container does not run "
-                f"({(found.stdout or found.stderr).strip() or 'absent'}) — run invoke provision "
-                f"-i {engine.site.inventory}",
+                f"({state}) — run invoke provision -i {engine.site.inventory}",
                 code=2,
             )
     return replace(host, via=exec_prefix(engine))
