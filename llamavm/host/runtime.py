@@ -400,6 +400,15 @@ class Serving:
         return [m for m in companions if states.get(m.unit) in BUSY]
 
     def healthy(self, model: Model) -> bool:
+        spec = self.contract.runtime
+        if (
+            spec is not None
+            and spec.kind == "compose"
+            and self.runtime.look(model).active != ("active")
+        ):
+            # A container that does not run has no name on the project's network: asking its
+            # /health would wait for the engine's DNS to give up (seconds) to learn the same.
+            return False
         return self.health(model.health_url) == 200
 
     def runs_current_build(self, model: Model) -> bool | None:
@@ -447,7 +456,7 @@ class Serving:
         pid = 0  # the server's PID, once systemd told it
         while True:
             elapsed = self.clock() - began
-            sample = watch_mod.Sample(elapsed, self.healthy(model))
+            sample = watch_mod.Sample(elapsed, self.health(model.health_url) == 200)
             # The server's process, looked at in /proc (no fork): gone means it exited or
             # systemd restarts it, and systemd is asked at once.
             counters = runtime.counters(model, pid)
