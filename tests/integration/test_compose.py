@@ -51,6 +51,19 @@ SWITCHD = "llamavm-switchd"
 STARTED: dict[str, Any] = {}
 
 
+def _remove_the_project() -> None:
+    """The project's containers and volumes gone: the suite starts, and leaves, as a new
+    project does."""
+    left = engine_mod.docker("ps", "-aq", "--filter", "label=com.docker.compose.project="
+                             "llamavm", check=False).stdout.split()  # fmt: skip
+    if left:
+        engine_mod.docker("rm", "-f", *left, check=False)
+    volumes = engine_mod.docker("volume", "ls", "-q", "--filter", "label=com.docker.compose."
+                                "project=llamavm", check=False).stdout.split()  # fmt: skip
+    if volumes:
+        engine_mod.docker("volume", "rm", *volumes, check=False)
+
+
 @pytest.fixture(scope="module")
 def engine(testbed_info) -> Iterator[Engine]:
     why = engine_mod.available()
@@ -58,18 +71,11 @@ def engine(testbed_info) -> Iterator[Engine]:
         pytest.skip(why)
     engine_mod.install()
     STARTED["proc"] = engine_mod.start()
+    _remove_the_project()
     try:
         yield engine_mod.project(INVENTORY, ADDRESS)[0]
     finally:
-        left = engine_mod.docker("ps", "-aq", "--filter", "label=com.docker.compose.project="
-                                 "llamavm", check=False).stdout.split()  # fmt: skip
-        if left:
-            engine_mod.docker("rm", "-f", *left, check=False)
-        # The project's state goes too: the next run starts as a new project does.
-        volumes = engine_mod.docker("volume", "ls", "-q", "--filter", "label=com.docker.compose."
-                                    "project=llamavm", check=False).stdout.split()  # fmt: skip
-        if volumes:
-            engine_mod.docker("volume", "rm", *volumes, check=False)
+        _remove_the_project()
         engine_mod.stop(STARTED.get("proc"))
 
 
