@@ -8,8 +8,9 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,37 @@ def ssh_from_lan(vm: Any, command: str, *extra: str, timeout: float = 120) -> An
         text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+def api_call(url: str, key: str | None, *args: str, timeout: float = 300) -> tuple[int, str]:
+    """(HTTP status, body) of a request from the LAN client, with the key when one is given."""
+    headers = ["-H", f"Authorization: Bearer {key}"] if key else []
+    answer = client_curl(url, *headers, *args, timeout=timeout)
+    assert answer.returncode == 0, answer.stderr
+    body, code = answer.stdout.rsplit("\n", 1)
+    return int(code), body
+
+
+def api_post(url: str, key: str | None, body: Any = None, *args: str) -> tuple[int, str]:
+    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body or {})]
+    return api_call(url, key, "-X", "POST", *data, *args)
+
+
+@contextlib.contextmanager
+def sampled(count: Callable[[], int], every: float = 0.05) -> Iterator[list[int]]:
+    """`count()` sampled every `every` seconds in a thread while the block runs: the samples."""
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(count())
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join(timeout=30)

@@ -39,7 +39,14 @@ from tests.integration.helpers import (
     http_code,
     invoke,
     lan_chat,
+    sampled,
     wait_for,
+)
+from tests.integration.helpers import (
+    api_call as _call,
+)
+from tests.integration.helpers import (
+    api_post as _post,
 )
 
 pytestmark = [pytest.mark.testbed, pytest.mark.compose]
@@ -355,21 +362,29 @@ def test_the_switchs_own_process_killed_after_the_stop_is_recovered(
     assert one_serves(engine, models) == models.default.name
 
 
-def test_a_transaction_killed_with_its_supervisor_is_recovered_by_switchd(
-    provisioned_compose, models
-) -> None:
-    """Every process of the transaction killed after the stop (no supervisor left to recover
-    it): switchd finds the pending transaction with the lock free and recovers it."""
-    engine, _ = provisioned_compose
+def _switch_held_after_the_stop(models) -> tuple[subprocess.Popen[str], catalog.Model]:
+    """`invoke switch` from the default to the other model, held for 60 s right after the old
+    container stopped (a failpoint): the CLI's process, once the transaction is there, and the
+    target."""
     assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
     other = next(m for m in models.big if m != models.default)
     set_failpoints({"after_stop": {"mark": "/run/llamavm/reached", "sleep": 60}})
     cli = subprocess.Popen([str(INVOKE), "switch", "-i", INVENTORY, "--model", other.name],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            cwd=REPO_ROOT)  # fmt: skip
+    wait_for(lambda: in_switchd("test -e /run/llamavm/reached", check=False).returncode == 0,
+             60, "the transaction to stop the old model")  # fmt: skip
+    return cli, other
+
+
+def test_a_transaction_killed_with_its_supervisor_is_recovered_by_switchd(
+    provisioned_compose, models
+) -> None:
+    """Every process of the transaction killed after the stop (no supervisor left to recover
+    it): switchd finds the pending transaction with the lock free and recovers it."""
+    engine, _ = provisioned_compose
+    cli, other = _switch_held_after_the_stop(models)
     try:
-        wait_for(lambda: in_switchd("test -e /run/llamavm/reached", check=False).returncode == 0,
-                 60, "the transaction to stop the old model")  # fmt: skip
         in_switchd("pkill -KILL -f 'llamavm-switch (supervise|run) '")
         out, err = cli.communicate(timeout=240)
     finally:
@@ -386,15 +401,8 @@ def test_an_engine_restart_mid_switch_ends_with_a_model_serving(
     provisioned_compose, models
 ) -> None:
     engine, _ = provisioned_compose
-    assert invoke("switch", "-i", INVENTORY, "--model", models.default.name).returncode == 0
-    other = next(m for m in models.big if m != models.default)
-    set_failpoints({"after_stop": {"mark": "/run/llamavm/reached", "sleep": 60}})
-    cli = subprocess.Popen([str(INVOKE), "switch", "-i", INVENTORY, "--model", other.name],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=REPO_ROOT)  # fmt: skip
+    cli, other = _switch_held_after_the_stop(models)
     try:
-        wait_for(lambda: in_switchd("test -e /run/llamavm/reached", check=False).returncode == 0,
-                 60, "the transaction to stop the old model")  # fmt: skip
         STARTED["proc"] = engine_mod.restart() or STARTED.get("proc")
         out, err = cli.communicate(timeout=400)
     finally:
@@ -541,19 +549,6 @@ def keyed_compose(provisioned_compose, tmp_path_factory) -> Iterator[tuple[Any, 
         assert invoke("provision", "-i", INVENTORY).returncode == 0
 
 
-def _call(url: str, key: str | None, *args: str, timeout: float = 300) -> tuple[int, str]:
-    headers = ["-H", f"Authorization: Bearer {key}"] if key else []
-    answer = client_curl(url, *headers, *args, timeout=timeout)
-    assert answer.returncode == 0, answer.stderr
-    body, code = answer.stdout.rsplit("\n", 1)
-    return int(code), body
-
-
-def _post(url: str, key: str | None, body: Any = None, *args: str) -> tuple[int, str]:
-    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body or {})]
-    return _call(url, key, "-X", "POST", *data, *args)
-
-
 def _active(base: str, key: str) -> str | None:
     code, body = _call(f"{base}/status", key)
     assert code == 200, body
@@ -642,27 +637,14 @@ def test_the_openai_client_is_routed_across_two_models_one_container_at_a_time(
     keyed_compose,
 ) -> None:
     _, key, base = keyed_compose
-    samples: list[int] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(_containers_serving())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     here = Path(__file__).resolve().parent
-    try:
+    with sampled(_containers_serving) as samples:
         run = subprocess.run(
             ["ip", "netns", "exec", config_ns(), sys.executable,
              str(here / "clients" / "routing.py"), f"{base}/v1", "two", "qwen", "gpt-oss"],
             capture_output=True, text=True, timeout=900, check=False,
             env={**os.environ, "LLAMAVM_KEY": key},
         )  # fmt: skip
-    finally:
-        done.set()
-        sampler.join(timeout=30)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     answers = {e["name"]: e for e in yaml.safe_load((REPO_ROOT / "config" /

@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +21,17 @@ from llamavm.inputs import catalog, inventory
 from llamavm.ops import control_api, fleet
 from llamavm.testbed import config, machine
 from tests.integration.helpers import (
-    client_curl,
+    api_call as _call,
+)
+from tests.integration.helpers import (
+    api_post as _post,
+)
+from tests.integration.helpers import (
     host_run,
     http_code,
     invoke,
     keyed_testbed,
+    sampled,
     wait_for,
 )
 
@@ -53,19 +57,6 @@ def keyed(provisioned, tmp_path_factory) -> Iterator[tuple[catalog.Catalog, str]
 
 def _base(host: str, cat: catalog.Catalog) -> str:
     return f"http://{host}:{cat.settings.control.port}"
-
-
-def _call(url: str, key: str | None, *args: str, timeout: float = 300) -> tuple[int, str]:
-    headers = ["-H", f"Authorization: Bearer {key}"] if key else []
-    answer = client_curl(url, *headers, *args, timeout=timeout)
-    assert answer.returncode == 0, answer.stderr
-    body, code = answer.stdout.rsplit("\n", 1)
-    return int(code), body
-
-
-def _post(url: str, key: str | None, body: dict | None = None, *args: str) -> tuple[int, str]:
-    data = ["-H", "Content-Type: application/json", "-d", json.dumps(body or {})]
-    return _call(url, key, "-X", "POST", *data, *args)
 
 
 def _serving(host: str, cat: catalog.Catalog, key: str) -> str | None:
@@ -230,23 +221,10 @@ def test_the_openai_client_gets_answers_from_two_models_in_a_row(keyed, host) ->
 
 def test_a_burst_naming_two_models_all_succeeds_with_one_model_alive(keyed, host) -> None:
     cat, key = keyed
-    samples: list[int] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(_servers())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with sampled(_servers) as samples:
         result = _client(
             "routing.py", f"{_base(host, cat)}/v1", "burst", "qwen", "gpt-oss", key=key
         )
-    finally:
-        done.set()
-        sampler.join(timeout=30)
     failed = [r for r in result["results"] if not r["ok"]]
     assert not failed, failed
     assert len(result["results"]) == 20
