@@ -247,3 +247,17 @@ def sampled(count: Callable[[], int], every: float = 0.05) -> Iterator[list[int]
     finally:
         done.set()
         sampler.join(timeout=30)
+
+
+#: Every endpoint of the control service that wants the key, with a body that works.
+CONTROL_ENDPOINTS = [
+    ("GET", "/models", None),
+    ("GET", "/status", None),
+    ("POST", "/switch", {"model": "qwen"}),
+    ("POST", "/restart", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user",
+                                                                    "content": "hi"}]}),
+    ("POST", "/v1/completions", {"model": "qwen", "prompt": "hi", "max_tokens": 2}),
+    ("POST", "/stop", None),
+]  # fmt: skip

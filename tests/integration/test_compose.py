@@ -33,6 +33,7 @@ from llamavm.platforms.compose.engine import Engine
 from llamavm.platforms.compose.render import LABEL
 from llamavm.testbed import docker as engine_mod
 from tests.integration.helpers import (
+    CONTROL_ENDPOINTS,
     INVOKE,
     SHARE,
     client_curl,
@@ -559,18 +560,6 @@ def _containers_serving() -> int:
     done = engine_mod.docker("ps", "-q", "--filter", f"label={LABEL}.kind=big", "--filter",
                              "status=running", check=False)  # fmt: skip
     return len(done.stdout.split())
-
-
-CONTROL_ENDPOINTS = [
-    ("GET", "/models", None),
-    ("GET", "/status", None),
-    ("POST", "/switch", {"model": "qwen"}),
-    ("POST", "/restart", None),
-    ("GET", "/v1/models", None),
-    ("POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user",
-                                                                    "content": "hi"}]}),
-    ("POST", "/stop", None),
-]  # fmt: skip
 
 
 def test_the_control_service_wants_the_key_and_works_with_it(keyed_compose, models) -> None:

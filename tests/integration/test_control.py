@@ -21,18 +21,19 @@ from llamavm.inputs import catalog, inventory
 from llamavm.ops import control_api, fleet
 from llamavm.testbed import config, machine
 from tests.integration.helpers import (
-    api_call as _call,
-)
-from tests.integration.helpers import (
-    api_post as _post,
-)
-from tests.integration.helpers import (
+    CONTROL_ENDPOINTS,
     host_run,
     http_code,
     invoke,
     keyed_testbed,
     sampled,
     wait_for,
+)
+from tests.integration.helpers import (
+    api_call as _call,
+)
+from tests.integration.helpers import (
+    api_post as _post,
 )
 
 pytestmark = pytest.mark.testbed
@@ -69,23 +70,10 @@ def _servers() -> int:
     return int(host_run("pgrep -c -x llama-server || true").stdout.strip() or 0)
 
 
-ENDPOINTS = [
-    ("GET", "/models", None),
-    ("GET", "/status", None),
-    ("POST", "/switch", {"model": "qwen"}),
-    ("POST", "/restart", None),
-    ("GET", "/v1/models", None),
-    ("POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user",
-                                                                    "content": "hi"}]}),
-    ("POST", "/v1/completions", {"model": "qwen", "prompt": "hi", "max_tokens": 2}),
-    ("POST", "/stop", None),
-]  # fmt: skip
-
-
 def test_every_endpoint_wants_the_key_and_works_with_it(keyed, host) -> None:
     cat, key = keyed
     base = _base(host, cat)
-    for method, path, body in ENDPOINTS:
+    for method, path, body in CONTROL_ENDPOINTS:
         for given in (None, "not-the-key"):
             if method == "GET":
                 code, _ = _call(base + path, given)
