@@ -439,6 +439,7 @@ def build(
             # A sleeping model's wake listener (127.0.0.1 only; the front door's map points
             # there while it sleeps), and how long a waking request waits for the model.
             "wake_port": cfg.wake_port if settings.expose.front_door.enabled else None,
+            "wake_bind": "127.0.0.1",
             "wake_wait_s": settings.expose.front_door.wait_s,
         },
         "models": models,

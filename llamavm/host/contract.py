@@ -118,8 +118,10 @@ class Control:
     routing: bool
     helper_socket: Path
     unit: str = "llamavm-control.service"
-    #: The loopback listener that wakes a sleeping model (0: none, no front door).
+    #: The listener that wakes a sleeping model (0: none, no front door): on a host on
+    #: loopback (the front door's map points there); on Compose the front door's upstream.
     wake_port: int = 0
+    wake_bind: str = "127.0.0.1"
     #: How long a request that wakes the model waits for it before a retryable 503.
     wake_wait_s: float = 120.0
 
@@ -272,6 +274,7 @@ def _control(data: dict[str, Any]) -> Control | None:
         helper_socket=Path(data["helper_socket"]),
         unit=str(data["unit"]),
         wake_port=int(data.get("wake_port") or 0),
+        wake_bind=str(data.get("wake_bind") or "127.0.0.1"),
         wake_wait_s=float(data.get("wake_wait_s", 120.0)),
     )
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -183,7 +184,7 @@ def create_app(
         client, link = httpx.AsyncClient(transport=transport), transport
     else:
         client, link = upstream, ClientLink(upstream)
-    router = Router(live, helper)
+    router = Router(live, helper, state_stamp(contract.paths.state))
     routes = Routes(live, router, link, key, routing)
     app.state.router = router
     app.state.wake = wake_app(router, live, link, key, control.wake_wait_s if control else 120)
@@ -323,6 +324,20 @@ def listener(address: str, port: int) -> socket.socket:
     return sock
 
 
+def state_stamp(path: Path) -> Any:
+    """The stamp of the helper's state file (None while it cannot be read): it changes with
+    every switch, stop or sleep, whoever ran it (routing.Router.notice)."""
+
+    def stamp() -> object:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    return stamp
+
+
 def quiet_routes(record: logging.LogRecord) -> bool:
     """The access log without the routed /v1 requests (a line each, dozens a second under
     load, to the journal): what the API was asked to do stays in it."""
@@ -346,7 +361,7 @@ def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
     )
     sockets = [listener(control.bind_address, control.port)]
     if control.wake_port:
-        sockets.append(listener("127.0.0.1", control.wake_port))
+        sockets.append(listener(control.wake_bind, control.wake_port))
     config = uvicorn.Config(
         dispatch(app, app.state.wake, control.wake_port),
         log_level="info",

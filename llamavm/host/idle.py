@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 
 from llamavm.host.activity import activity
 from llamavm.host.auth import key_given
-from llamavm.host.contract import LiveContract, Model
+from llamavm.host.contract import COMPANION_PATHS, LiveContract, Model
 from llamavm.host.relay import HOP_BY_HOP, Relay, said
-from llamavm.host.routing import RouteError, Router
+from llamavm.host.routing import NOTHING_ANSWERED, Moved, RouteError, Router
 
 #: The idle watcher looks at the serving model's counters this often, and asks the helper what
 #: serves at least this often (a switch over SSH is not told to this service).
@@ -120,19 +120,23 @@ async def watch_idle(
 
 
 def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wait_s: float) -> Any:
-    """The wake listener (127.0.0.1, the front door's map points here while the model
-    sleeps): any request wakes the sleeping model — with the key, when there is one; the web
-    UI's page is public, as on llama-server — waits for it, at most `wait_s`, and goes on to
-    it. Once it serves, the firewall sends the front door straight to it again."""
+    """The wake listener: on a host, the front door's map points here while the model sleeps
+    (127.0.0.1); on Compose, the front door sends every request here. A request goes to
+    whichever model serves: through a switch under way (from anywhere) it waits; a sleeping
+    model it wakes — with the key, when there is one; the web UI's page is public, as on
+    llama-server; at most `wait_s`, then a retryable 503. A companion's path (/v1/embeddings,
+    /v1/rerank, ...) goes to that companion beside the big model, as the host's front door
+    sends it. "No model is serving" is said at once only when none serves, sleeps or is being
+    switched to."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-    def refuse(status: int, message: str, retry: bool = False) -> JSONResponse:
+    def refuse(status: int, message: str, retry: bool = False, after: int = 5) -> JSONResponse:
         kind = "authentication_error" if status == 401 else "unavailable_error"
         return JSONResponse(
             {"error": {"code": status, "message": message, "type": kind}},
             status_code=status,
-            headers={"Retry-After": "5"} if retry else None,
+            headers={"Retry-After": str(after)} if retry else None,
         )
 
     @app.api_route("/{path:path}", methods=methods)
@@ -140,40 +144,109 @@ def wake_app(router: Router, live: LiveContract, link: Any, key: str | None, wai
         public = request.method in ("GET", "HEAD") and request.url.path in ("/", "/index.html")
         if key is not None and not public and not key_given(request, key):
             return refuse(401, "Invalid API Key")
-        if not router.known:
-            await router.refresh()
-        name = router.serving or router.asleep
-        if name is None:
-            return refuse(
-                503,
-                "llamavm: no model is serving (stopped) — 'invoke switch --model NAME' starts one",
-                retry=True,
-            )
-        turn = asyncio.ensure_future(router.acquire(name))
-        try:
-            # Shielded: a request that stops waiting leaves the wake going for the next one.
-            served = await asyncio.wait_for(asyncio.shield(turn), wait_s)
-        except TimeoutError:
-            turn.add_done_callback(_release_when_admitted(router))
-            return refuse(
-                503, f"llamavm: waking {name}, not ready after {wait_s:.0f}s — retry shortly",
-                retry=True,
-            )  # fmt: skip
-        except RouteError as exc:
-            return refuse(503, f"llamavm: {exc}", retry=True)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         target = f"/{path}" + (f"?{request.url.query}" if request.url.query else "")
-        try:
-            answer = await link.send(
-                request.method, served.base_url, target, headers, await request.body()
-            )
-        except httpx.HTTPError as exc:
-            await router.release(stale=True)
-            return refuse(502, f"llamavm: {served.name} did not answer: {said(exc)}", retry=True)
-        through = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
-        return Relay(answer, through, router.release)
+        body = await request.body()
+        companion = beside(live, request.url.path)
+        if companion is not None:
+            try:
+                answer = await link.send(request.method, companion.base_url, target, headers, body)
+            except httpx.HTTPError:
+                return refuse(
+                    503, f"llamavm: the {companion.task} companion {companion.name} is not "
+                    "running (invoke status says why) — retry later", retry=True, after=30,
+                )  # fmt: skip
+            return Relay(answer, [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP])
+        deadline = time.monotonic() + wait_s
+        attempts = 0
+        while True:
+            picked: list[str] = []
+            turn = asyncio.ensure_future(_serving_turn(router, deadline, picked))
+            try:
+                # Shielded: a request that stops waiting leaves the wake going for the next one.
+                served = await asyncio.wait_for(
+                    asyncio.shield(turn), max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                turn.add_done_callback(_release_when_admitted(router))
+                doing = (
+                    f"waking {picked[-1]}"
+                    if picked and picked[-1] == router.asleep
+                    else ("no model serving")
+                )
+                return refuse(
+                    503, f"llamavm: {doing}, not ready after {wait_s:.0f}s — retry shortly",
+                    retry=True,
+                )  # fmt: skip
+            except RouteError as exc:
+                return refuse(exc.status, f"llamavm: {exc}", retry=True)
+            try:
+                answer = await link.send(request.method, served.base_url, target, headers, body)
+            except httpx.HTTPError as exc:
+                await router.release(stale=True)
+                # Nothing answered (refused, or closed before the answer's head): the model
+                # stopped since this request was let through — a switch from elsewhere whose
+                # drain did not see it yet. Ask again what serves, and go there.
+                attempts += 1
+                if (
+                    isinstance(exc, NOTHING_ANSWERED)
+                    and attempts < SEND_ATTEMPTS
+                    and time.monotonic() < deadline - RETRY_S
+                ):
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                why = f"llamavm: {served.name} did not answer: {said(exc)}"
+                return refuse(502, why, retry=True)
+            through = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
+            return Relay(answer, through, router.release)
 
     return app
+
+
+#: A request nothing answered is sent again, at most this many times in all (the front door's
+#: requests wait through more switches than the routing endpoint's).
+SEND_ATTEMPTS = 5
+#: A request the serving model refused: asked again after this long; a switch under way from
+#: elsewhere: its outcome looked for this often (the helper asked at most every POLL_ASK_S).
+RETRY_S = 0.25
+POLL_S = 0.1
+POLL_ASK_S = 1.0
+
+
+def beside(live: LiveContract, path: str) -> Model | None:
+    """The companion a front-door request's path goes to (the catalog's first of the task
+    whose paths it is), None for the big model."""
+    for task, paths in COMPANION_PATHS.items():
+        if path in paths:
+            return next((m for m in live.now.companions if m.task == task), None)
+    return None
+
+
+async def _serving_turn(router: Router, deadline: float, picked: list[str]) -> Model:
+    """A turn on whichever model serves: the one that sleeps is woken; a transaction under way
+    from elsewhere is waited for (until `deadline`); RouteError(503) when nothing serves and
+    nothing is being switched to."""
+    while True:
+        router.notice()
+        if not router.known or (
+            router.pending and time.monotonic() - router.refreshed >= POLL_ASK_S
+        ):
+            await router.refresh()
+        if router.switching or router.pending:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            await asyncio.sleep(POLL_S)
+            continue
+        name = router.serving or router.asleep
+        if name is None:
+            raise RouteError(
+                503, "no model is serving (stopped) — 'invoke switch --model NAME' starts one"
+            )
+        picked.append(name)
+        try:
+            return await router.acquire(name, follow=True)
+        except Moved:
+            continue
 
 
 _BACKGROUND: set[asyncio.Future[None]] = set()

@@ -16,6 +16,7 @@ from typing import Any
 
 from llamavm.host import gpu, http, store
 from llamavm.host.contract import Contract
+from llamavm.host.runtime import UnitState
 from llamavm.host.systemd import Systemd
 
 MIB = 1 << 20
@@ -128,16 +129,23 @@ def collect(
     health: Callable[[str], int | None] = http.status_of,
     now: Callable[[], float] = time.time,
 ) -> str:
-    """Every series, as the text node_exporter reads."""
+    """Every series, as the text node_exporter reads; the model servers as the contract's
+    runtime sees them (systemd units, or the containers of a Compose project)."""
+    from llamavm.host.transaction import Host  # the runtime seam (it imports this module)
+
+    runtime = Host(contract, systemd=systemd).runtime
+    # A container's PID is the engine's, not in this process's PID namespace: its /proc entry
+    # would be another process's.
+    own_pids = contract.runtime is None or contract.runtime.kind == "systemd"
     out = Writer()
     out.add("llamavm_sampler_timestamp_seconds", round(now(), 3))
     gpu_series(out, gpus)
     state = store.load_state(contract.paths.state, repair=False)
-    props = systemd.show([m.unit for m in contract.models], ["ActiveState", "MainPID"])
+    units = runtime.show(contract.models)
     asleep = (state["asleep"] or {}).get("model")
     for model in contract.models:
-        unit = props.get(model.unit, {})
-        active = unit.get("ActiveState") == "active"
+        unit = units.get(model.unit) or UnitState()
+        active = unit.active == "active"
         labels = {"model": model.name}
         out.add("llamavm_model_info", 1, **labels, port=model.port, load=model.load)
         out.add("llamavm_model_active", int(active), **labels)
@@ -151,15 +159,14 @@ def collect(
         )
         loads = state["loads"].get(model.name) or []
         out.add("llamavm_model_last_load_seconds", loads[-1] if loads else None, **labels)
-        pid = int(unit.get("MainPID", "0") or 0)
-        stats = process_stats(pid) if active and pid else None
+        stats = process_stats(unit.pid) if active and unit.pid and own_pids else None
         if stats:
             out.add("llamavm_model_process_resident_bytes", stats[0], **labels)
             out.add("llamavm_model_process_cpu_seconds_total", round(stats[1], 2), **labels)
     if contract.companions:
-        beside = systemd.show([m.unit for m in contract.companions], ["ActiveState"])
+        beside = runtime.states(contract.companions)
         for model in contract.companions:
-            active = beside.get(model.unit, {}).get("ActiveState") == "active"
+            active = beside.get(model.unit) == "active"
             labels = {"model": model.name, "task": model.task}
             out.add("llamavm_companion_active", int(active), **labels)
             healthy = active and health(model.health_url) == 200

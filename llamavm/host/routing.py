@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx  # Debian: python3-httpx (the control role installs it)
@@ -51,15 +52,28 @@ class RouteError(Exception):
         self.status = status
 
 
+class Moved(Exception):
+    """What serves is no longer the model a request following the serving one waited for (a
+    switch from elsewhere, a stop): it picks again."""
+
+
+#: The stamp of what the helper last wrote (the state file's): a change says a switch, stop or
+#: sleep happened here or elsewhere since the router last heard what serves.
+Stamp = Callable[[], object]
+
+
 class Router:
     """One model on the GPU at a time: requests for the serving model go straight through;
     one for another model waits for the requests in flight, then switches (one transaction),
     and every request waiting for that model goes through together. While a request waits for
     another model, new requests for the serving one queue behind it (no starvation)."""
 
-    def __init__(self, contract: LiveContract, helper: HelperCalls) -> None:
+    def __init__(self, contract: LiveContract, helper: HelperCalls,
+                 stamp: Stamp | None = None) -> None:  # fmt: skip
         self.contract = contract
         self.helper = helper
+        self.stamp = stamp
+        self.stamp_seen: object = stamp() if stamp else None
         self.cond = asyncio.Condition()
         self.serving: str | None = None
         self.known = False
@@ -71,26 +85,47 @@ class Router:
         self.batch = 0
         #: The model put to sleep for idleness (None: none); a request for it wakes it.
         self.asleep: str | None = None
+        #: A transaction is under way, not this router's (the helper's status said so).
+        self.pending = False
         self.refreshed = float("-inf")
         self.clock = time.monotonic
+        self._asking: asyncio.Future[dict[str, Any]] | None = None
+
+    async def _status(self) -> dict[str, Any]:
+        """The helper's status; requests that ask at the same time share one answer."""
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self.helper.call("status"))
+        return await asyncio.shield(self._asking)
 
     async def _refresh(self) -> None:
-        status = await self.helper.call("status")
+        status = await self._status()
         self._heard(status)
 
     def _heard(self, status: dict[str, Any]) -> None:
         ok = bool(status.get("ok"))
         self.serving = status.get("active") if ok else None
         self.asleep = (status.get("asleep") or {}).get("model") if ok else None
+        self.pending = bool(status.get("transaction")) if ok else False
         self.known = ok
         self.refreshed = self.clock()
+
+    def notice(self) -> None:
+        """What serves changed since the router heard it when the helper's stamp did (a
+        switch over SSH or `docker exec`): ask again before the next request goes on."""
+        if self.stamp is None:
+            return
+        now = self.stamp()
+        if now != self.stamp_seen:
+            self.stamp_seen = now
+            if not self.switching:
+                self.known = False
 
     async def refresh(self) -> None:
         """Ask the helper what serves (unless a switch of this router's is under way)."""
         async with self.cond:
             if self.switching:
                 return
-        status = await self.helper.call("status")
+        status = await self._status()
         async with self.cond:
             if not self.switching:
                 self._heard(status)
@@ -123,15 +158,21 @@ class Router:
                 self.cond.notify_all()
         return outcome
 
-    async def acquire(self, name: str) -> Model:
-        """Wait until `name` serves, switching to it when its turn comes."""
+    async def acquire(self, name: str, follow: bool = False) -> Model:
+        """Wait until `name` serves, switching to it when its turn comes. `follow`: a request
+        for whatever serves (the front door's), which wakes `name` when it sleeps but never
+        switches to it: Moved when another model serves, none does, or a transaction not this
+        router's is under way."""
         while True:
             async with self.cond:
                 self.waiting[name] = self.waiting.get(name, 0) + 1
                 try:
                     while True:
+                        self.notice()
                         if not self.known and not self.switching:
                             await self._refresh()
+                        if follow and self._moved(name):
+                            raise Moved(name)
                         if self._admit(name):
                             self.in_flight += 1
                             return self.contract.now.resolve(name)
@@ -151,6 +192,7 @@ class Router:
                     if outcome.get("ok"):
                         # This turn: the requests waiting for `name` now, and this one.
                         self.serving, self.known, self.asleep = name, True, None
+                        self.pending = False
                         self.batch = self.waiting.get(name, 0) + 1
                     else:
                         self.known, self.batch = False, 0
@@ -159,6 +201,13 @@ class Router:
                 raise RouteError(
                     503, f"could not switch to {name}: {outcome.get('error', 'unknown error')}"
                 )
+
+    def _moved(self, name: str) -> bool:
+        """For a request following the serving model: `name` neither serves nor sleeps, or
+        somebody else's transaction is under way (wait for its outcome, then pick again)."""
+        if self.switching or not self.known:
+            return False
+        return self.pending or (self.serving or self.asleep) != name
 
     def _admit(self, name: str) -> bool:
         """`name` serves, and no other model waits (or this request is in its turn)."""
@@ -194,8 +243,10 @@ class Router:
                 self._heard(outcome)
             elif op == "switch" and outcome.get("model"):
                 self.serving, self.known, self.asleep = outcome["model"], True, None
+                self.pending = False
             elif op == "stop":
                 self.serving, self.known, self.asleep = None, True, None
+                self.pending = False
             if op != "status":
                 self.batch = 0
             self.cond.notify_all()

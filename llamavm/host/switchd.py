@@ -30,6 +30,7 @@ from llamavm.host import contract as contract_mod
 from llamavm.host import runner, store
 from llamavm.host.contract import Contract, HostError
 from llamavm.host.runtime import stopping_marker
+from llamavm.host.systemd import Systemd
 from llamavm.host.transaction import Host
 
 #: The environment variable the project passes `MODEL` in as.
@@ -138,6 +139,25 @@ def watch(contract: Contract, stop: threading.Event) -> None:
                  f"{wait:.0f} s")  # fmt: skip
 
 
+def sample(contract: Contract, stop: threading.Event) -> None:
+    """llamavm's series for node_exporter every `metrics.interval_s` until `stop` (a host's
+    systemd timer does this there); a failed sample is said once, and tried again."""
+    from llamavm.host import metrics
+
+    assert contract.metrics is not None
+    said = ""
+    while True:
+        try:
+            metrics.write(contract, Systemd())
+            said = ""
+        except (HostError, OSError, ValueError) as exc:
+            if str(exc) != said:
+                said = str(exc)
+                _say(f"llamavm-switchd: metrics not written: {exc}")
+        if stop.wait(contract.metrics.interval_s):
+            return
+
+
 def main(contract: Contract, contract_path: Path) -> int:
     """Run until SIGTERM: first(), then the helper's daemon."""
     from llamavm.host import helper
@@ -176,6 +196,8 @@ def main(contract: Contract, contract_path: Path) -> int:
         daemon=True,
     )
     serving.start()
+    if contract.metrics is not None:
+        threading.Thread(target=sample, args=(contract, stop), name="metrics", daemon=True).start()
     try:
         first(contract, os.environ.get(MODEL_ENV, "").strip())
     except HostError as exc:

@@ -217,6 +217,33 @@ WORDS = ["the", "operator", "reads", "the", "build", "log", "line", "by", "line"
          "notes", "each", "warning"]  # fmt: skip
 
 
+def test_metrics_for_prometheus_follow_the_serving_model(provisioned_compose, models) -> None:
+    """node_exporter on the node_exporter port, from the LAN: llamavm's series (switchd writes
+    them) say which model serves and that it is healthy, and follow a switch; the transactions
+    are counted; no GPU here, and the series says so; node_exporter's own series too."""
+    engine, _ = provisioned_compose
+    url = f"http://{ADDRESS}:{models.settings.reserved_ports['node_exporter']}/metrics"
+
+    def scrape() -> str:
+        text, code = client_curl(url).stdout.rsplit("\n", 1)
+        return text if code == "200" else ""
+
+    def says(name: str) -> bool:
+        return f'llamavm_model_active{{model="{name}"}} 1' in scrape()
+
+    now = one_serves(engine, models)
+    other = next(m.name for m in models.big if m.name != now)
+    for name in (other, now):
+        moved = invoke("switch", "-i", INVENTORY, "--model", name)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        wait_for(lambda name=name: says(name), 60, f"the metrics to say {name} serves", 1)
+    text = scrape()
+    assert f'llamavm_model_healthy{{model="{now}"}} 1' in text
+    assert f'llamavm_model_active{{model="{other}"}} 0' in text
+    assert 'llamavm_transactions_total{op="switch",result="ok"}' in text
+    assert "llamavm_gpu_up 0" in text and "node_cpu_seconds_total" in text
+
+
 def _long_chat(model: catalog.Model, prompt: str) -> tuple[dict, str]:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
             "temperature": 0}  # fmt: skip
@@ -489,8 +516,9 @@ def test_an_embeddings_companion_serves_beside_the_big_model(
     provisioned_compose, models, tmp_path: Path
 ) -> None:
     """A companion (the tiny Qwen3 with mean pooling) started by the switch beside the big
-    model as the VRAM admission says; /v1/embeddings answers from it, on its port and through
-    the control service's routing, while chats go to the big model."""
+    model as the VRAM admission says; /v1/embeddings answers from it, on its port, through
+    the control service's routing and through the front door, while chats go to the big
+    model."""
     engine, _ = provisioned_compose
     raw = yaml.safe_load((REPO_ROOT / "config" / "models.testbed.yaml").read_text())
     qwen = raw["models"][0]
@@ -511,7 +539,8 @@ def test_an_embeddings_companion_serves_beside_the_big_model(
                  "the companion to serve")  # fmt: skip
         body = json.dumps({"input": "the operator reads the build log"})
         control = raw["settings"]["control"]["port"]
-        for base in (f"http://{ADDRESS}:8011", f"http://{ADDRESS}:{control}"):
+        front = f"http://{ADDRESS}:{raw['settings']['reserved_ports']['proxy']}"
+        for base in (f"http://{ADDRESS}:8011", f"http://{ADDRESS}:{control}", front):
             answer = client_curl(f"{base}/v1/embeddings", "-X", "POST", "-H",
                                  "Content-Type: application/json", "-d", body)  # fmt: skip
             text, code = answer.stdout.rsplit("\n", 1)
@@ -550,6 +579,11 @@ def keyed_compose(provisioned_compose, tmp_path_factory) -> Iterator[tuple[Any, 
         assert invoke("provision", "-i", INVENTORY).returncode == 0
 
 
+def _front_door(cat: catalog.Catalog) -> str:
+    assert cat.settings.expose.front_door.enabled, "the test bed's catalog has the front door"
+    return f"http://{ADDRESS}:{cat.settings.reserved_ports['proxy']}"
+
+
 def _active(base: str, key: str) -> str | None:
     code, body = _call(f"{base}/status", key)
     assert code == 200, body
@@ -578,6 +612,12 @@ def test_the_control_service_wants_the_key_and_works_with_it(keyed_compose, mode
     assert code == 200 and _active(base, key) == models.default.name
     port = f"http://{ADDRESS}:{models.default.port}/v1/models"
     assert _call(port, None)[0] == 401 and _call(port, key)[0] == 200  # the model's own port
+    door = f"{_front_door(models)}/v1/models"
+    for given in (None, "not-the-key"):
+        assert _call(door, given)[0] == 401, given
+    code, listed = _call(door, key)
+    assert code == 200 and json.loads(listed)["data"], listed
+    assert http_code(f"{_front_door(models)}/") == 200  # the web UI's page, public as on a host
 
 
 def test_a_bad_control_request_harms_nothing(keyed_compose, models) -> None:
@@ -645,6 +685,30 @@ def test_the_openai_client_is_routed_across_two_models_one_container_at_a_time(
     assert _active(base, key) == "gpt-oss-120b"
 
 
+def test_streams_through_the_front_door_wait_through_two_switches(keyed_compose) -> None:
+    """32 keyed streams at once through the front door while `invoke switch` moves the model
+    and back: every request answered 200 and whole; at most one model container at a time."""
+    from tests.integration.load import finish, run_client
+
+    cat, key, base = keyed_compose
+    before = _active(base, key)
+    assert before is not None
+    other = next(m for m in cat.big if m.name != before)
+    burst = {"target": "front", "url": _front_door(cat), "requests": 256, "concurrency": 32,
+             "stream": True, "models": [before], "max_tokens": 16}  # fmt: skip
+    with sampled(_containers_serving) as samples:
+        client = run_client({"bursts": [burst]}, key)
+        switched = [invoke("switch", "-i", INVENTORY, "--catalog", str(cat.path), "--model", m)
+                    for m in (other.name, before)]  # fmt: skip
+        done = finish(client)
+    assert [s.returncode for s in switched] == [0, 0], [s.stdout + s.stderr for s in switched]
+    failed = [r for b in done for r in b["results"] if not r["ok"]]
+    assert not failed, f"{len(failed)} of 256 failed, e.g. {failed[:3]}"
+    assert sum(len(b["results"]) for b in done) == 256
+    assert samples and max(samples) <= 1, samples
+    assert _active(base, key) == before
+
+
 def test_two_api_switches_and_a_cli_switch_at_once_leave_exactly_one(keyed_compose) -> None:
     cat, key, base = keyed_compose
     ns = config_ns()
@@ -668,12 +732,13 @@ def test_two_api_switches_and_a_cli_switch_at_once_leave_exactly_one(keyed_compo
         assert http_code(f"http://{ADDRESS}:{cat.resolve(active).port}/health") == 200
 
 
-def test_an_idle_model_sleeps_and_the_routing_wakes_it_for_six_at_once(
+def test_an_idle_model_sleeps_and_the_routing_and_front_door_wake_it_for_six_at_once(
     keyed_compose, models, tmp_path: Path
 ) -> None:
     """Idle sleep on Compose through the control service: the default model, idle for 5 s,
     stops by itself (nothing serves, the status says asleep); a request without the key does
-    not wake it; six keyed requests at once naming it are all answered, by one container."""
+    not wake it; six keyed requests at once naming it are all answered, by one container; asleep
+    again, the same through the front door."""
     from tests.integration.helpers import keyed_catalog_file
 
     _, key, base = keyed_compose
@@ -712,6 +777,25 @@ def test_an_idle_model_sleeps_and_the_routing_wakes_it_for_six_at_once(
             asker.start()
         for asker in askers:
             asker.join(timeout=300)
+        assert codes == [200] * 6, codes
+        assert _containers_serving() == 1 and _active(base, key) == models.default.name
+        # Asleep again: the front door wakes it the same way (a request that names no model).
+        wait_for(lambda: asleep() == models.default.name, 60, "the idle model asleep again", 1)
+        door = f"{_front_door(models)}/v1/chat/completions"
+        del chat_body["model"]
+        assert _post(door, None, chat_body)[0] == 401
+        time.sleep(3)
+        assert _containers_serving() == 0 and asleep() == models.default.name
+        codes.clear()
+
+        def knock() -> None:
+            codes.append(_post(door, key, chat_body)[0])
+
+        knockers = [threading.Thread(target=knock) for _ in range(6)]
+        for knocker in knockers:
+            knocker.start()
+        for knocker in knockers:
+            knocker.join(timeout=300)
         assert codes == [200] * 6, codes
         assert _containers_serving() == 1 and _active(base, key) == models.default.name
     finally:

@@ -14,7 +14,7 @@ from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog as catalog_mod
 from llamavm.ops import remote
 from llamavm.platforms.compose import engine as engine_mod
-from llamavm.platforms.compose import switchd
+from llamavm.platforms.compose import frontdoor, switchd
 from llamavm.platforms.compose.engine import Engine
 from llamavm.platforms.compose.render import render
 
@@ -85,6 +85,8 @@ def provision(cat: catalog_mod.Catalog, engine: Engine, host: remote.Host,
     engine.compose(names, ["up", "--no-start", "--no-build", "--remove-orphans", *names],
                    timeout=600)  # fmt: skip
     services = [switchd.SERVICE] + ([switchd.CONTROL] if cat.settings.control.enabled else [])
+    services += [frontdoor.SERVICE] if frontdoor.enabled(cat) else []
+    services += [switchd.METRICS] if cat.settings.expose.metrics else []
     engine.compose([], ["up", "-d", "--no-build", *services], timeout=600)
     after = _ids(engine)
     made = sorted(n for n, cid in after.items() if before.get(n) != cid)

@@ -31,7 +31,7 @@ from llamavm import REPO_ROOT
 from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog as catalog_mod
-from llamavm.platforms.compose import switchd
+from llamavm.platforms.compose import frontdoor, switchd
 from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
 from llamavm.platforms.compose.site import Site
 
@@ -288,8 +288,20 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
     package_key = hostpkg.source_key()
     contract_text = switchd.contract_text(cat)
     control = cat.settings.control.enabled
-    switchd_file = switchd.dockerfile(site, control)
-    switchd_image = switchd.image(switchd_file, package_key.encode(), contract_text, image)
+    front = frontdoor.enabled(cat)
+    if cat.settings.expose.front_door.enabled and not control:
+        raise LlamavmError(
+            f"{cat.path}: settings.expose.front_door.enabled: true needs settings.control."
+            "enabled: true on Compose (the front door sends requests through the control "
+            "service) — turn the control service on, or the front door off",
+            code=2,
+        )
+    caddyfile = frontdoor.caddyfile(cat) if front else ""
+    metrics = cat.settings.expose.metrics
+    switchd_file = switchd.dockerfile(site, control, front, metrics)
+    switchd_image = switchd.image(
+        switchd_file, package_key.encode(), contract_text, image, caddyfile
+    )
     doc: dict[str, Any] = {
         "x-llamavm": {
             "rendered-from": str(cat.path),
@@ -306,12 +318,20 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
                 if control
                 else {}
             ),
+            **({frontdoor.SERVICE: frontdoor.service(cat, site, switchd_image)} if front else {}),
+            **(
+                {switchd.METRICS: switchd.metrics_service(cat, site, switchd_image)}
+                if metrics
+                else {}
+            ),
         },
         "volumes": {
             LOCK_VOLUME: {},
             SLOT_VOLUME: {},
             switchd.STATE_VOLUME: {},
             switchd.HELPER_VOLUME: {},
+            **({frontdoor.DATA_VOLUME: {}} if front else {}),
+            **({switchd.METRICS_VOLUME: {}} if metrics else {}),
         },
     }
     if cat.settings.api_key.policy == "required":
@@ -326,6 +346,7 @@ def render(cat: catalog_mod.Catalog, site: Site, out: Path | None = None,
         ".env": f"COMPOSE_PROJECT_NAME={PROJECT}\n",
         switchd.DOCKERFILE: switchd_file,
         switchd.CONTRACT: contract_text,
+        **({frontdoor.CADDYFILE: caddyfile} if front else {}),
     }
     try:
         changed = _write(out, files, archive)

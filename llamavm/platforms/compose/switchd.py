@@ -21,6 +21,7 @@ from typing import Any
 from llamavm.artifacts import contract
 from llamavm.inputs import catalog as catalog_mod
 from llamavm.inputs import vram
+from llamavm.platforms.compose import frontdoor
 from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
 from llamavm.platforms.compose.site import Site
 
@@ -45,6 +46,12 @@ CONTROL = "control"
 CONTROL_CONTAINER = f"{PROJECT}-{CONTROL}"
 HELPER_VOLUME = "helper"
 HELPER_DIR = "/run/llamavm-helper"
+#: The metrics service (node_exporter) and the volume of llamavm's series, which switchd
+#: writes (its textfile collector's folder).
+METRICS = "metrics"
+METRICS_CONTAINER = f"{PROJECT}-{METRICS}"
+METRICS_VOLUME = "metrics"
+METRICS_DIR = "/srv/llamavm/metrics"
 #: Where the control service finds the key (its CREDENTIALS_DIRECTORY, as systemd's
 #: LoadCredential gives it on a host).
 CREDENTIALS = "/run/secrets"
@@ -79,12 +86,18 @@ def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
             entry.pop(systemd_only, None)
     doc["share_path"] = MODELS
     doc["api_key"]["file"] = KEY_FILE
-    for feature in ("firewall", "front_door", "metrics"):
+    for feature in ("firewall", "front_door"):
         doc[feature]["enabled"] = False
+    # switchd writes llamavm's series where the metrics service's node_exporter reads them.
+    doc["metrics"].update(textfile=f"{METRICS_DIR}/llamavm.prom", unit=METRICS_CONTAINER)
     # The control service listens on every address of its container (published on the
     # inventory's bind address) and asks switchd through the helper volume.
+    # With the front door, its upstream is the control service's wake listener, on the
+    # project's network (not published).
+    front = frontdoor.enabled(cat)
     doc["control"].update(bind_address="0.0.0.0", helper_socket=f"{HELPER_DIR}/switchd.sock",
-                          wake_port=None, unit=CONTROL_CONTAINER)  # fmt: skip
+                          wake_port=cfg.wake_port if front else None,
+                          wake_bind=frontdoor.WAKE_BIND, unit=CONTROL_CONTAINER)  # fmt: skip
     doc["runtime"] = {"kind": "compose", "socket": SOCKET, "label": f"{LABEL}.model",
                       "grace_s": GRACE_S}  # fmt: skip
     return doc
@@ -94,12 +107,26 @@ def contract_text(cat: catalog_mod.Catalog) -> str:
     return json.dumps(host_contract(cat), indent=2, sort_keys=True) + "\n"
 
 
-def dockerfile(site: Site, control: bool) -> str:
+def dockerfile(site: Site, control: bool, front_door: bool = False,
+               metrics: bool = False) -> str:  # fmt: skip
     """switchd's image; with the control service, Python's web stack (Debian's and Ubuntu's
-    packages, as the control role installs them on a host) too."""
+    packages, as the control role installs them on a host) too; with the front door, Caddy
+    and its Caddyfile; with the metrics, node_exporter."""
     user = f"llama:x:{UID}:{UID}:llamavm:/nonexistent:/usr/sbin/nologin"
     need = "python3-minimal" + (" python3-fastapi python3-uvicorn python3-httpx" if control else "")
     probe = "import fastapi, uvicorn, httpx" if control else "import json"
+    if front_door:
+        need += " caddy"
+        probe += '; import shutil; assert shutil.which("caddy")'
+    if metrics:
+        need += " prometheus-node-exporter"
+        probe += '; import shutil; assert shutil.which("prometheus-node-exporter")'
+    caddy = (
+        f"RUN mkdir -p {frontdoor.DATA_DIR} && chown {UID}:{UID} {frontdoor.DATA_DIR}\n"
+        f"COPY {frontdoor.CADDYFILE} {frontdoor.CONFIG}\n"
+        if front_door
+        else ""
+    )
     return f"""\
 # Rendered by `invoke compose.render` — render again, don't edit.
 # llamavm-switchd: the model image, with Python, the host package and the host contract.
@@ -121,15 +148,18 @@ RUN set -eu; \\
     grep -q '^llama:' /etc/group || echo 'llama:x:{UID}:' >> /etc/group
 COPY {PACKAGE} /usr/local/bin/{PACKAGE}
 COPY {CONTRACT} /etc/llamavm/contract.json
-ENTRYPOINT ["/usr/local/bin/{PACKAGE}"]
+{caddy}ENTRYPOINT ["/usr/local/bin/{PACKAGE}"]
 CMD ["switchd"]
 """
 
 
-def image(dockerfile_text: str, package: bytes, contract: str, model_image: str) -> str:
+def image(dockerfile_text: str, package: bytes, contract: str, model_image: str,
+          caddyfile: str = "") -> str:  # fmt: skip
     """The switchd image's tag: what goes into it decides it."""
     digest = hashlib.sha256()
-    for part in (dockerfile_text.encode(), package, contract.encode(), model_image.encode()):
+    parts = (dockerfile_text.encode(), package, contract.encode(), model_image.encode(),
+             caddyfile.encode())  # fmt: skip
+    for part in parts:
         digest.update(len(part).to_bytes(8, "big") + part)
     return f"{IMAGE}:{digest.hexdigest()[:12]}"
 
@@ -153,6 +183,11 @@ def service(cat: catalog_mod.Catalog, site: Site, switchd_image: str,
         "volumes": [
             {"type": "bind", "source": site.engine_socket, "target": SOCKET},
             {"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR},
+            *(
+                [{"type": "volume", "source": METRICS_VOLUME, "target": METRICS_DIR}]
+                if cat.settings.expose.metrics
+                else []
+            ),
             {"type": "bind", "source": site.models_dir, "target": MODELS, "read_only": True},
             {
                 "type": "volume",
@@ -192,7 +227,16 @@ def control_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
         "init": True,
         "depends_on": [SERVICE],
         "ports": [f"{host}:{port}:{port}"],
-        "volumes": [{"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR}],
+        "volumes": [
+            {"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR},
+            # switchd's state, read only: its file's stamp says a switch happened elsewhere.
+            {
+                "type": "volume",
+                "source": STATE_VOLUME,
+                "target": contract.load_host_config().state_dir,
+                "read_only": True,
+            },
+        ],
         "read_only": True,
         "tmpfs": ["/tmp"],
         "cap_drop": ["ALL"],
@@ -203,3 +247,32 @@ def control_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
         svc["environment"] = {"CREDENTIALS_DIRECTORY": CREDENTIALS}
         svc["secrets"] = [{"source": "api_key", "target": "api-key"}]
     return svc
+
+
+def metrics_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) -> dict[str, Any]:
+    """node_exporter (from switchd's image) on `reserved_ports.node_exporter` of the bind
+    address, with llamavm's series from the metrics volume (switchd writes them, GPU ones from
+    nvidia-smi where there is a GPU): the servers' user, read-only, no capability, no socket.
+    What it reports of the machine is the container's view (the box's CPU and memory)."""
+    port = cat.settings.reserved_ports["node_exporter"]
+    host = f"[{site.bind_address}]" if ":" in site.bind_address else site.bind_address
+    return {
+        "image": switchd_image,
+        "container_name": METRICS_CONTAINER,
+        "entrypoint": ["prometheus-node-exporter"],
+        "command": [
+            f"--web.listen-address=:{port}",
+            f"--collector.textfile.directory={METRICS_DIR}",
+        ],
+        "user": f"{UID}:{UID}",
+        "labels": {f"{LABEL}.kind": METRICS},
+        "init": True,
+        "ports": [f"{host}:{port}:{port}"],
+        "volumes": [
+            {"type": "volume", "source": METRICS_VOLUME, "target": METRICS_DIR, "read_only": True}
+        ],
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "restart": "unless-stopped",
+    }

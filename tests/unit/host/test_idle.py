@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from llamavm.artifacts import contract
-from llamavm.host import EXIT_REFUSED, control, firewall, metrics, status, store
+from llamavm.host import EXIT_REFUSED, control, firewall, idle, metrics, status, store
 from llamavm.host.activity import activity, in_flight_of
 from llamavm.host.contract import Firewall, HostError, LiveContract
 from llamavm.host.contract import parse as parse_contract
@@ -336,13 +338,16 @@ class Helper:
         self.calls: list[str] = []
         self.switch_s = 0.01
         self.fail_sleep = False
+        #: A transaction from elsewhere (over SSH, `docker exec`) under way.
+        self.pending = False
 
     async def events(self, op: str, **fields: str) -> AsyncIterator[dict[str, Any]]:
         self.calls.append(op)
         if op == "status":
             asleep = {"model": self.asleep, "at": 0, "idle_s": 5} if self.asleep else None
+            pending = {"tx": "t1", "op": "switch"} if self.pending else None
             yield {"event": "outcome", "ok": True, "code": 0, "active": self.serving,
-                   "asleep": asleep, "models": []}  # fmt: skip
+                   "asleep": asleep, "transaction": pending, "models": []}  # fmt: skip
             return
         if op == "sleep":
             if self.fail_sleep or self.serving != fields["model"]:
@@ -366,12 +371,15 @@ class Servers:
     def __init__(self, fake: Helper, host_contract) -> None:
         self.fake = fake
         self.ports = {m.port: m.name for m in host_contract.models}
+        self.embed_up = True
         self.prompt = 0
         self.seen: list[tuple[str, str, str, bytes]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         name = self.ports.get(request.url.port)
-        if name != self.fake.serving:
+        if request.url.port == 8011 and self.embed_up:
+            name = "embed"
+        elif name != self.fake.serving:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/metrics":
             return httpx.Response(200, text=METRICS.format(prompt=self.prompt, busy=0))
@@ -392,9 +400,12 @@ class _Streamed(httpx.AsyncByteStream):
         yield self.body
 
 
-def _service(tmp_path, routing=True, wait_s=120):
+def _service(tmp_path, routing=True, wait_s=120, companion=False):
     data = copy.deepcopy(VALID)
     data["models"][0]["idle_unload_s"] = 5
+    if companion:
+        data["models"].append({"name": "embed", "gguf": "e.gguf", "port": 8011,
+                               "companion": True, "task": "embeddings"})  # fmt: skip
     data["settings"]["expose"] = {"front_door": {"enabled": True, "wait_s": wait_s}}
     data["settings"]["control"] = {"routing": routing}
     path = catalog_file(tmp_path, data)
@@ -511,6 +522,119 @@ def test_a_routed_request_without_a_model_wakes_the_sleeping_one(tmp_path) -> No
     with TestClient(service.app) as client:
         answer = client.post("/v1/completions", json={"prompt": "x"}, headers=AUTH)
     assert answer.status_code == 200 and answer.json()["model"] == "beta"
+
+
+# --- the wake listener as the front door's upstream (Compose) ---------------------------------
+
+
+def _later(seconds: float, change: Any) -> threading.Timer:
+    timer = threading.Timer(seconds, change)
+    timer.start()
+    return timer
+
+
+def test_a_switch_from_elsewhere_is_waited_through_and_the_new_model_answers(tmp_path) -> None:
+    """A transaction not the control service's (a CLI switch) under way: a request waits for
+    its outcome, then goes to the model it served — never back to the old one, no switch."""
+    service = _service(tmp_path)
+    stamp = [0]
+    service.app.state.router.stamp = lambda: stamp[0]
+    with TestClient(service.app.state.wake) as wake:
+        assert wake.post("/completion", json={}, headers=AUTH).json()["model"] == "alpha"
+        service.fake.serving, service.fake.pending = None, True
+        stamp[0] += 1  # the CLI's transaction wrote its pending entry
+
+        def done() -> None:
+            service.fake.serving, service.fake.pending = "beta", False
+            stamp[0] += 1
+
+        timer = _later(0.5, done)
+        started = time.monotonic()
+        answer = wake.post("/completion", json={"prompt": "x"}, headers=AUTH)
+        timer.join()
+        assert answer.status_code == 200 and answer.json()["model"] == "beta"
+        assert time.monotonic() - started >= 0.4
+        assert "switch" not in service.fake.calls
+        # Its stamp unchanged, a model that moved anyway is found by asking again.
+        service.fake.serving = "alpha"
+        answer = wake.post("/completion", json={"prompt": "y"}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "alpha"
+        assert "switch" not in service.fake.calls
+    assert service.app.state.router.in_flight == 0
+
+
+def test_a_switch_from_elsewhere_that_outlasts_the_wait_is_a_retryable_503(tmp_path) -> None:
+    service = _service(tmp_path, wait_s=1)
+    service.fake.serving, service.fake.pending = None, True
+    with TestClient(service.app.state.wake) as wake:
+        answer = wake.post("/completion", json={}, headers=AUTH)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert "not ready after 1s" in answer.json()["error"]["message"]
+    assert "switch" not in service.fake.calls and service.app.state.router.in_flight == 0
+
+
+def test_a_stopped_model_is_not_started_by_the_front_door(tmp_path) -> None:
+    """`invoke stop` elsewhere: the router last heard alpha, the state's stamp moved."""
+    service = _service(tmp_path)
+    stamp = [0]
+    service.app.state.router.stamp = lambda: stamp[0]
+    with TestClient(service.app.state.wake) as wake:
+        assert wake.get("/health", headers=AUTH).status_code == 200
+        service.fake.serving = None
+        stamp[0] += 1
+        answer = wake.post("/completion", json={}, headers=AUTH)
+    assert answer.status_code == 503 and "stopped" in answer.json()["error"]["message"]
+    assert "switch" not in service.fake.calls
+
+
+def test_a_companions_path_goes_to_the_companion_beside_the_big_model(tmp_path) -> None:
+    service = _service(tmp_path, companion=True)
+    with TestClient(service.app.state.wake) as wake:
+        answer = wake.post("/v1/embeddings", json={"input": "x"}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["model"] == "embed"
+        assert wake.post("/embedding", json={}, headers=AUTH).json()["model"] == "embed"
+        assert wake.post("/v1/chat/completions", json={}, headers=AUTH).json()["model"] == "alpha"
+        service.servers.embed_up = False
+        down = wake.post("/v1/embeddings", json={"input": "x"}, headers=AUTH)
+        assert down.status_code == 503 and down.headers["retry-after"] == "30"
+        assert "embeddings companion embed is not running" in down.json()["error"]["message"]
+        assert wake.post("/v1/embeddings", json={}).status_code == 401
+    assert "switch" not in service.fake.calls and service.app.state.router.in_flight == 0
+
+
+def test_a_front_door_request_follows_a_routed_switch_and_never_switches_back(tmp_path) -> None:
+    """alpha serves a request; a routed one for beta waits for it; a front-door request that
+    came meanwhile (for whatever serves: alpha then) gets beta after the switch, not a switch
+    back to alpha."""
+    service = _service(tmp_path)
+    router = service.app.state.router
+
+    async def run() -> tuple[str, str]:
+        await router.refresh()
+        await router.acquire("alpha")  # in flight
+        routed = asyncio.ensure_future(router.acquire("beta"))
+        await asyncio.sleep(0.05)
+        front = asyncio.ensure_future(idle._serving_turn(router, time.monotonic() + 5, []))
+        await asyncio.sleep(0.05)
+        await router.release()  # alpha's request is done: beta's turn
+        got = (await routed).name, (await front).name
+        await router.release()
+        await router.release()
+        return got
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == ("beta", "beta")
+    assert service.fake.calls.count("switch") == 1 and service.fake.serving == "beta"
+
+
+def test_requests_that_ask_what_serves_at_once_share_one_status(tmp_path) -> None:
+    service = _service(tmp_path)
+    router = service.app.state.router
+
+    async def run() -> None:
+        await asyncio.gather(*(router.refresh() for _ in range(20)))
+
+    asyncio.run(run())
+    assert service.fake.calls.count("status") == 1 and router.serving == "alpha"
 
 
 def test_requests_on_the_main_port_never_reach_the_wake_listener() -> None:

@@ -22,6 +22,7 @@ import yaml
 from llamavm import REPO_ROOT
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog, inventory
+from llamavm.platforms.compose import frontdoor
 from llamavm.platforms.compose import render as render_mod
 from llamavm.platforms.compose import site as site_mod
 
@@ -60,6 +61,8 @@ def test_every_inventory_renders_one_service_per_model(
     cat, site, result, doc = rendered(name, tmp_path, archive)
     services = doc["services"]
     control = {"control"} if cat.settings.control.enabled else set()
+    control |= {"front-door"} if frontdoor.enabled(cat) else set()
+    control |= {"metrics"} if cat.settings.expose.metrics else set()
     assert set(services) == {m.name for m in cat.models} | {"switchd"} | control
     for model in cat.models:
         svc = services[model.name]
@@ -109,6 +112,8 @@ def test_a_gpu_host_reserves_the_gpu_and_a_cpu_host_renders_none(
 ) -> None:
     _, _, gpu, doc = rendered("example-compose", tmp_path / "gpu", archive)
     doc["services"].pop("control", None)  # no GPU: it asks switchd
+    doc["services"].pop("front-door", None)  # nor Caddy
+    doc["services"].pop("metrics", None)  # nor node_exporter (switchd asks nvidia-smi)
     switchd = doc["services"].pop("switchd")  # it reads nvidia-smi (utility), loads nothing
     devices = switchd["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
@@ -137,6 +142,8 @@ def test_docker_compose_config_accepts_the_project(
     assert done.returncode == 0, done.stderr
     normalized = yaml.safe_load(done.stdout)
     control = {"control"} if cat.settings.control.enabled else set()
+    control |= {"front-door"} if frontdoor.enabled(cat) else set()
+    control |= {"metrics"} if cat.settings.expose.metrics else set()
     assert set(normalized["services"]) == {m.name for m in cat.models} | {"switchd"} | control
 
 
@@ -212,6 +219,92 @@ def test_only_switchd_reaches_the_engine_and_it_runs_the_host_transaction(
     text = (tmp_path / "Dockerfile.switchd").read_text()
     assert "COPY llamavm-switch /usr/local/bin/llamavm-switch" in text
     assert "COPY contract.json /etc/llamavm/contract.json" in text
+
+
+def test_the_front_door_is_caddy_in_front_of_the_control_services_wake_listener(
+    tmp_path: Path, archive: Path
+) -> None:
+    """With the front door on: Caddy (switchd's image, the servers' user, no socket, no
+    capability) on the proxy port of the bind address, every request to the control service's
+    wake listener, which listens on the project's network (not published); the control service
+    reads switchd's state read-only (a switch from elsewhere is noticed); Caddy validates it."""
+    from llamavm.host import contract as host_contract
+
+    cat, site, result, doc = rendered("local-compose", tmp_path, archive)
+    assert cat.settings.expose.front_door.enabled and cat.settings.control.enabled
+    services = doc["services"]
+    door = services["front-door"]
+    port = cat.settings.reserved_ports["proxy"]
+    assert door["ports"] == [f"{site.bind_address}:{port}:{port}"]
+    assert door["user"] == "10001:10001" and door["cap_drop"] == ["ALL"] and door["read_only"]
+    assert door["image"] == result.switchd_image and door["entrypoint"] == ["caddy"]
+    assert all(v["target"] != "/var/run/docker.sock" for v in door["volumes"])
+    parsed = host_contract.load(tmp_path / "contract.json")
+    assert parsed.control is not None and parsed.control.wake_bind == "0.0.0.0"
+    wake = parsed.control.wake_port
+    assert wake and all(str(wake) not in p for s in services.values() for p in s.get("ports", []))
+    caddyfile = (tmp_path / "Caddyfile").read_text()
+    assert f"reverse_proxy control:{wake} {{" in caddyfile and f"http://:{port} {{" in caddyfile
+    assert "admin off" in caddyfile and "max_size 67108864" in caddyfile
+    state = [v for v in services["control"]["volumes"] if v["source"] == "state"]
+    assert state == [{"type": "volume", "source": "state", "target": "/var/lib/llamavm",
+                      "read_only": True}]  # fmt: skip
+    text = (tmp_path / "Dockerfile.switchd").read_text()
+    assert "COPY Caddyfile /etc/caddy/Caddyfile" in text and " caddy" in text
+    caddy = shutil.which("caddy") or next(
+        (str(p) for p in Path("/var/cache/llamavm/rootfs").glob("*/usr/bin/caddy")), None
+    )
+    if caddy:
+        done = subprocess.run([caddy, "validate", "--config", str(tmp_path / "Caddyfile"),
+                               "--adapter", "caddyfile"], capture_output=True, text=True,
+                              check=False, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    # The Caddyfile is part of switchd's image: a change makes a new one.
+    before = result.switchd_image
+    data = yaml.safe_load(Path(cat.path).read_text())
+    data["settings"]["expose"]["front_door"]["wait_s"] = 33
+    changed = tmp_path / "catalog.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    other = render_mod.render(catalog.load(changed), site, tmp_path / "other", archive=archive)
+    assert "response_header_timeout 93s" in (tmp_path / "other" / "Caddyfile").read_text()
+    assert other.switchd_image != before
+    # Without the control service there is nothing to wait through a switch: refused.
+    data["settings"]["control"]["enabled"] = False
+    data["settings"]["expose"]["front_door"]["wait_s"] = 120
+    changed.write_text(yaml.safe_dump(data))
+    with pytest.raises(LlamavmError) as caught:
+        render_mod.render(catalog.load(changed), site, tmp_path / "off", archive=archive)
+    assert "settings.control.enabled" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_metrics_are_node_exporter_reading_what_switchd_writes(
+    tmp_path: Path, archive: Path
+) -> None:
+    """node_exporter (switchd's image, the servers' user, no capability) on the node_exporter
+    port; switchd writes llamavm's series to the volume it reads (the host contract's textfile);
+    only switchd writes there."""
+    from llamavm.host import contract as host_contract
+
+    cat, site, result, doc = rendered("local-compose", tmp_path, archive)
+    assert cat.settings.expose.metrics
+    services = doc["services"]
+    node = services["metrics"]
+    port = cat.settings.reserved_ports["node_exporter"]
+    assert node["ports"] == [f"{site.bind_address}:{port}:{port}"]
+    assert (
+        node["entrypoint"] == ["prometheus-node-exporter"] and node["image"] == result.switchd_image
+    )
+    assert "--collector.textfile.directory=/srv/llamavm/metrics" in node["command"]
+    assert node["user"] == "10001:10001" and node["cap_drop"] == ["ALL"] and node["read_only"]
+    mount = {"type": "volume", "source": "metrics", "target": "/srv/llamavm/metrics"}
+    assert node["volumes"] == [{**mount, "read_only": True}]
+    writers = [n for n, svc in services.items() for v in svc.get("volumes", [])
+               if v["source"] == "metrics" and not v.get("read_only")]  # fmt: skip
+    assert writers == ["switchd"]
+    parsed = host_contract.load(tmp_path / "contract.json")
+    assert parsed.metrics is not None
+    assert str(parsed.metrics.textfile) == "/srv/llamavm/metrics/llamavm.prom"
+    assert "prometheus-node-exporter" in (tmp_path / "Dockerfile.switchd").read_text()
 
 
 def test_a_render_is_stable_and_the_key_is_made_once(tmp_path: Path, archive: Path) -> None:
