@@ -7,7 +7,7 @@ import json as jsonlib
 from invoke import task
 
 from llamavm.commands.cli import errors_to_exit, say
-from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, pick_hosts
+from llamavm.commands.targets import CATALOG_HELP, INVENTORY_HELP, compose_engine, pick_hosts
 from llamavm.errors import LlamavmError
 from llamavm.ops import control_api, remote
 
@@ -24,7 +24,16 @@ from llamavm.ops import control_api, remote
 @errors_to_exit
 def rotate(c, inventory=None, catalog=None, host=None, show=False, json=False):
     """Give the hosts a new API key; the serving model restarts with it (front door waits)."""
-    cat, targets = pick_hosts(inventory, catalog, host)
+    on_compose = compose_engine(inventory, catalog)
+    if on_compose:  # the transaction runs in the project's switchd container
+        from llamavm.platforms.compose import project, switchd
+
+        cat, engine, compose_host = on_compose
+        targets = [project.target(engine, compose_host)]
+        key_file, shown_file = switchd.SWITCHD_KEY, str(engine.dir / "secrets" / "api-key")
+    else:
+        cat, targets = pick_hosts(inventory, catalog, host)
+        key_file = shown_file = cat.settings.api_key.file
     results = {}
     for target in targets:
         code, answer = remote.transaction(target, "rotate-key", [], stream=not json)
@@ -34,13 +43,15 @@ def rotate(c, inventory=None, catalog=None, host=None, show=False, json=False):
                 f"{target.name}: key rotation failed: {answer.get('error') or 'no reason given'}",
                 code=code,
             )
+        if on_compose:
+            project.restart_control(engine, cat)
         if show:
-            read = remote.run(target, ["cat", cat.settings.api_key.file], stream=False, timeout=60)
+            read = remote.run(target, ["cat", key_file], stream=False, timeout=60)
             answer["key"] = read.stdout.strip()
         results[target.name] = answer
         if not json:
             restarted = answer.get("restarted")
-            where = f": {answer['key']}" if show else f" (sudo cat {cat.settings.api_key.file})"
+            where = f": {answer['key']}" if show else f" (sudo cat {shown_file})"
             say(
                 f"llamavm: {target.name}: new API key{where}"
                 + (f"; {restarted} restarted with it" if restarted else "")

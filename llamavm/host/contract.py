@@ -159,6 +159,9 @@ class Contract:
     share_stall_s: float = 30.0
     firewall: Firewall | None = None
     metrics: Metrics | None = None
+    #: The key file is rewritten in place to rotate it (a Compose project's secret, bind-mounted
+    #: by path into its containers), not replaced.
+    api_key_in_place: bool = False
     #: With a front door: how long to wait for requests in flight before stopping a model.
     drain_s: float = 0.0
     control: Control | None = None
@@ -215,6 +218,7 @@ def parse(data: dict[str, Any]) -> Contract:
         api_key_policy=data["api_key"]["policy"],
         api_key_file=Path(data["api_key"]["file"]),
         api_key_min_length=int(data["api_key"]["min_length"]),
+        api_key_in_place=bool(data["api_key"].get("in_place", False)),
         default_model=data["default_model"],
         lock_timeout_s=float(data["switch"]["lock_timeout_s"]),
         boot_unit=data["boot_unit"],

@@ -80,6 +80,18 @@ def write_secret(path: Path, text: str) -> None:
     write_text(path, text, 0o600)
 
 
+def rewrite_secret(path: Path, text: str) -> None:
+    """Write `text` into the existing file `path` itself, keeping its owner, mode and inode:
+    a Compose project's key is bind-mounted by path into every container, which would keep
+    the old file if it were replaced (a server reads it when it starts)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "w") as handle:
+        handle.truncate(0)
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def read_json(path: Path) -> Any:
     """The JSON in `path`, None when absent; ValueError when malformed."""
     try:

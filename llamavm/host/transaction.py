@@ -300,18 +300,19 @@ class Transaction(UnitFiles):
                 EXIT_REFUSED,
             )
         path = self.contract.api_key_file
+        write = store.rewrite_secret if self.contract.api_key_in_place else store.write_secret
         try:
             old = path.read_text()
         except OSError:
             old = None
-        store.write_secret(path, secrets.token_urlsafe(36) + "\n")
+        write(path, secrets.token_urlsafe(36) + "\n")
         checks.api_key(self.contract)  # the new key passes the same checks
         running = self.host.running()
         serving = running[0] if len(running) == 1 else None
 
         def restore() -> None:
             if old is not None:
-                store.write_secret(path, old)
+                write(path, old)
 
         if serving is not None:
             self.host.progress(f"restarting {serving.name} with the new key")

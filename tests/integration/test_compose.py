@@ -803,3 +803,25 @@ def test_an_idle_model_sleeps_and_the_routing_and_front_door_wake_it_for_six_at_
         back.mkdir()
         keyed = invoke("provision", "-i", INVENTORY, "--catalog", str(keyed_catalog_file(back)))
         assert keyed.returncode == 0, keyed.stdout[-2000:]
+
+
+def test_a_key_rotation_gives_every_way_in_the_new_key(keyed_compose, models) -> None:
+    """Last in the module (the key the fixture read changes): `invoke key.rotate -i` runs the
+    host's rotate-key in switchd — the project's key file rewritten in place, the serving model
+    restarted with it — and restarts the control service; the old key is refused on the model's
+    port, the control API and the front door, the new one works on all three."""
+    cat, old, base = keyed_compose
+    serving_before = _active(base, old)
+    done = invoke("key.rotate", "-i", INVENTORY, "--catalog", str(cat.path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    engine = engine_mod.project(INVENTORY, ADDRESS)[0]
+    key_file = engine.dir / "secrets" / "api-key"
+    new = key_file.read_text().strip()
+    assert new != old and len(new) >= 32 and str(key_file) in done.stdout
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600" and key_file.stat().st_uid == 10001
+    wait_for(lambda: http_code(f"{base}/health") == 200, 60, "the control service again")
+    port = f"http://{ADDRESS}:{cat.resolve(serving_before).port}/v1/models"
+    for url in (port, f"{base}/status", f"{_front_door(cat)}/v1/models"):
+        assert _call(url, old)[0] == 401, url
+        assert _call(url, new)[0] == 200, url
+    assert _active(base, new) == serving_before and _containers_serving() == 1

@@ -56,6 +56,13 @@ def _ids(engine: Engine) -> dict[str, str]:
     return {name: cid for cid, name in (line.split() for line in done.stdout.splitlines())}
 
 
+def restart_control(engine: Engine, cat: catalog_mod.Catalog) -> None:
+    """The control service started again (it reads the key at its start, as on a host: a key
+    rotation restarts it). switchd cannot: its engine calls reach the model containers only."""
+    if cat.settings.control.enabled:
+        engine.run([engine.cli, "restart", switchd.CONTROL_CONTAINER], timeout=120)
+
+
 def build_switchd(engine: Engine, image: str, say: Callable[[str], None]) -> bool:
     """Build switchd's image (seconds: the model image with the host package); True if new."""
     if engine.image_id(image) is not None:

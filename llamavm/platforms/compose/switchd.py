@@ -22,7 +22,7 @@ from llamavm.artifacts import contract
 from llamavm.inputs import catalog as catalog_mod
 from llamavm.inputs import vram
 from llamavm.platforms.compose import frontdoor
-from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
+from llamavm.platforms.compose.names import LABEL, MODELS, PROJECT, UID
 from llamavm.platforms.compose.site import Site
 
 SERVICE = "switchd"
@@ -52,6 +52,9 @@ METRICS = "metrics"
 METRICS_CONTAINER = f"{PROJECT}-{METRICS}"
 METRICS_VOLUME = "metrics"
 METRICS_DIR = "/srv/llamavm/metrics"
+#: The project's key file, and where switchd sees it (read and write: it rotates it).
+KEY_SOURCE = "./secrets/api-key"
+SWITCHD_KEY = "/srv/llamavm/secrets/api-key"
 #: Where the control service finds the key (its CREDENTIALS_DIRECTORY, as systemd's
 #: LoadCredential gives it on a host).
 CREDENTIALS = "/run/secrets"
@@ -85,7 +88,9 @@ def host_contract(cat: catalog_mod.Catalog) -> dict[str, Any]:
         for systemd_only in ("argv", "systemd"):
             entry.pop(systemd_only, None)
     doc["share_path"] = MODELS
-    doc["api_key"]["file"] = KEY_FILE
+    # switchd's own view of the project's key file, writable: a rotation rewrites it in place
+    # (every container mounts it by path), the servers restarted with it.
+    doc["api_key"].update(file=SWITCHD_KEY, in_place=True)
     for feature in ("firewall", "front_door"):
         doc[feature]["enabled"] = False
     # switchd writes llamavm's series where the metrics service's node_exporter reads them.
@@ -205,7 +210,7 @@ def service(cat: catalog_mod.Catalog, site: Site, switchd_image: str,
         "stop_grace_period": "20s",
     }
     if cat.settings.api_key.policy == "required":
-        svc["secrets"] = ["api_key"]
+        svc["volumes"].append({"type": "bind", "source": KEY_SOURCE, "target": SWITCHD_KEY})
     if site.gpu:  # nvidia-smi (GPU memory for status and the stop's wait), no compute
         devices = [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
         svc["deploy"] = {"resources": {"reservations": {"devices": devices}}}

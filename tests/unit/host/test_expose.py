@@ -459,6 +459,32 @@ def test_a_failed_restart_puts_the_old_key_back(keyed) -> None:
     assert keyed.fake.running_units() == ["llamavm-model-one.service"]
 
 
+def test_a_key_rewritten_in_place_keeps_its_file_and_a_failed_restart_puts_it_back(keyed) -> None:
+    """Compose: every container mounts the key file by path; a rotation rewrites that file
+    (same inode, owner and mode), and a failed restart writes the old key back into it."""
+    keyed.host.contract = keyed.contract = replace(keyed.contract, api_key_in_place=True)
+    path = keyed.contract.api_key_file
+    path.chmod(0o640)
+    before = path.stat()
+    Transaction(keyed.host, "abc203", "rotate-key").rotate_key()
+    after = path.stat()
+    assert (after.st_ino, after.st_mode, after.st_uid) == (before.st_ino, before.st_mode,
+                                                            before.st_uid)  # fmt: skip
+    new = path.read_text().strip()
+    assert new != "k" * 40 and len(new) >= 32 and path.read_text().count("\n") == 1
+    calls = []
+
+    def refuse_once(model):
+        calls.append(model.name)
+        if len(calls) == 1:
+            raise HostError(f"{model.name}: a one-token completion answered 401")
+
+    keyed.host.verify = refuse_once  # type: ignore[method-assign]
+    with pytest.raises(HostError):
+        Transaction(keyed.host, "abc204", "rotate-key").rotate_key()
+    assert path.read_text().strip() == new and path.stat().st_ino == before.st_ino
+
+
 def test_without_a_key_policy_there_is_nothing_to_rotate(world) -> None:
     with pytest.raises(HostError, match="policy is none") as failure:
         Transaction(world.host, "abc202", "rotate-key").rotate_key()

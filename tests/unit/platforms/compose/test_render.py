@@ -216,6 +216,13 @@ def test_only_switchd_reaches_the_engine_and_it_runs_the_host_transaction(
             assert ctl["environment"] == {"CREDENTIALS_DIRECTORY": "/run/secrets"}
     else:
         assert "control" not in services and parsed.control is None and helpers == ["switchd"]
+    if cat.settings.api_key.policy == "required":
+        # switchd rotates the key: the project's file itself, writable, rewritten in place.
+        key = [v for v in svc["volumes"] if v["source"] == "./secrets/api-key"]
+        assert key == [{"type": "bind", "source": "./secrets/api-key",
+                        "target": "/srv/llamavm/secrets/api-key"}]  # fmt: skip
+        assert "secrets" not in svc and parsed.api_key_in_place
+        assert str(parsed.api_key_file) == "/srv/llamavm/secrets/api-key"
     text = (tmp_path / "Dockerfile.switchd").read_text()
     assert "COPY llamavm-switch /usr/local/bin/llamavm-switch" in text
     assert "COPY contract.json /etc/llamavm/contract.json" in text
