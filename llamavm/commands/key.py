@@ -26,14 +26,14 @@ def rotate(c, inventory=None, catalog=None, host=None, show=False, json=False):
     """Give the hosts a new API key; the serving model restarts with it (front door waits)."""
     on_compose = compose_engine(inventory, catalog)
     if on_compose:  # the transaction runs in the project's switchd container
-        from llamavm.platforms.compose import project, switchd
+        from llamavm.platforms.compose import project
 
         cat, engine, compose_host = on_compose
         targets = [project.target(engine, compose_host)]
-        key_file, shown_file = switchd.SWITCHD_KEY, str(engine.dir / "secrets" / "api-key")
+        shown_file = str(engine.dir / "secrets" / "api-key")
     else:
         cat, targets = pick_hosts(inventory, catalog, host)
-        key_file = shown_file = cat.settings.api_key.file
+        shown_file = cat.settings.api_key.file
     results = {}
     for target in targets:
         code, answer = remote.transaction(target, "rotate-key", [], stream=not json)
@@ -46,6 +46,7 @@ def rotate(c, inventory=None, catalog=None, host=None, show=False, json=False):
         if on_compose:
             project.restart_control(engine, cat)
         if show:
+            key_file = target.key_file or cat.settings.api_key.file
             read = remote.run(target, ["cat", key_file], stream=False, timeout=60)
             answer["key"] = read.stdout.strip()
         results[target.name] = answer

@@ -56,7 +56,7 @@ def via() -> str:
 
 def usable(host: remote.Host, settings: Settings) -> bool:
     """Whether to try the control API for `host` at all."""
-    if via() == "ssh" or not settings.control.enabled or host.via:
+    if via() == "ssh" or not settings.control.enabled:
         return False
     args = " ".join(host.ssh_args).lower()
     return not (any(j in args for j in _JUMPS) or "-J" in host.ssh_args)
@@ -74,7 +74,8 @@ def transaction(
             if via() == "api":
                 return 5, {"ok": False, "code": 5, "error": f"{why} ({VIA_ENV}=api)"}
             if not why.quiet:
-                _note(f"llamavm: {host.name}: {why}; switching over SSH instead")
+                how = "through the engine (docker exec)" if host.via else "over SSH"
+                _note(f"llamavm: {host.name}: {why}; switching {how} instead")
     return remote.transaction(host, op, args, stream=stream)
 
 
@@ -233,7 +234,8 @@ def _key(host: remote.Host, settings: Settings, *, refresh: bool) -> str | None:
                 return key
         except OSError:
             pass
-    read = remote.run(host, ["cat", settings.api_key.file], stream=False, timeout=60)
+    read = remote.run(host, ["cat", host.key_file or settings.api_key.file], stream=False,
+                      timeout=60)  # fmt: skip
     key = read.stdout.strip() if read.returncode == 0 else ""
     if not key or any(c.isspace() for c in key):
         # The SSH path says what is wrong with the host, in its own words.

@@ -48,6 +48,9 @@ class Host:
     #: How a command reaches the host when not over SSH: a command it follows (a Compose
     #: project's `docker exec ... llamavm-switchd`, which runs it as that container's root).
     via: tuple[str, ...] = ()
+    #: Where the API key is read on the host, when not at the catalog's path (a Compose
+    #: project's switchd container sees the project's key file elsewhere).
+    key_file: str | None = None
 
     def ssh_command(self, remote: list[str], tty: bool = False) -> list[str]:
         if self.via:

@@ -27,7 +27,8 @@ def exec_prefix(engine: Engine) -> tuple[str, ...]:
 
 
 def target(engine: Engine, host: remote.Host, *, must_run: bool = True) -> remote.Host:
-    """The inventory's host, reached through the switchd container instead of SSH."""
+    """The inventory's host, reached through the switchd container instead of SSH (the
+    control API, where the command uses it, at the host's address as on a systemd host)."""
     if must_run:
         found = engine.run([engine.cli, "inspect", "--format", "{{.State.Status}}",
                             switchd.CONTAINER], check=False)  # fmt: skip
@@ -46,7 +47,7 @@ def target(engine: Engine, host: remote.Host, *, must_run: bool = True) -> remot
                 f"({state}) — run invoke provision -i {engine.site.inventory}",
                 code=2,
             )
-    return replace(host, via=exec_prefix(engine))
+    return replace(host, via=exec_prefix(engine), key_file=switchd.SWITCHD_KEY)
 
 
 def _ids(engine: Engine) -> dict[str, str]:

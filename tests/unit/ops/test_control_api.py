@@ -113,6 +113,23 @@ def test_a_switch_goes_through_the_api_with_its_progress_and_outcome(tmp_path, s
     assert stat.S_IMODE(kept[0].parent.stat().st_mode) == 0o700
 
 
+def test_a_compose_project_is_switched_through_its_control_api_too(tmp_path, ssh, capsys) -> None:
+    """A host reached through the engine (a Compose project's switchd) takes the same path as
+    a systemd host's: its control service's API, the key read where switchd sees it; with the
+    API down, the transaction runs in switchd (docker exec) and the note says so."""
+    app, fake, _ = control_app(tmp_path)
+    compose = replace(_host(), via=("docker", "exec", "-i", "llamavm-switchd"),
+                      key_file="/srv/llamavm/secrets/api-key")  # fmt: skip
+    with Server(app) as server:
+        settings = _settings(tmp_path, server.port)
+        code, answer = control_api.transaction(compose, settings, "switch", ["beta"], stream=False)
+    assert (code, answer["model"]) == (0, "beta") and fake.calls[-1][0] == "switch"
+    assert ssh.calls == [("run", ("cat", "/srv/llamavm/secrets/api-key"))]
+    settings = _settings(tmp_path, server.port)  # nothing listens there now
+    code, _ = control_api.transaction(compose, settings, "stop", [], stream=False)
+    assert code == 0 and ssh.calls[-1] == ("transaction", "stop", ())
+
+
 def test_the_cached_key_is_used_and_a_rotated_one_fetched_again(tmp_path, ssh) -> None:
     app, fake, _ = control_app(tmp_path)
     with Server(app) as server:
