@@ -732,6 +732,21 @@ def test_two_api_switches_and_a_cli_switch_at_once_leave_exactly_one(keyed_compo
         assert http_code(f"http://{ADDRESS}:{cat.resolve(active).port}/health") == 200
 
 
+def _six_at_once(url: str, key: str, body: dict[str, Any]) -> list[int]:
+    """Six keyed POSTs of `body` to `url` at once: their status codes."""
+    codes: list[int] = []
+
+    def ask() -> None:
+        codes.append(_post(url, key, body)[0])
+
+    askers = [threading.Thread(target=ask) for _ in range(6)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(timeout=300)
+    return codes
+
+
 def test_an_idle_model_sleeps_and_the_routing_and_front_door_wake_it_for_six_at_once(
     keyed_compose, models, tmp_path: Path
 ) -> None:
@@ -767,16 +782,7 @@ def test_an_idle_model_sleeps_and_the_routing_and_front_door_wake_it_for_six_at_
         assert _post(f"{base}/v1/chat/completions", None, chat_body)[0] == 401
         time.sleep(3)
         assert _containers_serving() == 0 and asleep() == models.default.name
-        codes: list[int] = []
-
-        def ask() -> None:
-            codes.append(_post(f"{base}/v1/chat/completions", key, chat_body)[0])
-
-        askers = [threading.Thread(target=ask) for _ in range(6)]
-        for asker in askers:
-            asker.start()
-        for asker in askers:
-            asker.join(timeout=300)
+        codes = _six_at_once(f"{base}/v1/chat/completions", key, chat_body)
         assert codes == [200] * 6, codes
         assert _containers_serving() == 1 and _active(base, key) == models.default.name
         # Asleep again: the front door wakes it the same way (a request that names no model).
@@ -786,16 +792,7 @@ def test_an_idle_model_sleeps_and_the_routing_and_front_door_wake_it_for_six_at_
         assert _post(door, None, chat_body)[0] == 401
         time.sleep(3)
         assert _containers_serving() == 0 and asleep() == models.default.name
-        codes.clear()
-
-        def knock() -> None:
-            codes.append(_post(door, key, chat_body)[0])
-
-        knockers = [threading.Thread(target=knock) for _ in range(6)]
-        for knocker in knockers:
-            knocker.start()
-        for knocker in knockers:
-            knocker.join(timeout=300)
+        codes = _six_at_once(door, key, chat_body)
         assert codes == [200] * 6, codes
         assert _containers_serving() == 1 and _active(base, key) == models.default.name
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 from llamavm.artifacts import contract
 from llamavm.inputs import catalog as catalog_mod
-from llamavm.platforms.compose.names import LABEL, PROJECT, UID
+from llamavm.platforms.compose.names import LABEL, PROJECT, UID, published
 from llamavm.platforms.compose.site import Site
 
 SERVICE = "front-door"
@@ -116,7 +116,6 @@ def service(cat: catalog_mod.Catalog, site: Site, image: str) -> dict[str, Any]:
     """The front-door service of compose.yaml: Caddy from switchd's image, unprivileged, its
     port on the bind address."""
     port = cat.settings.reserved_ports["proxy"]
-    host = f"[{site.bind_address}]" if ":" in site.bind_address else site.bind_address
     return {
         "image": image,
         "container_name": CONTAINER,
@@ -133,7 +132,7 @@ def service(cat: catalog_mod.Catalog, site: Site, image: str) -> dict[str, Any]:
             # A proxy of a few requests a second needs one CPU; every other is the model's.
             "GOMAXPROCS": "1",
         },
-        "ports": [f"{host}:{port}:{port}"],
+        "ports": [published(site.bind_address, port)],
         "volumes": [{"type": "volume", "source": DATA_VOLUME, "target": DATA_DIR}],
         "read_only": True,
         "tmpfs": ["/tmp"],

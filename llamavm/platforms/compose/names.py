@@ -11,3 +11,10 @@ UID = 10001
 #: Where a container sees the models and the API key.
 MODELS = "/models"
 KEY_FILE = "/run/secrets/api_key"
+
+
+def published(bind: str, port: int) -> str:
+    """A port published on the bind address, as compose.yaml spells it (an IPv6 address in
+    brackets)."""
+    host = f"[{bind}]" if ":" in bind else bind
+    return f"{host}:{port}:{port}"

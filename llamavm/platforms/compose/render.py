@@ -17,7 +17,6 @@ model. Rendering reads files only; it asks no engine.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import secrets
 import shutil
@@ -32,7 +31,7 @@ from llamavm.artifacts import contract
 from llamavm.errors import LlamavmError
 from llamavm.inputs import catalog as catalog_mod
 from llamavm.platforms.compose import frontdoor, switchd
-from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID
+from llamavm.platforms.compose.names import KEY_FILE, LABEL, MODELS, PROJECT, UID, published
 from llamavm.platforms.compose.site import Site
 
 __all__ = ["KEY_FILE", "LABEL", "MODELS", "PROJECT", "UID", "Rendered", "render"]
@@ -173,11 +172,6 @@ def slot_dir_of(model: catalog_mod.Model) -> str | None:
     return f"{_slot_root()}/{model.name}"
 
 
-def _port(bind: str, port: int) -> str:
-    host = f"[{bind}]" if ipaddress.ip_address(bind).version == 6 else bind
-    return f"{host}:{port}:{port}"
-
-
 def _service(cat: catalog_mod.Catalog, model: catalog_mod.Model, site: Site, image: str,
              args: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     slot_dir = slot_dir_of(model)
@@ -200,7 +194,7 @@ def _service(cat: catalog_mod.Catalog, model: catalog_mod.Model, site: Site, ima
             "LLAMAVM_EXCLUSIVE": "0" if model.companion else "1",
             **({"LLAMAVM_SLOT_DIR": slot_dir} if slot_dir else {}),
         },
-        "ports": [_port(site.bind_address, model.port)],
+        "ports": [published(site.bind_address, model.port)],
         "volumes": [
             {"type": "bind", "source": site.models_dir, "target": MODELS, "read_only": True},
             {"type": "volume", "source": LOCK_VOLUME, "target": LOCK_DIR},

@@ -22,7 +22,7 @@ from llamavm.artifacts import contract
 from llamavm.inputs import catalog as catalog_mod
 from llamavm.inputs import vram
 from llamavm.platforms.compose import frontdoor
-from llamavm.platforms.compose.names import LABEL, MODELS, PROJECT, UID
+from llamavm.platforms.compose.names import LABEL, MODELS, PROJECT, UID, published
 from llamavm.platforms.compose.site import Site
 
 SERVICE = "switchd"
@@ -222,7 +222,6 @@ def control_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
     the server's unprivileged user: no engine socket, the key as its credential, its port on
     the bind address; it changes what serves only by asking switchd (the helper socket)."""
     port = cat.settings.control.port
-    host = f"[{site.bind_address}]" if ":" in site.bind_address else site.bind_address
     svc: dict[str, Any] = {
         "image": switchd_image,
         "container_name": CONTROL_CONTAINER,
@@ -231,7 +230,7 @@ def control_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
         "labels": {f"{LABEL}.kind": CONTROL},
         "init": True,
         "depends_on": [SERVICE],
-        "ports": [f"{host}:{port}:{port}"],
+        "ports": [published(site.bind_address, port)],
         "volumes": [
             {"type": "volume", "source": HELPER_VOLUME, "target": HELPER_DIR},
             # switchd's state, read only: its file's stamp says a switch happened elsewhere.
@@ -260,7 +259,6 @@ def metrics_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
     nvidia-smi where there is a GPU): the servers' user, read-only, no capability, no socket.
     What it reports of the machine is the container's view (the box's CPU and memory)."""
     port = cat.settings.reserved_ports["node_exporter"]
-    host = f"[{site.bind_address}]" if ":" in site.bind_address else site.bind_address
     return {
         "image": switchd_image,
         "container_name": METRICS_CONTAINER,
@@ -272,7 +270,7 @@ def metrics_service(cat: catalog_mod.Catalog, site: Site, switchd_image: str) ->
         "user": f"{UID}:{UID}",
         "labels": {f"{LABEL}.kind": METRICS},
         "init": True,
-        "ports": [f"{host}:{port}:{port}"],
+        "ports": [published(site.bind_address, port)],
         "volumes": [
             {"type": "volume", "source": METRICS_VOLUME, "target": METRICS_DIR, "read_only": True}
         ],

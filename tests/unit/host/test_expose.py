@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -443,7 +445,8 @@ def test_rotating_the_key_restarts_the_serving_model_with_the_new_one(keyed) -> 
     assert started_with == [new]
 
 
-def test_a_failed_restart_puts_the_old_key_back(keyed) -> None:
+def _refusing_once() -> Callable[[Any], None]:
+    """A verify that refuses the first model it sees (a restart with the new key fails)."""
     calls = []
 
     def refuse_once(model):
@@ -451,7 +454,11 @@ def test_a_failed_restart_puts_the_old_key_back(keyed) -> None:
         if len(calls) == 1:
             raise HostError(f"{model.name}: a one-token completion answered 401")
 
-    keyed.host.verify = refuse_once  # type: ignore[method-assign]
+    return refuse_once
+
+
+def test_a_failed_restart_puts_the_old_key_back(keyed) -> None:
+    keyed.host.verify = _refusing_once()  # type: ignore[method-assign]
     with pytest.raises(HostError) as failure:
         Transaction(keyed.host, "abc201", "rotate-key").rotate_key()
     assert failure.value.code == EXIT_FAILED
@@ -472,14 +479,7 @@ def test_a_key_rewritten_in_place_keeps_its_file_and_a_failed_restart_puts_it_ba
                                                             before.st_uid)  # fmt: skip
     new = path.read_text().strip()
     assert new != "k" * 40 and len(new) >= 32 and path.read_text().count("\n") == 1
-    calls = []
-
-    def refuse_once(model):
-        calls.append(model.name)
-        if len(calls) == 1:
-            raise HostError(f"{model.name}: a one-token completion answered 401")
-
-    keyed.host.verify = refuse_once  # type: ignore[method-assign]
+    keyed.host.verify = _refusing_once()  # type: ignore[method-assign]
     with pytest.raises(HostError):
         Transaction(keyed.host, "abc204", "rotate-key").rotate_key()
     assert path.read_text().strip() == new and path.stat().st_ino == before.st_ino
