@@ -4,12 +4,15 @@ load, crash, stall or progress on a fake clock — and the switch transaction's 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llamavm.host import checks
+from llamavm.host import checks, store
 from llamavm.host import contract as contract_mod
 from llamavm.host.transaction import Host, Transaction
 
@@ -316,3 +319,24 @@ def host_on(
 def switch_tx(host: Host) -> Transaction:
     """A switch transaction on `host` (its id abc123)."""
     return Transaction(host, "abc123", "switch")
+
+
+@contextlib.contextmanager
+def lock_held(path: Path) -> Iterator[None]:
+    """The switch lock at `path` held by another thread (a live transaction) while the block
+    runs."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.locked(path, 5):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5), "the lock was not taken"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()

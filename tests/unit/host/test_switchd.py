@@ -18,7 +18,7 @@ import pytest
 from llamavm.host import EXIT_UNKNOWN, runner, store, switchd
 from llamavm.ops import remote
 from tests.unit.fakes.engine import FakeEngine, compose_contract
-from tests.unit.fakes.host import contracts, fake_systemd, host_on
+from tests.unit.fakes.host import contracts, fake_systemd, host_on, lock_held
 
 
 @pytest.fixture
@@ -99,21 +99,8 @@ def test_a_pending_transaction_is_orphaned_only_while_nothing_holds_the_lock(con
     state["pending"] = {"tx": "tx0005", "op": "switch", "target": "two", "previous": "one"}
     store.write_json(contract.paths.state, state)
     assert switchd.orphaned(contract) == "tx0005"
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with store.locked(contract.paths.lock, 5):
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
-    try:
+    with lock_held(contract.paths.lock):
         assert switchd.orphaned(contract) is None  # a live transaction holds the lock
-    finally:
-        release.set()
-        holder.join()
 
 
 def test_unserved_when_nothing_runs_that_the_operator_did_not_stop(contract) -> None:

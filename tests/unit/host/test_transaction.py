@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.unit.fakes.host import (
     contracts,
     fake_systemd,
     host_on,
+    lock_held,
     switch_tx,
     warm_checks,
 )
@@ -521,24 +521,9 @@ def test_service_section_ignores_comments_and_folds_continuations() -> None:
 
 def test_the_lock_is_root_only_and_times_out(tmp_path) -> None:
     lock = tmp_path / "lock" / "switch.lock"
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with store.locked(lock, 5):
-            held.set()
-            release.wait(5)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    held.wait(5)
-    try:
-        with pytest.raises(HostError) as caught, store.locked(lock, 0.2):
-            pass
-        assert caught.value.code == EXIT_LOCK
-    finally:
-        release.set()
-        thread.join()
+    with lock_held(lock), pytest.raises(HostError) as caught, store.locked(lock, 0.2):
+        pass
+    assert caught.value.code == EXIT_LOCK
     assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(lock.parent).st_mode) == 0o700
 
