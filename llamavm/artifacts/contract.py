@@ -34,6 +34,9 @@ FIREWALL_UNIT = "llamavm-firewall.service"
 #: The nftables map that sends the front door's internal port to the serving model's port.
 FRONT_DOOR_MAP = "front_door"
 FRONT_DOOR_UNIT = "caddy.service"
+#: How long the front door keeps an idle connection to the model (under llama-server's 5 s, so
+#: it is always the front door that lets one go: never a request sent on a closing one).
+FRONT_DOOR_KEEPALIVE_S = 2
 METRICS_UNIT = "llamavm-metrics.service"
 CONTROL_UNIT = "llamavm-control.service"
 #: The control service's privileged helper: one `llamavm-switch serve` per connection.
@@ -221,6 +224,17 @@ def exec_line(args: list[str]) -> str:
     return " ".join(words)
 
 
+def front_door_pool_flag(catalog: Catalog, cfg: HostConfig) -> str | None:
+    """The file whose presence sends the front door's requests through its second set of kept
+    connections to the model (the switch turns it over as the front door leaves a model), or
+    None: no connection is kept. Kept only with the control service, whose wake listener holds
+    the front door's requests during a switch (see firewall.py)."""
+    s = catalog.settings
+    if not (s.expose.front_door.enabled and s.expose.firewall and s.control.enabled):
+        return None
+    return f"{cfg.run_dir}/front-door/pool-b"
+
+
 def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
     """What the model host's nftables rule set opens: SSH always, the active model's port
     (kept in a set by the switch), the enabled services; the model and service ports only to
@@ -258,6 +272,7 @@ def firewall(catalog: Catalog, cfg: HostConfig) -> dict[str, Any]:
             "chain": f"{FRONT_DOOR_MAP}_nat",
             "internal_port": cfg.front_door_port,
             "wake_port": cfg.wake_port,
+            "pool_flag": front_door_pool_flag(catalog, cfg),
         },
         "allow_from": {
             "ipv4": [str(n) for n in networks if n.version == 4],
@@ -415,6 +430,8 @@ def build(
             "internal_port": cfg.front_door_port,
             "wait_s": settings.expose.front_door.wait_s,
             "drain_s": settings.expose.front_door.drain_s,
+            "pool_flag": front_door_pool_flag(catalog, cfg),
+            "keepalive_s": FRONT_DOOR_KEEPALIVE_S if front_door_pool_flag(catalog, cfg) else 0,
             "tls": settings.expose.front_door.tls,
             "companions": front_door_companions(catalog),
         },

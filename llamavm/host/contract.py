@@ -99,6 +99,9 @@ class Firewall:
     front_door_port: int = 0
     #: Where the map sends the internal port while the model sleeps (the control service).
     wake_port: int = 0
+    #: With kept connections to the model: the file that sends the front door's requests
+    #: through its second set of them (firewall.py turns it over); "" keeps none.
+    front_door_flag: str = ""
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ def _firewall(data: dict[str, Any]) -> Firewall | None:
         front_door_map=str(front["map"]) if front["enabled"] else "",
         front_door_port=int(front["internal_port"]) if front["enabled"] else 0,
         wake_port=int(front.get("wake_port") or 0) if front["enabled"] else 0,
+        front_door_flag=str(front.get("pool_flag") or "") if front["enabled"] else "",
     )
 
 

@@ -299,16 +299,26 @@ def create_app(
     return app
 
 
-def dispatch(main: Any, wake: Any, wake_port: int) -> Any:
+def dispatch(main: Any, wake: Any, wake_port: int, close_wake: bool = False) -> Any:
     """One ASGI application for both listeners: a request that came in on `wake_port` goes to
-    the wake listener's application, everything else (and the lifespan) to the main one."""
+    the wake listener's application, everything else (and the lifespan) to the main one.
+    `close_wake` (a host, where the front door's map leads here only while no model is
+    exposed): each wake-listener answer closes its connection, so the front door's next request
+    dials again and, once a model is exposed, reaches it directly."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         server = scope.get("server") or (None, None)
-        if scope["type"] == "http" and wake_port and server[1] == wake_port:
-            await wake(scope, receive, send)
-        else:
+        if scope["type"] != "http" or not wake_port or server[1] != wake_port:
             await main(scope, receive, send)
+            return
+
+        async def send_closing(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                kept = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*kept, (b"connection", b"close")]}
+            await send(message)
+
+        await wake(scope, receive, send_closing if close_wake else send)
 
     return app
 
@@ -359,11 +369,13 @@ def main(contract: Contract, path: Path = contract_mod.CONTRACT_PATH) -> int:
         contract_path=path,
         idle_tick_s=IDLE_TICK_S,
     )
+    # On a host, the front door reaches the wake listener through the firewall's map.
+    mapped = contract.firewall is not None and bool(contract.firewall.front_door_map)
     sockets = [listener(control.bind_address, control.port)]
     if control.wake_port:
         sockets.append(listener(control.wake_bind, control.wake_port))
     config = uvicorn.Config(
-        dispatch(app, app.state.wake, control.wake_port),
+        dispatch(app, app.state.wake, control.wake_port, close_wake=mapped),
         log_level="info",
         proxy_headers=False,
         server_header=False,

@@ -102,7 +102,8 @@ class Effects:
         return changed
 
     def hold_front_door(self) -> None:
-        """Front-door requests wait (in the front door) from now until a model is exposed."""
+        """Front-door requests wait from now until a model is exposed (in the control service's
+        wake listener when the front door keeps connections, else in the front door)."""
         fw = self.active_firewall()
         if fw is not None and fw.front_door_map and self.front_door_hold(fw):
             self.progress("front door: new requests wait for the switch")

@@ -6,6 +6,12 @@ config folder): SSH and the enabled services are open, a model port only while i
 set `model_ports`. With a front door, the map `front_door` redirects its internal port
 (127.0.0.1 only) to the same model's port, so the front door always reaches the serving model
 and nothing else.
+With kept connections to the model (the control service runs), the front door keeps two sets
+of them and the file `front_door_flag` says which one serves its next request: the switch
+turns it over whenever the map leaves a target, so a connection kept to a model the front door
+left (one being drained, then stopped) never carries a new request, and the map's hold points
+at the control service's wake listener, which holds a request until the switch is over and
+then passes it to whichever model serves.
 Reloading that file keeps the set's elements, so only a transaction changes them: it opens the
 new model's port once that model is healthy and verified, and a rollback puts back the port
 of the model that serves again.
@@ -16,9 +22,10 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from llamavm.host import EXIT_REFUSED
+from llamavm.host import EXIT_REFUSED, store
 from llamavm.host.contract import Firewall, HostError
 
 NFT = "/usr/sbin/nft"
@@ -96,12 +103,37 @@ def batch(fw: Firewall, ports: Iterable[int], front_door: int | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
+def turn_pools(fw: Firewall) -> None:
+    """Send the front door's next requests through its other set of kept connections (Caddy's
+    `file` matcher looks for the flag on every request; only root writes it)."""
+    flag = Path(fw.front_door_flag)
+    try:
+        store.secure_dir(flag.parent, 0o755)
+        if flag.exists():
+            flag.unlink()
+        else:
+            flag.touch(mode=0o644)
+    except OSError as exc:
+        raise HostError(f"front door: cannot turn over {flag}: {exc}") from None
+
+
 def _apply(fw: Firewall, ports: list[int], front_door: int | None) -> bool:
-    if state(fw) == (ports, front_door if fw.front_door_map else None):
+    before = state(fw)
+    if before == (ports, front_door if fw.front_door_map else None):
         return False
+    # The front door leaves a target: a connection it kept there must carry no new request.
+    # Towards a model, the other set of connections first (a request in between reaches the
+    # target left, which serves or holds it); towards nothing or the wake listener, the map
+    # first (one in between reaches the wake listener, which holds it, through the set left).
+    leaving = bool(fw.front_door_flag) and before[1] not in (None, front_door)
+    towards_model = front_door not in (None, fw.wake_port)
+    if leaving and towards_model:
+        turn_pools(fw)
     run = _nft(["-f", "-"], batch(fw, ports, front_door))
     if run.returncode != 0:
         raise HostError(f"firewall: nft refused the update: {run.stderr.strip()[-300:]}")
+    if leaving and not towards_model:
+        turn_pools(fw)
     return True
 
 
@@ -113,10 +145,13 @@ def set_open(fw: Firewall, ports: Iterable[int], front: int | None = None) -> bo
 
 
 def hold(fw: Firewall) -> bool:
-    """The front door reaches no model (its requests wait); the open ports stay as they are."""
+    """The front door reaches no model: its requests wait — in the control service's wake
+    listener when the front door keeps connections, else in the front door, which dials again
+    until a model is exposed. The open ports stay as they are."""
     if not fw.front_door_map:
         return False
-    return _apply(fw, open_ports(fw), None)
+    waiting = fw.wake_port if fw.front_door_flag and fw.wake_port else None
+    return _apply(fw, open_ports(fw), waiting)
 
 
 def wake(fw: Firewall, ports: Iterable[int] = ()) -> bool:

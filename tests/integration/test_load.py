@@ -65,6 +65,13 @@ def test_32_streams_through_the_front_door_wait_through_two_switches(
     failed = _failures(done)
     assert not failed, f"{len(failed)} of {8 * STREAMS} failed, e.g. {failed[:3]}"
     assert seen["samples"] > 10 and seen["max"] == 1, seen  # never two big models at once
+    # The front door followed the switch while the load went on: the requests held during the
+    # first one went to the other model. (A connection kept to the model being drained would
+    # keep carrying new requests to it, and its drain would last as long as the load.)
+    served = {r["served"] for b in done for r in b["results"]}
+    assert served == {serving_default.name, other.name}, served
+    told = [s.stdout + s.stderr for s in switched]
+    assert not [t for t in told if "still in flight after" in t], told  # no drain ran out
 
 
 def test_32_streams_naming_two_models_in_turn_through_the_routing_endpoint(

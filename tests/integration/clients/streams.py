@@ -13,7 +13,8 @@ A request is "ok" only when it answered 200 and is complete: a stream ends with 
 after a chunk with a finish_reason, a plain answer is JSON with a finish_reason. Anything else is
 an error of a kind: http-503, truncated, RemoteProtocolError, ... Times: `first` is the first
 token (the first streamed chunk with content; for a plain answer, the whole answer), `end` the
-last byte, both from the moment the request was handed to the client.
+last byte, both from the moment the request was handed to the client; `served` the model that
+answered (its "model" field).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def complete_answer(body: bytes) -> str | None:
     return None
 
 
+def served_by(body: bytes, stream: bool) -> str | None:
+    """The model that answered (its "model" field: llama-server's alias, the model's name)."""
+    if not stream:
+        answer = json.loads(body)
+        return answer.get("model") if isinstance(answer, dict) else None
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            chunk = json.loads(line[5:])
+            if isinstance(chunk, dict) and chunk.get("model"):
+                return str(chunk["model"])
+    return None
+
+
 async def one(client: httpx.AsyncClient, spec: dict[str, Any], i: int) -> dict[str, Any]:
     models = spec["models"]
     body = {
@@ -88,7 +102,8 @@ async def one(client: httpx.AsyncClient, spec: dict[str, Any], i: int) -> dict[s
     why = complete_stream(data) if spec["stream"] else complete_answer(data)
     if why:
         return {"ok": False, "kind": why, "detail": data[-200:].decode(errors="replace")}
-    return {"ok": True, "first": end if first is None else first, "end": end, "at": began}
+    return {"ok": True, "first": end if first is None else first, "end": end, "at": began,
+            "served": served_by(data, spec["stream"])}  # fmt: skip
 
 
 async def burst(client: httpx.AsyncClient, spec: dict[str, Any]) -> dict[str, Any]:

@@ -204,6 +204,21 @@ def test_the_control_service_gets_its_port_routing_and_helper_socket(tmp_path) -
     assert parsed.control.helper_socket.is_absolute()
 
 
+@pytest.mark.parametrize("control", [True, False])
+def test_the_front_door_keeps_connections_only_with_the_control_service(tmp_path, control) -> None:
+    """Its wake listener holds the front door's requests during a switch: without it, a kept
+    connection could carry a request to a model being drained (firewall.py)."""
+    cat = _catalog(tmp_path, expose={"front_door": {"enabled": True}}, control={"enabled": control})
+    data = contract.build(cat, {})
+    flag = data["front_door"]["pool_flag"]
+    assert data["firewall"]["front_door"]["pool_flag"] == flag
+    assert (flag is not None, data["front_door"]["keepalive_s"] > 0) == (control, control)
+    fw = host_contract.parse(data).firewall
+    assert fw is not None and fw.front_door_flag == (flag or "")
+    if control:
+        assert flag.startswith(data["paths"]["run_dir"] + "/")
+
+
 def test_reasoning_presets_become_the_servers_flags(tmp_path) -> None:
     data = copy.deepcopy(VALID)
     data["models"][0]["reasoning"] = {"effort": "high", "presets": ["low", "high"]}

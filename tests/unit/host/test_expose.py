@@ -226,6 +226,92 @@ def test_a_hold_leaves_the_front_door_pointing_nowhere_and_the_port_open(
     ]
 
 
+class MapWithPools:
+    """nft's map (the front door's target) and the pool flag, seen as one ordered story."""
+
+    def __init__(self, monkeypatch, fw: Firewall, target: int | None) -> None:
+        self.fw, self.target, self.story = fw, target, []
+        monkeypatch.setattr(firewall, "_nft", self.nft)
+        real = firewall.turn_pools
+
+        def turn(fw: Firewall) -> None:
+            real(fw)
+            self.story.append(f"pool {'b' if Path(fw.front_door_flag).exists() else 'a'}")
+
+        monkeypatch.setattr(firewall, "turn_pools", turn)
+
+    def nft(self, args, stdin=None):
+        if args[:2] == ["-j", "list"]:
+            elem = [[8400, self.target]] if self.target else []
+            listing = {"nftables": [
+                {"set": {"name": "model_ports", "elem": [8001]}},
+                {"map": {"name": "front_door", "elem": elem}},
+            ]}  # fmt: skip
+            return subprocess.CompletedProcess([], 0, json.dumps(listing), "")
+        added = [line for line in stdin.splitlines() if "front_door {" in line]
+        self.target = int(added[0].split(":")[1].strip(" }")) if added else None
+        self.story.append(f"map {self.target}")
+        return subprocess.CompletedProcess([], 0, "", "")
+
+
+@pytest.fixture
+def pooled(tmp_path, monkeypatch):
+    """A front door that keeps connections (the control service runs): serving 8001."""
+    fw = dataclasses.replace(
+        FW, wake_port=8401, front_door_flag=str(tmp_path / "run" / "front-door" / "pool-b")
+    )
+    return MapWithPools(monkeypatch, fw, 8001)
+
+
+def test_with_kept_connections_a_hold_sends_requests_to_the_wake_listener_then_turns_the_pools(
+    pooled,
+) -> None:
+    """The map first: a request between the two reaches the wake listener (which holds it)
+    through the set of connections left; after it, no connection kept to the model being
+    drained carries a new request."""
+    assert firewall.hold(pooled.fw) is True
+    assert pooled.story == ["map 8401", "pool b"]
+    flag = Path(pooled.fw.front_door_flag)
+    assert flag.parent.stat().st_mode & 0o777 == 0o755, "Caddy (not root) looks for the flag"
+    assert firewall.hold(pooled.fw) is False, "held already: nothing turns"
+    assert pooled.story == ["map 8401", "pool b"]
+
+
+def test_with_kept_connections_exposing_a_model_turns_the_pools_before_the_map(pooled) -> None:
+    """Towards a model, the other set first: a request between the two reaches the wake
+    listener, never a connection to the new model in the set the front door leaves (which the
+    next switch would use again while it drains that model)."""
+    firewall.hold(pooled.fw)
+    assert firewall.set_open(pooled.fw, [8002]) is True
+    assert pooled.story == ["map 8401", "pool b", "pool a", "map 8002"]
+    firewall.wake(pooled.fw)  # asleep: the map leaves the model for the wake listener
+    firewall.set_open(pooled.fw, [8002])  # woken: and back
+    assert pooled.story[4:] == ["map 8401", "pool b", "pool a", "map 8002"]
+
+
+def test_with_kept_connections_a_model_exposed_after_a_stop_keeps_the_pools(pooled) -> None:
+    """After `invoke stop` (the map leads nowhere) requests wait in the front door, in the set
+    that serves; the next model is reached through that same set."""
+    firewall.set_open(pooled.fw, [])
+    firewall.set_open(pooled.fw, [8002])
+    assert pooled.story == ["map None", "pool b", "map 8002"]
+
+
+def test_without_kept_connections_nothing_turns(monkeypatch, tmp_path) -> None:
+    plain = MapWithPools(monkeypatch, dataclasses.replace(FW, wake_port=8401), 8001)
+    firewall.hold(plain.fw)
+    firewall.set_open(plain.fw, [8002])
+    assert plain.story == ["map None", "map 8002"]
+
+
+def test_a_pool_flag_that_cannot_be_written_is_one_line(pooled, tmp_path) -> None:
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(HostError) as failure:
+        firewall.hold(pooled.fw)
+    assert "front door: cannot turn over" in str(failure.value)
+    assert "\n" not in str(failure.value)
+
+
 # --- nvidia-smi ---------------------------------------------------------------------------------
 
 

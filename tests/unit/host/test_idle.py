@@ -654,3 +654,33 @@ def test_requests_on_the_main_port_never_reach_the_wake_listener() -> None:
     unwoken = control.dispatch(app("main"), app("wake"), 0)
     asyncio.run(unwoken({"type": "http", "server": ("127.0.0.1", 0)}, None, None))
     assert seen[-1] == "main"
+
+
+@pytest.mark.parametrize("close_wake", [True, False])
+def test_on_a_host_the_wake_listener_lets_the_front_doors_connection_go(close_wake) -> None:
+    """A host's front door reaches the wake listener only while no model is exposed: each
+    answer closes the connection, so its next request dials again (straight to the model once
+    exposed). On Compose the front door always comes here and keeps its connection."""
+
+    async def wake(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"connection", b"keep-alive"), (b"x-a", b"1")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    routed = control.dispatch(main, wake, 8401, close_wake=close_wake)
+    asyncio.run(routed({"type": "http", "server": ("127.0.0.1", 8401)}, None, send))
+    asyncio.run(routed({"type": "http", "server": ("127.0.0.1", 8090)}, None, send))
+    wake_head, body, main_head = sent
+    closing = [(b"x-a", b"1"), (b"connection", b"close")]
+    assert wake_head["headers"] == (closing if close_wake else [(b"connection", b"keep-alive"),
+                                                                (b"x-a", b"1")])  # fmt: skip
+    assert body == {"type": "http.response.body", "body": b"ok"}
+    assert main_head["headers"] == [], "the control API's own answers are left alone"
