@@ -289,6 +289,7 @@ def build(
     """The contract of every host served by `catalog` (JSON-ready; keys sorted on output)."""
     cfg = host or load_host_config()
     settings = catalog.settings
+    pool_flag = front_door_pool_flag(catalog, cfg)
     config_dir = str(host_contract.CONTRACT_PATH.parent)
     if PurePosixPath(settings.api_key.file).parent != PurePosixPath(config_dir):
         raise LlamavmError(
@@ -430,8 +431,8 @@ def build(
             "internal_port": cfg.front_door_port,
             "wait_s": settings.expose.front_door.wait_s,
             "drain_s": settings.expose.front_door.drain_s,
-            "pool_flag": front_door_pool_flag(catalog, cfg),
-            "keepalive_s": FRONT_DOOR_KEEPALIVE_S if front_door_pool_flag(catalog, cfg) else 0,
+            "pool_flag": pool_flag,
+            "keepalive_s": FRONT_DOOR_KEEPALIVE_S if pool_flag else 0,
             "tls": settings.expose.front_door.tls,
             "companions": front_door_companions(catalog),
         },
